@@ -1,0 +1,30 @@
+# Quickstart: `make demo` runs the demo job, `make test` runs the tests.
+# Both set up .venv first if it is missing or stale (idempotent: a second run skips the install).
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.mtmoe-installed
+export OMP_NUM_THREADS ?= 1
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml launch/setup_env.sh
+	bash launch/setup_env.sh .venv
+	touch $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} bash launch/demo.sh
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+clean-demo:
+	rm -rf runs/demo data/demo

