@@ -128,13 +128,13 @@ class ParallelConfig:
 
     Attributes:
         zero_stage: ZeRO stage 0, 1 or 2 (stage 3 is refused: DeepSpeed MoE asserts on it).
-        ds_config: Base DeepSpeed JSON; batch sizes, stage, clipping and precision are filled in from
-            this config and must not be set in it.
+        ds_config: Base DeepSpeed JSON (empty = `ds_configs/zero{zero_stage}.json`). Batch sizes,
+            clipping and precision are filled in from this config and must not be set in it.
         backend: `auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`.
     """
 
     zero_stage: int = 2
-    ds_config: str = "ds_configs/zero2.json"
+    ds_config: str = ""
     backend: str = "auto"
 
 

@@ -1,0 +1,1 @@
+"""Multitask losses: per-task token-mean losses reduced over data-parallel ranks."""

@@ -1,0 +1,84 @@
+"""The data-balanced multitask loss: every task's loss is its token mean, and tasks weigh equally.
+
+MFTCoder averages per rank and per micro-batch, which skews the mean whenever ranks or micro-batches hold
+different task mixes. Here the per-task token counts of the whole global batch (all ranks, all
+micro-batches of one optimizer step) are all-reduced first, so each micro-batch's loss is its exact
+share of  (1/K) * sum_k S_k / N_k,  with S_k the global token-loss sum of task k and N_k its global
+token count (K = tasks present in the global batch).
+
+Shape legend: B batch, S sequence, V vocabulary, X tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def token_losses(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, loss_mask_BS: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at every position whose target token carries loss (0 elsewhere).
+
+    Args:
+        logits_BSV: Model outputs.
+        input_ids_BS: Input tokens.
+        loss_mask_BS: 1 where the token is a target (an assistant token).
+
+    Returns:
+        loss_BS: Per-target-token loss aligned with the target tokens (position 0 is always 0).
+    """
+    targets_BS = input_ids_BS[:, 1:]
+    ce = F.cross_entropy(logits_BSV[:, :-1].float().transpose(1, 2), targets_BS, reduction="none")
+    loss_BS = F.pad(ce, (1, 0)) * loss_mask_BS.float()
+    loss_BS[:, 0] = 0.0
+    return loss_BS
+
+
+def target_mask(loss_mask_BS: torch.Tensor) -> torch.Tensor:
+    """Loss-carrying positions that have a preceding token (the first position predicts nothing)."""
+    mask = loss_mask_BS.clone().bool()
+    mask[:, 0] = False
+    return mask
+
+
+def task_token_counts(loss_mask_BS: torch.Tensor, task_ids_B: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Loss-carrying tokens per task in a micro-batch, as float64 (X,)."""
+    per_seq_B = target_mask(loss_mask_BS).sum(1).double()
+    return torch.zeros(num_tasks, dtype=torch.float64).index_add(0, task_ids_B.cpu(), per_seq_B.cpu())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sums a tensor over all ranks (a no-op without a process group); returns a new tensor."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t.clone()
+    # NCCL reduces only CUDA tensors; gloo reduces CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.detach().to(device, copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def task_loss_sums(loss_BS: torch.Tensor, task_ids_B: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Per-task sums of token losses, (X,), differentiable."""
+    return loss_BS.new_zeros(num_tasks).index_add(0, task_ids_B, loss_BS.sum(1))
+
+
+def balanced_loss(sums_X: torch.Tensor, global_counts_X: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """This micro-batch's share of the balanced loss, scaled for the engine's gradient averaging.
+
+    Args:
+        sums_X: Per-task token-loss sums of this micro-batch on this rank.
+        global_counts_X: Per-task token counts over the global batch (all ranks, all micro-batches).
+        grad_scale: world_size * grad_accum: DeepSpeed averages gradients over data-parallel ranks and
+            divides by the accumulation steps, so this factor makes the summed gradient exactly that of
+            the global balanced loss.
+
+    Returns:
+        A scalar to backpropagate.
+    """
+    present_X = global_counts_X > 0
+    num_present = int(present_X.sum())
+    if num_present == 0:
+        return sums_X.sum() * 0.0
+    counts_X = global_counts_X.to(sums_X.device, sums_X.dtype).clamp_min(1.0)
+    return (sums_X / counts_X)[present_X.to(sums_X.device)].sum() * (grad_scale / num_present)

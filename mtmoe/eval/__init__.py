@@ -1,0 +1,1 @@
+"""Held-out evaluation: per-task losses, expert utilization, reports."""

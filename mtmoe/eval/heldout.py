@@ -1,0 +1,61 @@
+"""Held-out evaluation: the mean token loss of each task, sharded over ranks and summed exactly.
+
+Works with any forward function, so the same code scores the base model, the MoE and the dense export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mtmoe.balance.task_loss import all_reduce_sum, target_mask, token_losses
+from mtmoe.data.collate import collate
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def heldout_losses(
+    forward: ForwardFn,
+    shards: list,
+    pad_id: int,
+    batch_size: int = 8,
+    max_samples: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+) -> dict[str, dict[str, float]]:
+    """Mean token loss per task over its held-out shard.
+
+    Args:
+        forward: Maps (input_ids_BS, attention_mask_BS, task_ids_B) to logits_BSV.
+        shards: One `TaskShard` per task (its `task_id` is what the model sees).
+        pad_id: Padding token.
+        batch_size: Rows per forward.
+        max_samples: Use the first n samples of each shard (0 = all).
+        rank: This rank; samples are strided over ranks.
+        world: Number of ranks (all must call this together).
+        device: Where to run.
+
+    Returns:
+        {task: {"loss": mean token loss, "tokens": target tokens}}.
+    """
+    sums = torch.zeros(len(shards), 2, dtype=torch.float64)
+    for k, shard in enumerate(shards):
+        n = len(shard) if max_samples == 0 else min(max_samples, len(shard))
+        mine = list(range(rank, n, world))
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start : start + batch_size]
+            batch = collate([shard[i] for i in rows], [shard.task_id] * len(rows), pad_id)
+            if device is not None:
+                batch = batch.to(device)
+            logits = forward(batch.input_ids_BS, batch.attention_mask_BS, batch.task_ids_B)
+            loss_BS = token_losses(logits, batch.input_ids_BS, batch.loss_mask_BS)
+            sums[k, 0] += loss_BS.sum().double().cpu()
+            sums[k, 1] += target_mask(batch.loss_mask_BS).sum().double().cpu()
+    sums = all_reduce_sum(sums)
+    return {
+        shard.name: {"loss": float(sums[k, 0] / sums[k, 1].clamp_min(1)), "tokens": int(sums[k, 1])}
+        for k, shard in enumerate(shards)
+    }

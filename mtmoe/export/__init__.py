@@ -1,0 +1,1 @@
+"""Turning a trained MoE-LoRA run into a dense Hugging Face model."""

@@ -1,0 +1,57 @@
+"""Rebuilding a finished run's model from its directory: config, checkpoint and utilization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from mtmoe.config import Config, load_config
+from mtmoe.data.shards import load_manifest
+from mtmoe.eval.utilization import layer_shares, load_utilization
+from mtmoe.export.dense import load_trainable
+from mtmoe.model.base import load_tokenizer, resolve_base
+from mtmoe.model.moe_lm import MoELM, build_model
+from mtmoe.train.checkpoint import checkpoint_dir, latest_tag
+
+
+def run_config(run_dir: Path) -> Config:
+    """The config a run was trained with (`config.yaml` in its directory)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise ValueError(f"--run {run_dir}: no config.yaml; is this a run directory?")
+    overrides = []
+    for section, values in yaml.safe_load(path.read_text()).items():
+        overrides += [f"{section}.{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in values.items()]
+    return load_config(None, overrides)
+
+
+def load_trained_model(run_dir: Path) -> tuple[Config, MoELM, object]:
+    """Rebuilds the MoE model of a run and loads its newest checkpoint's trained weights.
+
+    Returns:
+        (config, model in eval mode, tokenizer).
+    """
+    cfg = run_config(run_dir)
+    manifest = load_manifest(Path(cfg.data.tokenized))
+    tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
+    model = build_model(cfg, len(tokenizer), len(manifest.tasks))
+    tag = latest_tag(run_dir)
+    if tag is None:
+        raise ValueError(f"--run {run_dir}: no checkpoint")
+    states = torch.load(checkpoint_dir(run_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    load_trainable(model, states["module"])
+    return cfg, model.eval(), tokenizer
+
+
+def merge_shares(run_dir: Path, weighting: str) -> dict[int, torch.Tensor] | None:
+    """Per-layer expert merge weights: `utilization` (gate mass on held-out data) or `uniform`."""
+    if weighting == "uniform":
+        return None
+    if weighting != "utilization":
+        raise ValueError(f"--weights: unknown value {weighting!r} (utilization|uniform)")
+    path = run_dir / "utilization.json"
+    if not path.exists():
+        raise ValueError(f"--weights utilization: {path} is missing (it is written at the end of training)")
+    return layer_shares(load_utilization(path), "mass")

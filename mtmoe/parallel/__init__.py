@@ -1,0 +1,1 @@
+"""Distributed set-up: process groups, the DeepSpeed config derived from the recipe, the engine."""

@@ -1,0 +1,65 @@
+"""The DeepSpeed engine around the MoE-LoRA model: MoE-aware optimizer groups and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mtmoe.config import Config
+from mtmoe.parallel.ds_config import build_ds_config
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only, grouped (experts, routers, attention LoRA) and split into DeepSpeed's
+    MoE groups, so that expert-parallel parameters (marked by DeepSpeed) reduce over their own group.
+    Routers get no weight decay.
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    groups: dict[str, list[nn.Parameter]] = {"experts": [], "router": [], "attn_lora": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = "router" if ".router." in name else "experts" if ".experts." in name else "attn_lora"
+        groups[kind].append(p)
+    raw = [
+        {"name": kind, "params": params, "weight_decay": 0.0 if kind == "router" else weight_decay}
+        for kind, params in groups.items()
+        if params
+    ]
+    return split_params_into_different_moe_groups_for_optimizer(raw)
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up to `train.lr`, then cosine decay to `train.min_lr_ratio * train.lr`."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_engine(model: nn.Module, cfg: Config, world_size: int):
+    """Wraps `model` in a DeepSpeed engine (ZeRO stage from the config, client AdamW, cosine schedule).
+
+    Returns:
+        The engine.
+    """
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=build_ds_config(cfg, world_size),
+        dist_init_required=False,
+    )
+    return engine

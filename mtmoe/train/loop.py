@@ -1,0 +1,176 @@
+"""The training loop, top to bottom: set up, then steps of (sample, forward, balanced loss, backward,
+step), with logging, periodic evaluation and checkpoints, and a final held-out evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mtmoe.balance.task_loss import (
+    all_reduce_sum,
+    balanced_loss,
+    task_loss_sums,
+    task_token_counts,
+    token_losses,
+)
+from mtmoe.config import Config, to_dict
+from mtmoe.data.collate import Batch, collate
+from mtmoe.data.sampler import MixingSampler
+from mtmoe.data.shards import load_manifest, open_shard
+from mtmoe.eval.heldout import heldout_losses
+from mtmoe.eval.utilization import gather_utilization, layer_shares, save_utilization
+from mtmoe.model.base import load_tokenizer, resolve_base
+from mtmoe.model.moe_lm import MoELM, build_model
+from mtmoe.parallel.dist import DistInfo, device_for, init_distributed
+from mtmoe.parallel.engine import build_engine
+from mtmoe.train import checkpoint
+from mtmoe.train.metrics import MetricsLogger
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Runs one training job as configured; every rank calls this.
+
+    Args:
+        cfg: The validated config.
+        resume: Continue from the newest checkpoint in `train.output_dir`.
+
+    Returns:
+        The final evaluation: {"step", "tasks": {name: {"loss", "tokens"}}, "train": {...}}.
+    """
+    info = init_distributed(cfg.parallel.backend)
+    device = device_for(info)
+    run_dir = Path(cfg.train.output_dir)
+    manifest = load_manifest(Path(cfg.data.tokenized))
+    task_names = cfg.data.tasks or [t.name for t in manifest.tasks]
+    train_shards = [open_shard(manifest, name, "train") for name in task_names]
+    eval_shards = [open_shard(manifest, name, "eval") for name in task_names]
+    tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
+    num_tasks = len(manifest.tasks)
+
+    model = build_model(cfg, len(tokenizer), num_tasks).to(device)
+    engine = build_engine(model, cfg, info.world_size)
+    sampler = MixingSampler(
+        [len(s) for s in train_shards], cfg.data.mixing, cfg.data.temperature, cfg.train.seed, info.rank, info.world_size
+    )
+    start_step, wall_s, tokens_seen = 0, 0.0, 0
+    if resume:
+        client, sampler_state = checkpoint.load(engine, run_dir, info.rank)
+        start_step, wall_s, tokens_seen = client["step"], client["wall_s"], client["tokens_seen"]
+        if sampler_state is None:
+            print(f"[mtmoe] world size changed since step {start_step}: data sampling restarts from its seed")
+        else:
+            sampler.load_state_dict(sampler_state)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps, start_step)
+
+    model.set_recording(True)
+    grad_scale = float(info.world_size * cfg.train.grad_accum)
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        t0 = time.perf_counter()
+        batches = [_micro_batch(sampler, train_shards, cfg.train.micro_batch_size, tokenizer.pad_token_id) for _ in range(cfg.train.grad_accum)]
+        counts_X, step_tokens = _global_counts(batches, num_tasks)
+        task_loss_X, aux = _train_step(engine, batches, counts_X, grad_scale, cfg.moe.aux_loss_coef, device)
+        step_s = time.perf_counter() - t0
+        wall_s, tokens_seen = wall_s + step_s, tokens_seen + step_tokens
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            record = _train_record(engine, model, task_loss_X, counts_X, aux, step_tokens / step_s, manifest, task_names)
+            record["tokens_seen"] = tokens_seen
+            logger.log(record, step, console={"loss": record["loss"], "tok/s": record["tokens_per_s"]})
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+            losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
+            logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
+            checkpoint.save(engine, run_dir, step, {"wall_s": wall_s, "tokens_seen": tokens_seen}, sampler.state_dict())
+
+    steps_done = cfg.train.steps
+    checkpoint.save(engine, run_dir, steps_done, {"wall_s": wall_s, "tokens_seen": tokens_seen}, sampler.state_dict())
+    model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
+    losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
+    util = gather_utilization(model.lm, [t.name for t in manifest.tasks])
+    result = {
+        "step": steps_done,
+        "tasks": losses,
+        "train": {
+            "steps": steps_done - start_step if resume else steps_done,
+            "wall_s": wall_s,
+            "tokens": tokens_seen,
+            "tokens_per_s": tokens_seen / wall_s if wall_s else 0.0,
+            "world_size": info.world_size,
+        },
+    }
+    if info.is_main:
+        save_utilization(util, run_dir / "utilization.json")
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, steps_done)
+    logger.close()
+    return result
+
+
+def _micro_batch(sampler: MixingSampler, shards: list, size: int, pad_id: int) -> Batch:
+    draws = sampler.draw_batch(size)
+    return collate([shards[d.task][d.index] for d in draws], [shards[d.task].task_id for d in draws], pad_id)
+
+
+def _global_counts(batches: list[Batch], num_tasks: int) -> tuple[torch.Tensor, int]:
+    """Per-task target tokens over the whole global batch, and its real tokens, summed over ranks."""
+    local = torch.zeros(num_tasks + 1, dtype=torch.float64)
+    for b in batches:
+        local[:num_tasks] += task_token_counts(b.loss_mask_BS, b.task_ids_B, num_tasks)
+        local[num_tasks] += b.num_tokens()
+    total = all_reduce_sum(local)
+    return total[:num_tasks], int(total[num_tasks])
+
+
+def _train_step(engine, batches: list[Batch], counts_X: torch.Tensor, grad_scale: float, aux_coef: float, device):
+    """One optimizer step over the micro-batches; returns the global per-task losses and the mean aux."""
+    sums_X = torch.zeros_like(counts_X)
+    aux_sum = 0.0
+    for batch in batches:
+        batch = batch.to(device)
+        logits_BSV, aux = engine(batch.input_ids_BS, batch.attention_mask_BS, batch.task_ids_B)
+        mb_sums_X = task_loss_sums(token_losses(logits_BSV, batch.input_ids_BS, batch.loss_mask_BS), batch.task_ids_B, len(counts_X))
+        engine.backward(balanced_loss(mb_sums_X, counts_X, grad_scale) + aux_coef * aux)
+        engine.step()
+        sums_X += mb_sums_X.detach().double().cpu()
+        aux_sum += float(aux.detach())
+    task_loss_X = all_reduce_sum(sums_X) / counts_X.clamp_min(1)
+    return task_loss_X, aux_sum / len(batches)
+
+
+def _train_record(engine, model: MoELM, task_loss_X, counts_X, aux, tokens_per_s, manifest, task_names) -> dict:
+    names = [t.name for t in manifest.tasks]
+    present = [k for k in range(len(names)) if counts_X[k] > 0]
+    record = {
+        "loss": float(task_loss_X[present].mean()) if present else 0.0,
+        "aux_loss": aux,
+        "lr": engine.get_lr()[0],
+        "tokens_per_s": tokens_per_s,
+    }
+    for k in present:
+        record[f"loss/{names[k]}"] = float(task_loss_X[k])
+        record[f"task_tokens/{names[k]}"] = int(counts_X[k])
+    util = gather_utilization(model.lm, names)
+    for layer, share_E in layer_shares(util, "tokens").items():
+        for e, share in enumerate(share_E.tolist()):
+            record[f"expert_util/L{layer:02d}/e{e}"] = share
+    model.set_recording(True)  # restart the counters for the next logging window
+    return record
+
+
+def _evaluate(engine, model: MoELM, shards: list, pad_id: int, cfg: Config, info: DistInfo, device) -> dict:
+    engine.eval()
+
+    def forward(ids, attn, task):
+        return engine.module(ids, attn, task)[0]
+
+    losses = heldout_losses(forward, shards, pad_id, 2 * cfg.train.micro_batch_size, cfg.data.eval_max_samples, info.rank, info.world_size, device)
+    engine.train()
+    return losses
