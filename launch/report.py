@@ -1,0 +1,87 @@
+"""Score a finished run: base vs trained MoE vs dense export, per task, plus sample generations.
+
+    python launch/report.py --run runs/demo --export runs/demo/dense [--generations 2 --gen-tokens 48]
+
+Writes RUN/report.json and RUN/report.md. The MoE loss comes from the run's final evaluation
+(eval.json); the base and the dense export are scored here with the same evaluation code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Builds and writes the report; returns it."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--export", required=True, type=Path, help="the folder written by launch/export.py")
+    parser.add_argument("--generations", type=int, default=2, help="generations per task in report.md")
+    parser.add_argument("--gen-tokens", type=int, default=48)
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mtmoe.data.shards import load_manifest, open_shard
+    from mtmoe.eval.heldout import heldout_losses
+    from mtmoe.eval.report import generate, prompt_of, write_report
+    from mtmoe.export.run import run_config
+    from mtmoe.model.base import load_tokenizer, resolve_base
+    from mtmoe.model.moe_lm import build_base
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    cfg = run_config(args.run)
+    trained = json.loads((args.run / "eval.json").read_text())
+    manifest = load_manifest(Path(cfg.data.tokenized))
+    tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
+    shards = [open_shard(manifest, name, "eval") for name in trained["tasks"]]
+    models = {"base": build_base(cfg, len(tokenizer)).eval(), "dense": AutoModelForCausalLM.from_pretrained(args.export).eval()}
+
+    losses = {}
+    for kind, model in models.items():
+        def forward(ids, attn, task, model=model):
+            return model(input_ids=ids, attention_mask=attn).logits
+
+        losses[kind] = heldout_losses(forward, shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples)
+    generations = {}
+    for shard in shards:
+        generations[shard.name] = []
+        for i in range(min(args.generations, len(shard))):
+            prompt, reference = prompt_of(*shard[i])
+            sample = {"prompt": tokenizer.decode(prompt, skip_special_tokens=False), "reference": tokenizer.decode(reference, skip_special_tokens=True)}
+            for kind, model in models.items():
+                sample[kind] = generate(model, tokenizer, prompt, args.gen_tokens)
+            generations[shard.name].append(sample)
+
+    report = {
+        "base": cfg.model.base,
+        "tasks": {
+            name: {
+                "base_loss": losses["base"][name]["loss"],
+                "moe_loss": t["loss"],
+                "dense_loss": losses["dense"][name]["loss"],
+                "tokens": t["tokens"],
+            }
+            for name, t in trained["tasks"].items()
+        },
+        "train": trained["train"],
+        "export": {"path": str(args.export.resolve()), **json.loads((args.export / "mtmoe_export.json").read_text())},
+        "generations": generations,
+    }
+    write_report(report, args.run)
+    for name, t in report["tasks"].items():
+        print(f"[mtmoe] {name}: base {t['base_loss']:.3f}  moe {t['moe_loss']:.3f}  dense {t['dense_loss']:.3f}")
+    print(f"[mtmoe] wrote {args.run / 'report.json'} and {args.run / 'report.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Task mixing: which task, and which sample of it, each micro-batch row comes from.
+
+Each rank draws its own rows: tasks by a seeded generator per rank, samples by a per-task permutation
+per epoch that all ranks share, each rank taking every `world`-th position, so ranks never see the same
+sample in an epoch. Epochs are counted per task. The whole position is in `state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One row of a micro-batch: the task's index among the mixed tasks and the sample index."""
+
+    task: int
+    index: int
+
+
+def mixing_probs(sizes: list[int], mixing: str, temperature: float) -> np.ndarray:
+    """Task probabilities: proportional to n, to n^(1/T), or uniform.
+
+    Raises:
+        ValueError: For an unknown mixing or a task without samples (naming `data.mixing`/the task).
+    """
+    n = np.asarray(sizes, dtype=np.float64)
+    if mixing == "proportional":
+        w = n
+    elif mixing == "temperature":
+        w = n ** (1.0 / temperature)
+    elif mixing == "uniform":
+        w = np.ones_like(n)
+    else:
+        raise ValueError(f"config key 'data.mixing': unknown value {mixing!r}")
+    return w / w.sum()
+
+
+class MixingSampler:
+    """Draws (task, sample) rows for one rank.
+
+    Args:
+        sizes: Training samples per task.
+        mixing: `proportional`, `temperature` or `uniform`.
+        temperature: T for temperature mixing.
+        seed: Seed shared by all ranks.
+        rank: This rank's index in the data-parallel group.
+        world: Data-parallel size.
+    """
+
+    def __init__(self, sizes: list[int], mixing: str, temperature: float, seed: int, rank: int, world: int):
+        empty = [i for i, n in enumerate(sizes) if n < world]
+        if empty:
+            raise ValueError(f"task #{empty[0]} has {sizes[empty[0]]} training samples, fewer than the {world} ranks")
+        self.sizes, self.seed, self.rank, self.world = list(sizes), seed, rank, world
+        self.probs = mixing_probs(sizes, mixing, temperature)
+        self.rng = np.random.default_rng([seed, rank])
+        self.cursor = [0] * len(sizes)
+        self.epoch = [0] * len(sizes)
+        self._perm: dict[int, np.ndarray] = {}
+
+    def _permutation(self, task: int) -> np.ndarray:
+        perm = self._perm.get(task)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, task, self.epoch[task]]).permutation(self.sizes[task])
+            self._perm[task] = perm
+        return perm
+
+    def draw(self) -> Draw:
+        """The next row for this rank."""
+        task = int(self.rng.choice(len(self.sizes), p=self.probs))
+        perm = self._permutation(task)
+        per_rank = len(perm) // self.world
+        index = int(perm[self.cursor[task] * self.world + self.rank])
+        self.cursor[task] += 1
+        if self.cursor[task] >= per_rank:
+            self.cursor[task], self.epoch[task] = 0, self.epoch[task] + 1
+            self._perm.pop(task)
+        return Draw(task, index)
+
+    def draw_batch(self, size: int) -> list[Draw]:
+        """`size` rows."""
+        return [self.draw() for _ in range(size)]
+
+    def state_dict(self) -> dict:
+        """The sampler's position (generator state, per-task cursors and epochs)."""
+        return {"rng": self.rng.bit_generator.state, "cursor": list(self.cursor), "epoch": list(self.epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a position saved by `state_dict`."""
+        self.rng.bit_generator.state = state["rng"]
+        self.cursor, self.epoch = list(state["cursor"]), list(state["epoch"])
+        self._perm.clear()

@@ -1,0 +1,72 @@
+"""The run report: per-task held-out loss of the base model, the trained MoE and the dense export,
+throughput, and a few generations per task, as `report.json` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+
+def prompt_of(ids: np.ndarray, mask: np.ndarray) -> tuple[list[int], list[int]]:
+    """Splits a sample at its first target token: (prompt ids, reference answer ids of that turn)."""
+    targets = np.flatnonzero(mask)
+    first = int(targets[0])
+    end = first
+    while end < len(mask) and mask[end]:
+        end += 1
+    return ids[:first].tolist(), ids[first:end].tolist()
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, tokenizer, prompt: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt`, decoded without special tokens."""
+    input_ids = torch.tensor([prompt])
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+
+
+def write_report(report: dict, run_dir: Path) -> None:
+    """Writes `report.json` and a human-readable `report.md` into the run directory."""
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    lines = [
+        f"# mtmoe report: {run_dir.name}",
+        "",
+        f"Base model `{report['base']}`; {report['train']['steps']} steps on {report['train']['world_size']} "
+        f"process(es) in {report['train']['wall_s']:.0f} s ({report['train']['tokens_per_s']:.0f} tokens/s).",
+        f"Dense export: `{report['export']['path']}` (expert merge weights: {report['export']['weights']}).",
+        "",
+        "Mean held-out token loss (lower is better):",
+        "",
+        "| task | base | MoE | dense export | held-out tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in report["tasks"].items():
+        lines.append(f"| {name} | {t['base_loss']:.3f} | {t['moe_loss']:.3f} | {t['dense_loss']:.3f} | {t['tokens']} |")
+    lines += ["", "## Generations (greedy)", ""]
+    for name, samples in report.get("generations", {}).items():
+        lines.append(f"### {name}")
+        for s in samples:
+            lines += [
+                "",
+                "**Prompt:**",
+                "```",
+                s["prompt"].strip(),
+                "```",
+                f"**Reference:** {s['reference'].strip()!r}  ",
+                f"**Base:** {s['base'].strip()!r}  ",
+                f"**Dense export:** {s['dense'].strip()!r}",
+            ]
+        lines.append("")
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
