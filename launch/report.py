@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from mtmoe.data.shards import load_manifest, open_shard
-    from mtmoe.eval.heldout import heldout_losses
+    from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
     from mtmoe.eval.report import generate, prompt_of, write_report
     from mtmoe.export.run import run_config
     from mtmoe.model.base import load_tokenizer, resolve_base
@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     losses = {}
     for kind, model in models.items():
-        def forward(ids, attn, task, model=model):
-            return model(input_ids=ids, attention_mask=attn).logits
-
-        losses[kind] = heldout_losses(forward, shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples)
+        losses[kind] = heldout_losses(hf_loss_fn(model), shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples)
     generations = {}
     for shard in shards:
         generations[shard.name] = []

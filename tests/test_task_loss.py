@@ -20,6 +20,16 @@ def test_balanced_loss_is_mean_of_task_token_means():
     assert got.item() == pytest.approx(((1 + 3 + 2) / 3 + (10 + 20 + 30) / 3) / 2)
 
 
+def test_target_only_lm_head_equals_full_logits_path():
+    from mtmoe.balance.task_loss import target_token_losses
+
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(2, 5, 8)
+    ids = torch.randint(0, 11, (2, 5))
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 0, 1, 0]])
+    torch.testing.assert_close(target_token_losses(hidden, head, ids, mask), token_losses(head(hidden), ids, mask))
+
+
 def test_token_losses_only_on_targets():
     logits = torch.randn(1, 4, 7)
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -89,8 +99,8 @@ def _grads_on_ranks(rank, world):
     counts = all_reduce_sum(sum(task_token_counts(b.loss_mask_BS, b.task_ids_B, 3) for b in batches))
     shown = torch.zeros(3, dtype=torch.float64)
     for i, b in enumerate(batches):
-        logits, _ = engine(b.input_ids_BS, b.attention_mask_BS, b.task_ids_B)
-        sums = task_loss_sums(token_losses(logits, b.input_ids_BS, b.loss_mask_BS), b.task_ids_B, 3)
+        loss_BS, _ = engine(b.input_ids_BS, b.attention_mask_BS, b.loss_mask_BS, b.task_ids_B)
+        sums = task_loss_sums(loss_BS, b.task_ids_B, 3)
         engine.backward(balanced_loss(sums, counts, grad_scale=world * 2))
         shown += sums.detach().double()
         if i == 0:
@@ -106,7 +116,8 @@ def test_loss_and_gradients_across_two_ranks_equal_single_process_reference():
     batches = _samples(0) + _samples(1)
     sums, counts = torch.zeros(3), torch.zeros(3)
     for b in batches:
-        logits, _ = model(b.input_ids_BS, b.attention_mask_BS, b.task_ids_B)
+        # The reference takes the full-vocabulary logits path, not the trainer's target-only path.
+        logits = model.lm(input_ids=b.input_ids_BS, attention_mask=b.attention_mask_BS).logits
         loss_BS = token_losses(logits, b.input_ids_BS, b.loss_mask_BS)
         for row, task in enumerate(b.task_ids_B.tolist()):
             sums[task] = sums[task] + loss_BS[row].sum()

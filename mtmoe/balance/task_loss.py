@@ -34,6 +34,24 @@ def token_losses(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, loss_mask
     return loss_BS
 
 
+def target_token_losses(
+    hidden_BSD: torch.Tensor, lm_head: torch.nn.Module, input_ids_BS: torch.Tensor, loss_mask_BS: torch.Tensor
+) -> torch.Tensor:
+    """Same result as `token_losses`, but the LM head runs only on the positions that predict a target.
+
+    Only a fraction of tokens carry loss (assistant tokens), and the vocabulary projection plus its
+    softmax is a large share of a small model's compute, so this skips most of it.
+
+    Returns:
+        loss_BS: Per-target-token loss aligned with the target tokens (0 elsewhere).
+    """
+    is_target_BS = target_mask(loss_mask_BS)
+    target_bi, target_si = is_target_BS.nonzero(as_tuple=True)
+    logits_NV = lm_head(hidden_BSD[target_bi, target_si - 1]).float()
+    ce_N = F.cross_entropy(logits_NV, input_ids_BS[target_bi, target_si], reduction="none")
+    return torch.zeros(is_target_BS.shape, dtype=ce_N.dtype, device=ce_N.device).index_put((target_bi, target_si), ce_N)
+
+
 def target_mask(loss_mask_BS: torch.Tensor) -> torch.Tensor:
     """Loss-carrying positions that have a preceding token (the first position predicts nothing)."""
     mask = loss_mask_BS.clone().bool()

@@ -1,6 +1,6 @@
 """Held-out evaluation: the mean token loss of each task, sharded over ranks and summed exactly.
 
-Works with any forward function, so the same code scores the base model, the MoE and the dense export.
+Works with any loss function, so the same code scores the base model, the MoE and the dense export.
 """
 
 from __future__ import annotations
@@ -9,15 +9,26 @@ from collections.abc import Callable
 
 import torch
 
-from mtmoe.balance.task_loss import all_reduce_sum, target_mask, token_losses
+from mtmoe.balance.task_loss import all_reduce_sum, target_mask, target_token_losses
 from mtmoe.data.collate import collate
 
-ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (input_ids_BS, attention_mask_BS, loss_mask_BS, task_ids_B) -> loss_BS
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def hf_loss_fn(model: torch.nn.Module) -> LossFn:
+    """Per-target-token losses of any HF causal LM (base or exported), computed like the trainer's."""
+
+    def loss_fn(ids_BS, attn_BS, loss_mask_BS, task_B):
+        hidden_BSD = model.base_model(input_ids=ids_BS, attention_mask=attn_BS, use_cache=False)[0]
+        return target_token_losses(hidden_BSD, model.get_output_embeddings(), ids_BS, loss_mask_BS)
+
+    return loss_fn
 
 
 @torch.no_grad()
 def heldout_losses(
-    forward: ForwardFn,
+    loss_fn: LossFn,
     shards: list,
     pad_id: int,
     batch_size: int = 8,
@@ -29,7 +40,7 @@ def heldout_losses(
     """Mean token loss per task over its held-out shard.
 
     Args:
-        forward: Maps (input_ids_BS, attention_mask_BS, task_ids_B) to logits_BSV.
+        loss_fn: Maps (input_ids_BS, attention_mask_BS, loss_mask_BS, task_ids_B) to loss_BS.
         shards: One `TaskShard` per task (its `task_id` is what the model sees).
         pad_id: Padding token.
         batch_size: Rows per forward.
@@ -50,8 +61,7 @@ def heldout_losses(
             batch = collate([shard[i] for i in rows], [shard.task_id] * len(rows), pad_id)
             if device is not None:
                 batch = batch.to(device)
-            logits = forward(batch.input_ids_BS, batch.attention_mask_BS, batch.task_ids_B)
-            loss_BS = token_losses(logits, batch.input_ids_BS, batch.loss_mask_BS)
+            loss_BS = loss_fn(batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B)
             sums[k, 0] += loss_BS.sum().double().cpu()
             sums[k, 1] += target_mask(batch.loss_mask_BS).sum().double().cpu()
     sums = all_reduce_sum(sums)

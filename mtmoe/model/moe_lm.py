@@ -1,6 +1,6 @@
 """The trainable model: a frozen HF causal LM with MoE-LoRA blocks, plus how to build it from a config.
 
-Shape legend: B batch, S sequence, V vocabulary.
+Shape legend: B batch, S sequence, D hidden size.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from mtmoe.balance.task_loss import target_token_losses
 from mtmoe.config import Config
 from mtmoe.model.base import load_base_model, resolve_base, tiny_llama
 from mtmoe.model.block import RoutingContext
@@ -35,17 +36,21 @@ class MoELM(nn.Module):
         self,
         input_ids_BS: torch.Tensor,
         attention_mask_BS: torch.Tensor,
+        loss_mask_BS: torch.Tensor,
         task_ids_B: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits_BSV, aux_loss), aux_loss being the mean over blocks."""
+        """Returns (loss_BS, aux_loss): the next-token loss at every target token (0 elsewhere) and
+        the router auxiliary loss averaged over blocks.
+        """
         ctx = self.context
         ctx.valid_T = attention_mask_BS.reshape(-1).bool()
         ctx.task_T = None if task_ids_B is None else task_ids_B[:, None].expand_as(input_ids_BS).reshape(-1)
         ctx.aux_losses = []
-        logits_BSV = self.lm(input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False).logits
-        aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else logits_BSV.new_zeros(())
+        hidden_BSD = self.lm.base_model(input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False)[0]
+        loss_BS = target_token_losses(hidden_BSD, self.lm.get_output_embeddings(), input_ids_BS, loss_mask_BS)
+        aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else hidden_BSD.new_zeros(())
         ctx.aux_losses, ctx.valid_T, ctx.task_T = [], None, None
-        return logits_BSV, aux
+        return loss_BS, aux
 
     def set_recording(self, on: bool) -> None:
         """Turns utilization counting on or off (and resets the counters when turning it on)."""

@@ -16,7 +16,6 @@ from mtmoe.balance.task_loss import (
     balanced_loss,
     task_loss_sums,
     task_token_counts,
-    token_losses,
 )
 from mtmoe.config import Config, to_dict
 from mtmoe.data.collate import Batch, collate
@@ -135,8 +134,8 @@ def _train_step(engine, batches: list[Batch], counts_X: torch.Tensor, grad_scale
     aux_sum = 0.0
     for batch in batches:
         batch = batch.to(device)
-        logits_BSV, aux = engine(batch.input_ids_BS, batch.attention_mask_BS, batch.task_ids_B)
-        mb_sums_X = task_loss_sums(token_losses(logits_BSV, batch.input_ids_BS, batch.loss_mask_BS), batch.task_ids_B, len(counts_X))
+        loss_BS, aux = engine(batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B)
+        mb_sums_X = task_loss_sums(loss_BS, batch.task_ids_B, len(counts_X))
         engine.backward(balanced_loss(mb_sums_X, counts_X, grad_scale) + aux_coef * aux)
         engine.step()
         sums_X += mb_sums_X.detach().double().cpu()
@@ -168,9 +167,9 @@ def _train_record(engine, model: MoELM, task_loss_X, counts_X, aux, tokens_per_s
 def _evaluate(engine, model: MoELM, shards: list, pad_id: int, cfg: Config, info: DistInfo, device) -> dict:
     engine.eval()
 
-    def forward(ids, attn, task):
-        return engine.module(ids, attn, task)[0]
+    def loss_fn(ids, attn, loss_mask, task):
+        return engine.module(ids, attn, loss_mask, task)[0]
 
-    losses = heldout_losses(forward, shards, pad_id, 2 * cfg.train.micro_batch_size, cfg.data.eval_max_samples, info.rank, info.world_size, device)
+    losses = heldout_losses(loss_fn, shards, pad_id, 2 * cfg.train.micro_batch_size, cfg.data.eval_max_samples, info.rank, info.world_size, device)
     engine.train()
     return losses
