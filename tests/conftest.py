@@ -13,3 +13,33 @@ for key, value in {
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cmd(args, env_extra=None, timeout=600):
+    """Runs a command from the repo root with the test environment; fails with its output on error."""
+    env = {**os.environ, **(env_extra or {})}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Small slices of the three real demo tasks, tokenized with the real tokenizer (max_len 128)."""
+    root = tmp_path_factory.mktemp("demo_data")
+    run_cmd([sys.executable, "data_prep/build_demo_tasks.py", "--out", root / "jsonl", "--langs", "de", "--max-docstring", "60"])
+    tasks = [f"--task={t}={root / 'jsonl' / t}.jsonl" for t in ("codegen", "docstring", "translate")]
+    run_cmd(
+        [sys.executable, "data_prep/tokenize_tasks.py", *tasks, "--tokenizer", "smollm2-135m-instruct", "--max-len", "128",
+         "--eval-fraction", "0.2", "--max-eval", "6", "--out", root / "tokenized"]
+    )
+    return root / "tokenized"

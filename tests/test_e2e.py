@@ -1,0 +1,114 @@
+"""End to end, with real processes: the launchers, resume, export, report, and a plain-transformers reload."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+from conftest import run_cmd
+
+TINY = "launch/recipes/tiny.yaml"
+
+
+def train(data, out, *overrides, launcher=(sys.executable,), env=None, resume=False):
+    args = [*launcher, "launch/train.py", "--config", TINY, f"data.tokenized={data}", f"train.output_dir={out}", *overrides]
+    return run_cmd(args + (["--resume"] if resume else []), env_extra=env)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+PLAIN_LOAD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from transformers import AutoModelForCausalLM
+    export, tokenized = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    manifest = json.load(open(f"{tokenized}/manifest.json"))
+    out = {}
+    for task in manifest["tasks"]:
+        d = f"{tokenized}/{task['name']}/eval"
+        ids, mask, offs = (np.load(f"{d}/{a}.npy") for a in ("ids", "mask", "offsets"))
+        total, count = 0.0, 0
+        for i in range(len(offs) - 1):
+            x = torch.tensor(ids[offs[i]:offs[i + 1]], dtype=torch.long)[None]
+            m = torch.tensor(mask[offs[i]:offs[i + 1]], dtype=torch.bool)[1:]
+            with torch.no_grad():
+                logits = model(input_ids=x).logits[0, :-1]
+            ce = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+            total, count = total + ce[m].sum().item(), count + int(m.sum())
+        out[task["name"]] = total / count
+    assert "mtmoe" not in sys.modules
+    print(json.dumps(out))
+    """
+)
+
+
+def test_train_export_report_and_plain_transformers_reload(demo_data, tmp_path):
+    run = tmp_path / "run"
+    train(demo_data, run, "log.wandb_mode=offline", env={"WANDB_MODE": ""})
+    assert list((run / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
+    records = metrics(run)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert any(k.startswith("expert_util/L00/") for k in records[0])
+    run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", run / "dense"])
+    run_cmd([sys.executable, "launch/report.py", "--run", run, "--export", run / "dense", "--gen-tokens", "4"])
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["tasks"]) == {"codegen", "docstring", "translate"}
+    for t in report["tasks"].values():
+        assert {"base_loss", "moe_loss", "dense_loss"} <= set(t)
+    assert report["train"]["steps"] == 4 and report["train"]["tokens_per_s"] > 0
+    assert "| codegen |" in (run / "report.md").read_text()
+    plain = json.loads(run_cmd([sys.executable, "-c", PLAIN_LOAD, report["export"]["path"], demo_data]).stdout)
+    for name, loss in plain.items():
+        assert loss == pytest.approx(report["tasks"][name]["dense_loss"], abs=1e-4)
+
+
+def test_resume_equals_uninterrupted_run(demo_data, tmp_path):
+    full = tmp_path / "full"
+    train(demo_data, full, "train.save_every=2")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / "step_000002").symlink_to(full / "checkpoints" / "step_000002")
+    (resumed / "checkpoints" / "latest").write_text("step_000002")
+    train(demo_data, resumed, "train.save_every=2", resume=True)
+    a = {r["step"]: r for r in metrics(full) if "loss" in r}
+    b = {r["step"]: r for r in metrics(resumed) if "loss" in r}
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+        assert b[step]["lr"] == pytest.approx(a[step]["lr"])
+    ea, eb = (json.loads((r / "eval.json").read_text())["tasks"] for r in (full, resumed))
+    for name in ea:
+        assert eb[name]["loss"] == pytest.approx(ea[name]["loss"], rel=1e-5)
+
+
+def test_two_process_launchers_and_zero_stages_agree(demo_data, tmp_path):
+    ds = tmp_path / "ds_zero2"
+    train(demo_data, ds, "parallel.zero_stage=2", launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29611"))
+    tr = tmp_path / "torchrun_zero0"
+    train(demo_data, tr, "parallel.zero_stage=0", launcher=("torchrun", "--nproc_per_node", "2", "--master_port", "29612"))
+    for run in (ds, tr):
+        assert json.loads((run / "eval.json").read_text())["train"]["world_size"] == 2
+    a = {r["step"]: r["loss"] for r in metrics(ds) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in metrics(tr) if "loss" in r}
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4)
+
+
+def test_real_model_trains_a_few_steps(demo_data, tmp_path):
+    run = tmp_path / "real"
+    run_cmd(
+        [sys.executable, "launch/train.py", "--config", "launch/recipes/demo.yaml", f"data.tokenized={demo_data}",
+         f"train.output_dir={run}", "train.steps=2", "train.micro_batch_size=1", "train.save_every=0",
+         "data.eval_max_samples=2"]
+    )
+    result = json.loads((run / "eval.json").read_text())
+    assert result["step"] == 2
+    for t in result["tasks"].values():
+        assert 0 < t["loss"] < 20 and t["tokens"] > 0
+    util = json.loads((run / "utilization.json").read_text())
+    assert len(util["layers"]) == 30 and util["num_experts"] == 4
