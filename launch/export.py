@@ -20,7 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main(argv: list[str] | None = None) -> Path:
     """Exports and returns the output folder."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run", required=True, type=Path, help="the run directory (train.output_dir)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the HF folder")
     parser.add_argument("--weights", default="utilization", help="expert merge weights: utilization|uniform")

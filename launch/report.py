@@ -20,7 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main(argv: list[str] | None = None) -> dict:
     """Builds and writes the report; returns it."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--export", required=True, type=Path, help="the folder written by launch/export.py")
     parser.add_argument("--generations", type=int, default=2, help="generations per task in report.md")
@@ -43,17 +45,25 @@ def main(argv: list[str] | None = None) -> dict:
     manifest = load_manifest(Path(cfg.data.tokenized))
     tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
     shards = [open_shard(manifest, name, "eval") for name in trained["tasks"]]
-    models = {"base": build_base(cfg, len(tokenizer)).eval(), "dense": AutoModelForCausalLM.from_pretrained(args.export).eval()}
+    models = {
+        "base": build_base(cfg, len(tokenizer)).eval(),
+        "dense": AutoModelForCausalLM.from_pretrained(args.export).eval(),
+    }
 
     losses = {}
     for kind, model in models.items():
-        losses[kind] = heldout_losses(hf_loss_fn(model), shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples)
+        losses[kind] = heldout_losses(
+            hf_loss_fn(model), shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples
+        )
     generations = {}
     for shard in shards:
         generations[shard.name] = []
         for i in range(min(args.generations, len(shard))):
             prompt, reference = prompt_of(*shard[i])
-            sample = {"prompt": tokenizer.decode(prompt, skip_special_tokens=False), "reference": tokenizer.decode(reference, skip_special_tokens=True)}
+            sample = {
+                "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+                "reference": tokenizer.decode(reference, skip_special_tokens=True),
+            }
             for kind, model in models.items():
                 sample[kind] = generate(model, tokenizer, prompt, args.gen_tokens)
             generations[shard.name].append(sample)
@@ -70,12 +80,17 @@ def main(argv: list[str] | None = None) -> dict:
             for name, t in trained["tasks"].items()
         },
         "train": trained["train"],
-        "export": {"path": str(args.export.resolve()), **json.loads((args.export / "mtmoe_export.json").read_text())},
+        "export": {
+            "path": str(args.export.resolve()),
+            **json.loads((args.export / "mtmoe_export.json").read_text()),
+        },
         "generations": generations,
     }
     write_report(report, args.run)
     for name, t in report["tasks"].items():
-        print(f"[mtmoe] {name}: base {t['base_loss']:.3f}  moe {t['moe_loss']:.3f}  dense {t['dense_loss']:.3f}")
+        print(
+            f"[mtmoe] {name}: base {t['base_loss']:.3f}  moe {t['moe_loss']:.3f}  dense {t['dense_loss']:.3f}"
+        )
     print(f"[mtmoe] wrote {args.run / 'report.json'} and {args.run / 'report.md'}")
     return report
 

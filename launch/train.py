@@ -1,8 +1,8 @@
 """Train a multitask MoE-LoRA model.
 
-    deepspeed --num_gpus 2 launch/train.py --config launch/recipes/demo.yaml [key=value ...] [--resume]
-    torchrun --nproc_per_node 2 launch/train.py --config ...
-    python launch/train.py --config ...
+deepspeed --num_gpus 2 launch/train.py --config launch/recipes/demo.yaml [key=value ...] [--resume]
+torchrun --nproc_per_node 2 launch/train.py --config ...
+python launch/train.py --config ...
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def main(argv: list[str] | None = None) -> None:
     """Parses the command line and trains; ends the process cleanly on every rank."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="a YAML recipe in launch/recipes/")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -175,7 +175,11 @@ class Config:
         _check(m.attn_lora_rank >= 0, "moe.attn_lora_rank", ">= 0")
         _check(m.aux_loss_coef >= 0, "moe.aux_loss_coef", ">= 0")
         _check(m.layers == "all" or isinstance(m.layers, list), "moe.layers", "'all' or a list of ints")
-        _check(d.mixing in ("proportional", "temperature", "uniform"), "data.mixing", "proportional|temperature|uniform")
+        _check(
+            d.mixing in ("proportional", "temperature", "uniform"),
+            "data.mixing",
+            "proportional|temperature|uniform",
+        )
         _check(d.temperature > 0, "data.temperature", "> 0")
         _check(d.eval_max_samples >= 0, "data.eval_max_samples", ">= 0")
         _check(t.steps >= 1, "train.steps", ">= 1")
@@ -188,7 +192,11 @@ class Config:
         _check(t.log_every >= 1, "train.log_every", ">= 1")
         _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2 (DeepSpeed MoE refuses ZeRO-3)")
         _check(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", "auto|nccl|gloo")
-        _check(self.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode", "offline|online|disabled")
+        _check(
+            self.log.wandb_mode in ("offline", "online", "disabled"),
+            "log.wandb_mode",
+            "offline|online|disabled",
+        )
 
 
 def _check(ok: bool, key: str, expected: str) -> None:

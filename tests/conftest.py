@@ -28,7 +28,10 @@ def run_cmd(args, env_extra=None, timeout=600):
     env = {**os.environ, **(env_extra or {})}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    command = " ".join(map(str, args))
+    assert proc.returncode == 0, (
+        f"{command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -36,10 +39,34 @@ def run_cmd(args, env_extra=None, timeout=600):
 def demo_data(tmp_path_factory):
     """Small slices of the three real demo tasks, tokenized with the real tokenizer (max_len 128)."""
     root = tmp_path_factory.mktemp("demo_data")
-    run_cmd([sys.executable, "data_prep/build_demo_tasks.py", "--out", root / "jsonl", "--langs", "de", "--max-docstring", "60"])
+    run_cmd(
+        [
+            sys.executable,
+            "data_prep/build_demo_tasks.py",
+            "--out",
+            root / "jsonl",
+            "--langs",
+            "de",
+            "--max-docstring",
+            "60",
+        ]
+    )
     tasks = [f"--task={t}={root / 'jsonl' / t}.jsonl" for t in ("codegen", "docstring", "translate")]
     run_cmd(
-        [sys.executable, "data_prep/tokenize_tasks.py", *tasks, "--tokenizer", "smollm2-135m-instruct", "--max-len", "128",
-         "--eval-fraction", "0.2", "--max-eval", "6", "--out", root / "tokenized"]
+        [
+            sys.executable,
+            "data_prep/tokenize_tasks.py",
+            *tasks,
+            "--tokenizer",
+            "smollm2-135m-instruct",
+            "--max-len",
+            "128",
+            "--eval-fraction",
+            "0.2",
+            "--max-eval",
+            "6",
+            "--out",
+            root / "tokenized",
+        ]
     )
     return root / "tokenized"

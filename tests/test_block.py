@@ -24,7 +24,9 @@ class SwiGLU(nn.Module):
 def make_block(d, f, e, k, r, seed=0):
     torch.manual_seed(seed)
     ctx = RoutingContext()
-    block = MoELoRAFFN(SwiGLU(d, f), TopKRouter(d, e, k, init_std=0.5), UpcycledLoRAExperts(e, d, f, r, 16.0), ctx)
+    block = MoELoRAFFN(
+        SwiGLU(d, f), TopKRouter(d, e, k, init_std=0.5), UpcycledLoRAExperts(e, d, f, r, 16.0), ctx
+    )
     for p in block.experts.parameters():  # B starts at zero; make the experts differ
         nn.init.normal_(p, std=0.3)
     return block
@@ -40,7 +42,10 @@ def slow_reference(block, x_BSD):
         y = 0
         for j in range(route.ids_TK.shape[1]):
             e = route.ids_TK[t, j]
-            w = {p: getattr(base, f"{p}_proj").weight + s * (ex.factors(p)[0][e] @ ex.factors(p)[1][e]).t() for p in ("gate", "up", "down")}
+            w = {
+                p: getattr(base, f"{p}_proj").weight + s * (ex.factors(p)[0][e] @ ex.factors(p)[1][e]).t()
+                for p in ("gate", "up", "down")
+            }
             h = F.silu(x_TD[t] @ w["gate"].t()) * (x_TD[t] @ w["up"].t())
             y = y + route.weights_TK[t, j] * (h @ w["down"].t())
         out.append(y)

@@ -41,7 +41,12 @@ def test_there_are_recipes_and_ds_configs():
 
 def test_overrides_are_typed():
     cfg = load_config(RECIPES[0], ["train.steps=7", "moe.layers=[0, 2]", "train.lr=1", "log.run_name=x"])
-    assert cfg.train.steps == 7 and cfg.moe.layers == [0, 2] and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert (
+        cfg.train.steps == 7
+        and cfg.moe.layers == [0, 2]
+        and cfg.train.lr == 1.0
+        and isinstance(cfg.train.lr, float)
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,15 @@ TINY = "launch/recipes/tiny.yaml"
 
 
 def train(data, out, *overrides, launcher=(sys.executable,), env=None, resume=False):
-    args = [*launcher, "launch/train.py", "--config", TINY, f"data.tokenized={data}", f"train.output_dir={out}", *overrides]
+    args = [
+        *launcher,
+        "launch/train.py",
+        "--config",
+        TINY,
+        f"data.tokenized={data}",
+        f"train.output_dir={out}",
+        *overrides,
+    ]
     return run_cmd(args + (["--resume"] if resume else []), env_extra=env)
 
 
@@ -48,20 +56,24 @@ PLAIN_LOAD = textwrap.dedent(
 
 def test_train_export_report_and_plain_transformers_reload(demo_data, tmp_path):
     run = tmp_path / "run"
-    train(demo_data, run, "log.wandb_mode=offline", env={"WANDB_MODE": ""})
+    train(demo_data, run, env={"WANDB_MODE": "offline"})
     assert list((run / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
     records = metrics(run)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert any(k.startswith("expert_util/L00/") for k in records[0])
     run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", run / "dense"])
-    run_cmd([sys.executable, "launch/report.py", "--run", run, "--export", run / "dense", "--gen-tokens", "4"])
+    run_cmd(
+        [sys.executable, "launch/report.py", "--run", run, "--export", run / "dense", "--gen-tokens", "4"]
+    )
     report = json.loads((run / "report.json").read_text())
     assert set(report["tasks"]) == {"codegen", "docstring", "translate"}
     for t in report["tasks"].values():
         assert {"base_loss", "moe_loss", "dense_loss"} <= set(t)
     assert report["train"]["steps"] == 4 and report["train"]["tokens_per_s"] > 0
     assert "| codegen |" in (run / "report.md").read_text()
-    plain = json.loads(run_cmd([sys.executable, "-c", PLAIN_LOAD, report["export"]["path"], demo_data]).stdout)
+    plain = json.loads(
+        run_cmd([sys.executable, "-c", PLAIN_LOAD, report["export"]["path"], demo_data]).stdout
+    )
     for name, loss in plain.items():
         assert loss == pytest.approx(report["tasks"][name]["dense_loss"], abs=1e-4)
 
@@ -87,9 +99,19 @@ def test_resume_equals_uninterrupted_run(demo_data, tmp_path):
 
 def test_two_process_launchers_and_zero_stages_agree(demo_data, tmp_path):
     ds = tmp_path / "ds_zero2"
-    train(demo_data, ds, "parallel.zero_stage=2", launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29611"))
+    train(
+        demo_data,
+        ds,
+        "parallel.zero_stage=2",
+        launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29611"),
+    )
     tr = tmp_path / "torchrun_zero0"
-    train(demo_data, tr, "parallel.zero_stage=0", launcher=("torchrun", "--nproc_per_node", "2", "--master_port", "29612"))
+    train(
+        demo_data,
+        tr,
+        "parallel.zero_stage=0",
+        launcher=("torchrun", "--nproc_per_node", "2", "--master_port", "29612"),
+    )
     for run in (ds, tr):
         assert json.loads((run / "eval.json").read_text())["train"]["world_size"] == 2
     a = {r["step"]: r["loss"] for r in metrics(ds) if "loss" in r}
@@ -102,9 +124,18 @@ def test_two_process_launchers_and_zero_stages_agree(demo_data, tmp_path):
 def test_real_model_trains_a_few_steps(demo_data, tmp_path):
     run = tmp_path / "real"
     run_cmd(
-        [sys.executable, "launch/train.py", "--config", "launch/recipes/demo.yaml", f"data.tokenized={demo_data}",
-         f"train.output_dir={run}", "train.steps=2", "train.micro_batch_size=1", "train.save_every=0",
-         "data.eval_max_samples=2"]
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            "launch/recipes/demo.yaml",
+            f"data.tokenized={demo_data}",
+            f"train.output_dir={run}",
+            "train.steps=2",
+            "train.micro_batch_size=1",
+            "train.save_every=0",
+            "data.eval_max_samples=2",
+        ]
     )
     result = json.loads((run / "eval.json").read_text())
     assert result["step"] == 2

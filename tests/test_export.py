@@ -32,7 +32,8 @@ def _model():
         None,
         [
             "model.base=tiny-llama",
-            "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}",
+            "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,"
+            " num_attention_heads: 4, num_key_value_heads: 2}",
             "moe.rank=4",
             "moe.attn_lora_rank=4",
         ],
@@ -44,10 +45,12 @@ def test_dense_export_equals_moe_when_experts_agree():
     model = _model()
     torch.manual_seed(0)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
-        for block in moe_blocks(model.lm).values():  # every expert gets expert 0's LoRA: routing no longer matters
+        for block in moe_blocks(
+            model.lm
+        ).values():  # every expert gets expert 0's LoRA: routing no longer matters
             for p in block.experts.parameters():
                 p.copy_(p[:1].expand_as(p))
     ids = torch.randint(0, 64, (2, 9))
@@ -57,7 +60,9 @@ def test_dense_export_equals_moe_when_experts_agree():
     assert not moe_blocks(dense)
     assert all(not type(m).__module__.startswith("mtmoe") for m in dense.modules())
     logits = dense(input_ids=ids).logits
-    dense_loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    dense_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+    )
     torch.testing.assert_close(dense_loss, moe_loss[:, 1:], atol=1e-5, rtol=1e-5)
 
 

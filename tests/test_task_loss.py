@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from distributed import run_ranks
+
 from mtmoe.balance.task_loss import balanced_loss, task_loss_sums, task_token_counts, token_losses
 from mtmoe.config import load_config
 from mtmoe.data.collate import collate
@@ -27,7 +27,9 @@ def test_target_only_lm_head_equals_full_logits_path():
     hidden = torch.randn(2, 5, 8)
     ids = torch.randint(0, 11, (2, 5))
     mask = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 0, 1, 0]])
-    torch.testing.assert_close(target_token_losses(hidden, head, ids, mask), token_losses(head(hidden), ids, mask))
+    torch.testing.assert_close(
+        target_token_losses(hidden, head, ids, mask), token_losses(head(hidden), ids, mask)
+    )
 
 
 def test_token_losses_only_on_targets():
@@ -65,7 +67,8 @@ def _cfg(zero_stage=0):
         None,
         [
             "model.base=tiny-llama",
-            "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}",
+            "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,"
+            " num_attention_heads: 4, num_key_value_heads: 2}",
             "moe.rank=4",
             "moe.attn_lora_rank=2",
             "train.micro_batch_size=2",
@@ -126,7 +129,9 @@ def test_loss_and_gradients_across_two_ranks_equal_single_process_reference():
     ref_loss.backward()
     ref_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for grads, task_losses in results:
-        torch.testing.assert_close(torch.tensor(task_losses, dtype=torch.float32), (sums / counts).detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(task_losses, dtype=torch.float32), (sums / counts).detach(), atol=1e-5, rtol=1e-5
+        )
         assert grads.keys() == ref_grads.keys()
         for n in ref_grads:
             torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-4, msg=n)

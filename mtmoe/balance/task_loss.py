@@ -16,7 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def token_losses(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, loss_mask_BS: torch.Tensor) -> torch.Tensor:
+def token_losses(
+    logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, loss_mask_BS: torch.Tensor
+) -> torch.Tensor:
     """Next-token cross-entropy at every position whose target token carries loss (0 elsewhere).
 
     Args:
@@ -49,7 +51,9 @@ def target_token_losses(
     target_bi, target_si = is_target_BS.nonzero(as_tuple=True)
     logits_NV = lm_head(hidden_BSD[target_bi, target_si - 1]).float()
     ce_N = F.cross_entropy(logits_NV, input_ids_BS[target_bi, target_si], reduction="none")
-    return torch.zeros(is_target_BS.shape, dtype=ce_N.dtype, device=ce_N.device).index_put((target_bi, target_si), ce_N)
+    return torch.zeros(is_target_BS.shape, dtype=ce_N.dtype, device=ce_N.device).index_put(
+        (target_bi, target_si), ce_N
+    )
 
 
 def target_mask(loss_mask_BS: torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,21 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         """The batch on `device`."""
-        return Batch(*(t.to(device) for t in (self.input_ids_BS, self.attention_mask_BS, self.loss_mask_BS, self.task_ids_B)))
+        return Batch(
+            *(
+                t.to(device)
+                for t in (self.input_ids_BS, self.attention_mask_BS, self.loss_mask_BS, self.task_ids_B)
+            )
+        )
 
     def num_tokens(self) -> int:
         """Real (non-padding) tokens."""
         return int(self.attention_mask_BS.sum())
 
 
-def collate(samples: list[tuple[np.ndarray, np.ndarray]], task_ids: list[int], pad_id: int, pad_multiple: int = 8) -> Batch:
+def collate(
+    samples: list[tuple[np.ndarray, np.ndarray]], task_ids: list[int], pad_id: int, pad_multiple: int = 8
+) -> Batch:
     """Right-pads (ids, loss_mask) samples into a `Batch`."""
     longest = max(len(ids) for ids, _ in samples)
     S = -(-longest // pad_multiple) * pad_multiple

@@ -53,7 +53,9 @@ class MixingSampler:
     def __init__(self, sizes: list[int], mixing: str, temperature: float, seed: int, rank: int, world: int):
         empty = [i for i, n in enumerate(sizes) if n < world]
         if empty:
-            raise ValueError(f"task #{empty[0]} has {sizes[empty[0]]} training samples, fewer than the {world} ranks")
+            raise ValueError(
+                f"task #{empty[0]} has {sizes[empty[0]]} training samples, fewer than the {world} ranks"
+            )
         self.sizes, self.seed, self.rank, self.world = list(sizes), seed, rank, world
         self.probs = mixing_probs(sizes, mixing, temperature)
         self.rng = np.random.default_rng([seed, rank])

@@ -61,7 +61,9 @@ def heldout_losses(
             batch = collate([shard[i] for i in rows], [shard.task_id] * len(rows), pad_id)
             if device is not None:
                 batch = batch.to(device)
-            loss_BS = loss_fn(batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B)
+            loss_BS = loss_fn(
+                batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B
+            )
             sums[k, 0] += loss_BS.sum().double().cpu()
             sums[k, 1] += target_mask(batch.loss_mask_BS).sum().double().cpu()
     sums = all_reduce_sum(sums)

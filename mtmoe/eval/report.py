@@ -1,5 +1,7 @@
-"""The run report: per-task held-out loss of the base model, the trained MoE and the dense export,
-throughput, and a few generations per task, as `report.json` and `report.md`.
+"""The run report, as `report.json` and `report.md`.
+
+Per-task held-out loss of the base model, the trained MoE and the dense export, throughput, and a few
+generations per task.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def write_report(report: dict, run_dir: Path) -> None:
         "|---|---|---|---|---|",
     ]
     for name, t in report["tasks"].items():
-        lines.append(f"| {name} | {t['base_loss']:.3f} | {t['moe_loss']:.3f} | {t['dense_loss']:.3f} | {t['tokens']} |")
+        lines.append(
+            f"| {name} | {t['base_loss']:.3f} | {t['moe_loss']:.3f} | {t['dense_loss']:.3f} | {t['tokens']} |"
+        )
     lines += ["", "## Generations (greedy)", ""]
     for name, samples in report.get("generations", {}).items():
         lines.append(f"### {name}")

@@ -16,8 +16,10 @@ from mtmoe.model.moe_lm import MoELM
 
 @torch.no_grad()
 def fold_to_dense(model: MoELM, shares: dict[int, torch.Tensor] | None) -> PreTrainedModel:
-    """Replaces every MoE-LoRA block by its base FFN plus the weighted average of the experts' ΔW, and
-    every attention LoRA by its base linear plus its (exact) ΔW. Works in place on `model.lm`.
+    """Folds every MoE-LoRA block and attention LoRA into the base weights, in place on `model.lm`.
+
+    Each block becomes its base FFN plus the weighted average of the experts' ΔW; each attention LoRA
+    becomes its base linear plus its (exact) ΔW.
 
     Args:
         model: The trained model.
@@ -47,8 +49,9 @@ def fold_to_dense(model: MoELM, shares: dict[int, torch.Tensor] | None) -> PreTr
 
 
 def save_dense(lm: PreTrainedModel, tokenizer, out: Path) -> None:
-    """Saves an HF folder (safetensors, config, tokenizer with its chat template) that
-    `AutoModelForCausalLM.from_pretrained` loads without mtmoe.
+    """Saves an HF folder that `AutoModelForCausalLM.from_pretrained` loads without mtmoe.
+
+    The folder holds safetensors weights, the config and the tokenizer with its chat template.
     """
     leftovers = [n for n, m in lm.named_modules() if type(m).__module__.startswith("mtmoe")]
     if leftovers:
@@ -68,6 +71,8 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     known = set(model.state_dict())
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - known)
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     # DeepSpeed also writes tied frozen weights (lm_head); only the trained tensors are loaded.
     model.load_state_dict({n: t for n, t in state.items() if n in own}, strict=False)

@@ -1,5 +1,7 @@
-"""Merging expert deltas in weight space. ΔW = B·A per expert is formed first; A and B factors are never
-averaged separately (that adds cross terms between experts).
+"""Merging expert deltas in weight space.
+
+ΔW = B·A per expert is formed first; A and B factors are never averaged separately (that adds cross
+terms between experts).
 
 Shape legend: E experts, O output features, I input features.
 """

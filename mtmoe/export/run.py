@@ -23,7 +23,9 @@ def run_config(run_dir: Path) -> Config:
         raise ValueError(f"--run {run_dir}: no config.yaml; is this a run directory?")
     overrides = []
     for section, values in yaml.safe_load(path.read_text()).items():
-        overrides += [f"{section}.{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in values.items()]
+        overrides += [
+            f"{section}.{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in values.items()
+        ]
     return load_config(None, overrides)
 
 
@@ -40,7 +42,9 @@ def load_trained_model(run_dir: Path) -> tuple[Config, MoELM, object]:
     tag = latest_tag(run_dir)
     if tag is None:
         raise ValueError(f"--run {run_dir}: no checkpoint")
-    states = torch.load(checkpoint_dir(run_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(
+        checkpoint_dir(run_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
     load_trainable(model, states["module"])
     return cfg, model.eval(), tokenizer
 

@@ -49,13 +49,19 @@ class MoELoRAFFN(nn.Module):
         context: The model's shared routing context.
     """
 
-    def __init__(self, base_mlp: nn.Module, router: TopKRouter, experts: UpcycledLoRAExperts, context: RoutingContext):
+    def __init__(
+        self, base_mlp: nn.Module, router: TopKRouter, experts: UpcycledLoRAExperts, context: RoutingContext
+    ):
         super().__init__()
         self.base, self.router, self.experts = base_mlp, router, experts
         self.context = context
         E = router.num_experts
-        self.register_buffer("util_tokens_XE", torch.zeros(context.num_tasks, E, dtype=torch.float64), persistent=False)
-        self.register_buffer("util_mass_XE", torch.zeros(context.num_tasks, E, dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "util_tokens_XE", torch.zeros(context.num_tasks, E, dtype=torch.float64), persistent=False
+        )
+        self.register_buffer(
+            "util_mass_XE", torch.zeros(context.num_tasks, E, dtype=torch.float64), persistent=False
+        )
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Runs the block; appends the router's auxiliary loss to the context."""
@@ -82,7 +88,9 @@ class MoELoRAFFN(nn.Module):
     def _record(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
         ctx = self.context
         T, K = ids_TK.shape
-        valid_T = torch.ones(T, dtype=torch.bool, device=ids_TK.device) if ctx.valid_T is None else ctx.valid_T
+        valid_T = (
+            torch.ones(T, dtype=torch.bool, device=ids_TK.device) if ctx.valid_T is None else ctx.valid_T
+        )
         task_T = torch.zeros(T, dtype=torch.long, device=ids_TK.device) if ctx.task_T is None else ctx.task_T
         E = self.router.num_experts
         cell_TK = (task_T[:, None] * E + ids_TK)[valid_T]

@@ -1,5 +1,7 @@
-"""Upcycled LoRA experts: per-expert LoRA factors on the gate, up and down projections of one shared,
-frozen SwiGLU FFN. Only the factors live here; the frozen base stays in the block, once.
+"""Upcycled LoRA experts.
+
+Per-expert LoRA factors on the gate, up and down projections of one shared, frozen SwiGLU FFN. Only the
+factors live here; the frozen base stays in the block, once.
 
 Shape legend: E experts, D hidden size, F FFN width, R LoRA rank, N sorted assignments.
 """
@@ -33,7 +35,9 @@ class UpcycledLoRAExperts(nn.Module):
         shapes = {"gate": (dim, ffn_dim), "up": (dim, ffn_dim), "down": (ffn_dim, dim)}
         for proj, (fan_in, fan_out) in shapes.items():
             bound = 1.0 / math.sqrt(fan_in)  # LoRA's kaiming-uniform(a=sqrt(5)) bound for A
-            self.register_parameter(f"{proj}_a", nn.Parameter(torch.empty(num_experts, fan_in, rank).uniform_(-bound, bound)))
+            self.register_parameter(
+                f"{proj}_a", nn.Parameter(torch.empty(num_experts, fan_in, rank).uniform_(-bound, bound))
+            )
             self.register_parameter(f"{proj}_b", nn.Parameter(torch.zeros(num_experts, rank, fan_out)))
 
     def factors(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,9 +45,12 @@ class UpcycledLoRAExperts(nn.Module):
         return getattr(self, f"{proj}_a"), getattr(self, f"{proj}_b")
 
     def delta(self, proj: str, x_NI: torch.Tensor, d: Dispatch) -> torch.Tensor:
-        """scaling * x @ A_e @ B_e for each assignment row, grouped by expert."""
+        """Scaling * x @ A_e @ B_e for each assignment row, grouped by expert."""
         a_EIR, b_ERO = self.factors(proj)
-        return grouped_linear(grouped_linear(x_NI, a_EIR.to(x_NI.dtype), d), b_ERO.to(x_NI.dtype), d) * self.scaling
+        return (
+            grouped_linear(grouped_linear(x_NI, a_EIR.to(x_NI.dtype), d), b_ERO.to(x_NI.dtype), d)
+            * self.scaling
+        )
 
     def weight_delta(self, proj: str) -> torch.Tensor:
         """Per-expert ΔW in `nn.Linear` layout (E, out, in): scaling * (A_e @ B_e)^T, in fp32."""

@@ -48,7 +48,9 @@ def inject_moe_lora(model: nn.Module, cfg: MoEConfig, num_tasks: int) -> Routing
     for i in chosen:
         mlp = layers[i].mlp
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            raise ValueError(f"config key 'moe.layers': layer {i}'s FFN {type(mlp).__name__} is not a SwiGLU FFN")
+            raise ValueError(
+                f"config key 'moe.layers': layer {i}'s FFN {type(mlp).__name__} is not a SwiGLU FFN"
+            )
         dim, ffn_dim = mlp.gate_proj.in_features, mlp.gate_proj.out_features
         router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.normalize_top_k, cfg.router_init_std)
         experts = UpcycledLoRAExperts(cfg.num_experts, dim, ffn_dim, cfg.rank, cfg.alpha)
@@ -65,7 +67,9 @@ def inject_moe_lora(model: nn.Module, cfg: MoEConfig, num_tasks: int) -> Routing
 
 def moe_blocks(model: nn.Module) -> dict[int, MoELoRAFFN]:
     """The injected blocks by layer index."""
-    return {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, MoELoRAFFN)}
+    return {
+        i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, MoELoRAFFN)
+    }
 
 
 def lora_linears(model: nn.Module) -> dict[str, LoRALinear]:

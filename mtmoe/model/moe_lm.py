@@ -39,14 +39,18 @@ class MoELM(nn.Module):
         loss_mask_BS: torch.Tensor,
         task_ids_B: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (loss_BS, aux_loss): the next-token loss at every target token (0 elsewhere) and
-        the router auxiliary loss averaged over blocks.
+        """Returns (loss_BS, aux_loss).
+
+        loss_BS is the next-token loss at every target token (0 elsewhere); aux_loss is the router
+        auxiliary loss averaged over blocks.
         """
         ctx = self.context
         ctx.valid_T = attention_mask_BS.reshape(-1).bool()
         ctx.task_T = None if task_ids_B is None else task_ids_B[:, None].expand_as(input_ids_BS).reshape(-1)
         ctx.aux_losses = []
-        hidden_BSD = self.lm.base_model(input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False)[0]
+        hidden_BSD = self.lm.base_model(
+            input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False
+        )[0]
         loss_BS = target_token_losses(hidden_BSD, self.lm.get_output_embeddings(), input_ids_BS, loss_mask_BS)
         aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else hidden_BSD.new_zeros(())
         ctx.aux_losses, ctx.valid_T, ctx.task_T = [], None, None

@@ -38,7 +38,9 @@ class TopKRouter(nn.Module):
         init_std: Standard deviation of the initial router weights.
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, normalize: bool = True, init_std: float = 0.02):
+    def __init__(
+        self, dim: int, num_experts: int, top_k: int, normalize: bool = True, init_std: float = 0.02
+    ):
         super().__init__()
         self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
         self.weight_ED = nn.Parameter(torch.randn(num_experts, dim) * init_std)
@@ -60,7 +62,9 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights_TK=top_TK.to(x_TD.dtype), ids_TK=ids_TK, aux_loss=aux)
 
 
-def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
+def load_balance_loss(
+    probs_TE: torch.Tensor, ids_TK: torch.Tensor, valid_T: torch.Tensor | None
+) -> torch.Tensor:
     """E * sum_e f_e * P_e, with f_e the share of assignments and P_e the mean probability of expert e.
 
     Args:

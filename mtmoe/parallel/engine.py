@@ -12,9 +12,10 @@ from mtmoe.parallel.ds_config import build_ds_config
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters only, grouped (experts, routers, attention LoRA) and split into DeepSpeed's
-    MoE groups, so that expert-parallel parameters (marked by DeepSpeed) reduce over their own group.
-    Routers get no weight decay.
+    """Optimizer groups of the trainable parameters only: experts, routers and attention LoRA.
+
+    The groups are split into DeepSpeed's MoE groups, so that expert-parallel parameters (marked by
+    DeepSpeed) reduce over their own group. Routers get no weight decay.
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -53,7 +54,9 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int):
     """
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.999)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -24,7 +24,12 @@ def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any], sampler_s
     samplers: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(samplers, sampler_state)
     client = {**loop_state, "step": step, "samplers": samplers}
-    engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=f"step_{step:06d}", client_state=client, exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        str(checkpoint_dir(run_dir)),
+        tag=f"step_{step:06d}",
+        client_state=client,
+        exclude_frozen_parameters=True,
+    )
 
 
 def latest_tag(run_dir: Path) -> str | None:

@@ -1,5 +1,7 @@
-"""The training loop, top to bottom: set up, then steps of (sample, forward, balanced loss, backward,
-step), with logging, periodic evaluation and checkpoints, and a final held-out evaluation.
+"""The training loop, top to bottom.
+
+Set up, then steps of (sample, forward, balanced loss, backward, step), with logging, periodic
+evaluation and checkpoints, and a final held-out evaluation.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     model = build_model(cfg, len(tokenizer), num_tasks).to(device)
     engine = build_engine(model, cfg, info.world_size)
     sampler = MixingSampler(
-        [len(s) for s in train_shards], cfg.data.mixing, cfg.data.temperature, cfg.train.seed, info.rank, info.world_size
+        [len(s) for s in train_shards],
+        cfg.data.mixing,
+        cfg.data.temperature,
+        cfg.train.seed,
+        info.rank,
+        info.world_size,
     )
     start_step, wall_s, tokens_seen = 0, 0.0, 0
     if resume:
@@ -73,24 +80,34 @@ def train(cfg: Config, resume: bool = False) -> dict:
     grad_scale = float(info.world_size * cfg.train.grad_accum)
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
-        batches = [_micro_batch(sampler, train_shards, cfg.train.micro_batch_size, tokenizer.pad_token_id) for _ in range(cfg.train.grad_accum)]
+        batches = [
+            _micro_batch(sampler, train_shards, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+            for _ in range(cfg.train.grad_accum)
+        ]
         counts_X, step_tokens = _global_counts(batches, num_tasks)
         task_loss_X, aux = _train_step(engine, batches, counts_X, grad_scale, cfg.moe.aux_loss_coef, device)
         step_s = time.perf_counter() - t0
         wall_s, tokens_seen = wall_s + step_s, tokens_seen + step_tokens
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            record = _train_record(engine, model, task_loss_X, counts_X, aux, step_tokens / step_s, manifest, task_names)
+            record = _train_record(
+                engine, model, task_loss_X, counts_X, aux, step_tokens / step_s, manifest, task_names
+            )
             record["tokens_seen"] = tokens_seen
-            logger.log(record, step, console={"loss": record["loss"], "tok/s": record["tokens_per_s"]})
+            console = {k: v for k, v in record.items() if k == "loss" or k.startswith("loss/")}
+            logger.log(record, step, console={**console, "tok/s": record["tokens_per_s"]})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            checkpoint.save(engine, run_dir, step, {"wall_s": wall_s, "tokens_seen": tokens_seen}, sampler.state_dict())
+            checkpoint.save(
+                engine, run_dir, step, {"wall_s": wall_s, "tokens_seen": tokens_seen}, sampler.state_dict()
+            )
 
     steps_done = cfg.train.steps
-    checkpoint.save(engine, run_dir, steps_done, {"wall_s": wall_s, "tokens_seen": tokens_seen}, sampler.state_dict())
+    checkpoint.save(
+        engine, run_dir, steps_done, {"wall_s": wall_s, "tokens_seen": tokens_seen}, sampler.state_dict()
+    )
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
     util = gather_utilization(model.lm, [t.name for t in manifest.tasks])
@@ -128,13 +145,17 @@ def _global_counts(batches: list[Batch], num_tasks: int) -> tuple[torch.Tensor, 
     return total[:num_tasks], int(total[num_tasks])
 
 
-def _train_step(engine, batches: list[Batch], counts_X: torch.Tensor, grad_scale: float, aux_coef: float, device):
+def _train_step(
+    engine, batches: list[Batch], counts_X: torch.Tensor, grad_scale: float, aux_coef: float, device
+):
     """One optimizer step over the micro-batches; returns the global per-task losses and the mean aux."""
     sums_X = torch.zeros_like(counts_X)
     aux_sum = 0.0
     for batch in batches:
         batch = batch.to(device)
-        loss_BS, aux = engine(batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B)
+        loss_BS, aux = engine(
+            batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B
+        )
         mb_sums_X = task_loss_sums(loss_BS, batch.task_ids_B, len(counts_X))
         engine.backward(balanced_loss(mb_sums_X, counts_X, grad_scale) + aux_coef * aux)
         engine.step()
@@ -144,7 +165,9 @@ def _train_step(engine, batches: list[Batch], counts_X: torch.Tensor, grad_scale
     return task_loss_X, aux_sum / len(batches)
 
 
-def _train_record(engine, model: MoELM, task_loss_X, counts_X, aux, tokens_per_s, manifest, task_names) -> dict:
+def _train_record(
+    engine, model: MoELM, task_loss_X, counts_X, aux, tokens_per_s, manifest, task_names
+) -> dict:
     names = [t.name for t in manifest.tasks]
     present = [k for k in range(len(names)) if counts_X[k] > 0]
     record = {
@@ -170,6 +193,15 @@ def _evaluate(engine, model: MoELM, shards: list, pad_id: int, cfg: Config, info
     def loss_fn(ids, attn, loss_mask, task):
         return engine.module(ids, attn, loss_mask, task)[0]
 
-    losses = heldout_losses(loss_fn, shards, pad_id, 2 * cfg.train.micro_batch_size, cfg.data.eval_max_samples, info.rank, info.world_size, device)
+    losses = heldout_losses(
+        loss_fn,
+        shards,
+        pad_id,
+        2 * cfg.train.micro_batch_size,
+        cfg.data.eval_max_samples,
+        info.rank,
+        info.world_size,
+        device,
+    )
     engine.train()
     return losses

@@ -35,6 +35,7 @@ class MetricsLogger:
         self._jsonl = (run_dir / "metrics.jsonl").open("a")
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
         mode = os.environ.get("WANDB_MODE") or cfg.log.wandb_mode
+        os.environ["WANDB_MODE"] = mode  # wandb re-reads it and rejects an empty value
         if mode != "disabled":
             import wandb
 
