@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from mtmoe.runtime import configure_process, set_torch_threads  # noqa: E402
+
+configure_process()
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -28,12 +27,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--weights", default="utilization", help="expert merge weights: utilization|uniform")
     args = parser.parse_args(argv)
 
-    import torch
-
     from mtmoe.export.dense import fold_to_dense, save_dense
     from mtmoe.export.run import load_trained_model, merge_shares
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    set_torch_threads()
     shares = merge_shares(args.run, args.weights)
     cfg, model, tokenizer = load_trained_model(args.run)
     lm = fold_to_dense(model, shares)

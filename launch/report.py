@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from mtmoe.runtime import configure_process, set_torch_threads  # noqa: E402
+
+configure_process()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,7 +28,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gen-tokens", type=int, default=48)
     args = parser.parse_args(argv)
 
-    import torch
     from transformers import AutoModelForCausalLM
 
     from mtmoe.data.shards import load_manifest, open_shard
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mtmoe.model.base import load_tokenizer, resolve_base
     from mtmoe.model.moe_lm import build_base
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    set_torch_threads()
     cfg = run_config(args.run)
     trained = json.loads((args.run / "eval.json").read_text())
     manifest = load_manifest(Path(cfg.data.tokenized))

@@ -11,11 +11,9 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from mtmoe.runtime import configure_process, set_torch_threads  # noqa: E402
+
+configure_process()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,13 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=10")
     args = parser.parse_args(argv)
 
-    import torch
     import torch.distributed as dist
 
     from mtmoe.config import load_config
     from mtmoe.train.loop import train
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    set_torch_threads()
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
     if dist.get_rank() == 0:

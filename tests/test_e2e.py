@@ -98,20 +98,16 @@ def test_resume_equals_uninterrupted_run(demo_data, tmp_path):
 
 
 def test_two_process_launchers_and_zero_stages_agree(demo_data, tmp_path):
-    ds = tmp_path / "ds_zero2"
-    train(
-        demo_data,
-        ds,
-        "parallel.zero_stage=2",
-        launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29611"),
-    )
-    tr = tmp_path / "torchrun_zero0"
-    train(
-        demo_data,
-        tr,
-        "parallel.zero_stage=0",
-        launcher=("torchrun", "--nproc_per_node", "2", "--master_port", "29612"),
-    )
+    launches = {
+        "ds_zero2": ("parallel.zero_stage=2", ("deepspeed", "--num_gpus", "2", "--master_port", "29611")),
+        "torchrun_zero0": (
+            "parallel.zero_stage=0",
+            ("torchrun", "--nproc_per_node", "2", "--master_port", "29612"),
+        ),
+    }
+    for name, (stage, launcher) in launches.items():
+        train(demo_data, tmp_path / name, stage, launcher=launcher)
+    ds, tr = tmp_path / "ds_zero2", tmp_path / "torchrun_zero0"
     for run in (ds, tr):
         assert json.loads((run / "eval.json").read_text())["train"]["world_size"] == 2
     a = {r["step"]: r["loss"] for r in metrics(ds) if "loss" in r}
