@@ -139,3 +139,12 @@ def test_real_model_trains_a_few_steps(demo_data, tmp_path):
         assert 0 < t["loss"] < 20 and t["tokens"] > 0
     util = json.loads((run / "utilization.json").read_text())
     assert len(util["layers"]) == 30 and util["num_experts"] == 4
+
+
+def test_unknown_task_in_config_names_the_key(demo_data):
+    from mtmoe.config import load_config
+    from mtmoe.train.loop import train as train_in_process
+
+    cfg = load_config(TINY, [f"data.tokenized={demo_data}", "data.tasks=[codegen, poetry]"])
+    with pytest.raises(ValueError, match=r"data\.tasks.*poetry"):
+        train_in_process(cfg)

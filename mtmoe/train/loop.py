@@ -43,11 +43,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
     Returns:
         The final evaluation: {"step", "tasks": {name: {"loss", "tokens"}}, "train": {...}}.
     """
+    manifest = load_manifest(Path(cfg.data.tokenized))
+    known = [t.name for t in manifest.tasks]
+    unknown = [name for name in cfg.data.tasks if name not in known]
+    if unknown:
+        raise ValueError(f"config key 'data.tasks': unknown task(s) {unknown}; {manifest.root} has {known}")
+    task_names = cfg.data.tasks or known
     info = init_distributed(cfg.parallel.backend)
     device = device_for(info)
     run_dir = Path(cfg.train.output_dir)
-    manifest = load_manifest(Path(cfg.data.tokenized))
-    task_names = cfg.data.tasks or [t.name for t in manifest.tasks]
     train_shards = [open_shard(manifest, name, "train") for name in task_names]
     eval_shards = [open_shard(manifest, name, "eval") for name in task_names]
     tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
@@ -97,7 +101,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
             console = {k: v for k, v in record.items() if k == "loss" or k.startswith("loss/")}
             logger.log(record, step, console={**console, "tok/s": record["tokens_per_s"]})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+            model.context.record = False  # keep held-out routing out of the training utilization
             losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
+            model.context.record = True
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
             checkpoint.save(
@@ -115,7 +121,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         "step": steps_done,
         "tasks": losses,
         "train": {
-            "steps": steps_done - start_step if resume else steps_done,
+            "steps": steps_done,
             "wall_s": wall_s,
             "tokens": tokens_seen,
             "tokens_per_s": tokens_seen / wall_s if wall_s else 0.0,
