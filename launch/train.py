@@ -30,10 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     from mtmoe.config import load_config
+    from mtmoe.parallel.launchers import accelerate_overrides
     from mtmoe.train.loop import train
 
     set_torch_threads()
-    cfg = load_config(args.config, args.overrides)
+    from_launcher = accelerate_overrides()
+    cfg = load_config(args.config, [*from_launcher, *args.overrides])
+    if from_launcher and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[mtmoe] from the accelerate config: {' '.join(from_launcher)}")
     result = train(cfg, resume=args.resume)
     if dist.get_rank() == 0:
         losses = ", ".join(f"{name} {v['loss']:.4f}" for name, v in result["tasks"].items())
