@@ -21,18 +21,12 @@ Run:
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import CliDefaults, Table, cli_main, machine_info, summarize, time_rounds, timing_settings
 from torch import nn
 
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
@@ -55,6 +49,12 @@ SHAPES = {
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "block_bench.json"
 VARIANTS = ("dense", "peft_style_lora", "mtmoe_block", "naive_moe")
+CLI = CliDefaults(rounds=7, iters=5, warmup=3, quick=(2, 1, 1), iter_name="iterations", out=DEFAULT_OUT)
+TABLE = Table(
+    VARIANTS,
+    header=f"{'variant':<18}{'median ms':>11}{'x dense':>9}{'trainable':>11}",
+    row="{name:<18}{median_ms:>11.1f}{ratio_to_dense:>9.2f}{trainable_params:>11,}",
+)
 
 
 class SwiGLU(nn.Module):
@@ -189,6 +189,14 @@ def check_equivalence(fast: nn.Module, naive: nn.Module, x: torch.Tensor, grad_o
     }
 
 
+def equivalence_line(result: dict) -> str:
+    eq = result["equivalence_mtmoe_vs_naive"]
+    return (
+        f"mtmoe_block == naive_moe: output max |diff| {eq['output_max_abs_diff']:.2e} "
+        f"(vs dense FFN: {eq['mtmoe_vs_dense_max_abs_diff']:.2e})"
+    )
+
+
 def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
     """Builds, checks and times the variants; returns the result record."""
     torch.set_num_threads(1)
@@ -204,92 +212,24 @@ def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
         )
         variants["mtmoe_block"].context.aux_losses.clear()
 
-    steps = {name: make_step(m, x, grad_out) for name, m in variants.items()}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-
-    per_round_ms: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for r in range(rounds):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]  # rotate to spread drift
-        for name in order:
-            step = steps[name]
-            step()  # one untimed step so each timed block starts warm
-            t0 = time.process_time()
-            for _ in range(iters):
-                step()
-            per_round_ms[name].append((time.process_time() - t0) / iters * 1e3)
-
-    median_ms = {n: statistics.median(v) for n, v in per_round_ms.items()}
+    steps = {name: make_step(variants[name], x, grad_out) for name in VARIANTS}
+    # One untimed step before each timed block, so each block starts warm.
+    per_round_ms = time_rounds(steps, rounds, iters, warmup, scale=1e3, warm_step_per_round=True)
     return {
         "benchmark": "MoE-LoRA FFN block, forward + backward, fp32, CPU",
-        "machine": {
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-        },
+        "machine": machine_info(),
         "shapes": {**s, "tokens": s["batch"] * s["seq"], "dtype": "float32"},
-        "timing": {
-            "clock": "time.process_time",
-            "rounds": rounds,
-            "iters_per_round": iters,
-            "warmup_iters": warmup,
-            "order": "interleaved, rotated each round",
-        },
+        "timing": timing_settings(rounds, iters, warmup),
         "trainable_params": {n: trainable_params(m) for n, m in variants.items()},
         "equivalence_mtmoe_vs_naive": equivalence,
-        "median_ms": median_ms,
-        "ratio_to_dense": {n: median_ms[n] / median_ms["dense"] for n in VARIANTS},
-        "median_per_round_ratio_to_dense": {
-            n: statistics.median(a / b for a, b in zip(per_round_ms[n], per_round_ms["dense"], strict=True))
-            for n in VARIANTS
-        },
+        # median_ms, ratio_to_dense, median_per_round_ratio_to_dense
+        **summarize(per_round_ms, "dense", "ms"),
         "per_round_ms": per_round_ms,
     }
 
 
-def format_table(result: dict) -> str:
-    lines = [f"{'variant':<18}{'median ms':>11}{'x dense':>9}{'trainable':>11}"]
-    for n in VARIANTS:
-        lines.append(
-            f"{n:<18}{result['median_ms'][n]:>11.1f}{result['ratio_to_dense'][n]:>9.2f}"
-            f"{result['trainable_params'][n]:>11,}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run (2 rounds x 1 iter); prints only")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per variant per round")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.iters, args.warmup = 2, 1, 1
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        print("note: run with OMP_NUM_THREADS=1 for comparable numbers", file=sys.stderr)
-
-    result = run(args.rounds, args.iters, args.warmup)
-    result["quick"] = args.quick
-    print(format_table(result))
-    eq = result["equivalence_mtmoe_vs_naive"]
-    print(
-        f"mtmoe_block == naive_moe: output max |diff| {eq['output_max_abs_diff']:.2e} "
-        f"(vs dense FFN: {eq['mtmoe_vs_dense_max_abs_diff']:.2e})"
-    )
-
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
-    return result
+    return cli_main(__doc__.splitlines()[0], argv, CLI, run, TABLE, equivalence_line)
 
 
 if __name__ == "__main__":

@@ -33,17 +33,12 @@ Run (from the repository root; the base model is the cached HF folder under .cac
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from harness import CliDefaults, Table, cli_main, machine_info, summarize, time_rounds, timing_settings
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -65,6 +60,12 @@ SETUP = {
 }
 BASELINE = "peft_lora_r16"
 VARIANTS = (BASELINE, "mtmoe_moe_lora", "mtmoe_moe_lora_full_head")
+CLI = CliDefaults(rounds=5, iters=1, warmup=1, quick=(1, 1, 1), iter_name="steps", out=DEFAULT_OUT)
+TABLE = Table(
+    VARIANTS,
+    header=f"{'variant':<26}{'median s':>10}{'x peft':>8}{'tokens/s':>10}{'trainable':>12}",
+    row="{name:<26}{median_s:>10.3f}{ratio_to_peft_lora_r16:>8.2f}{tokens_per_s:>10.1f}{trainable_params:>12,}",
+)
 
 # A variant's loss terms: (cross-entropy over the target tokens, router aux loss or None).
 LossFn = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
@@ -189,6 +190,15 @@ def check_objective(
     }
 
 
+def objective_line(result: dict) -> str:
+    obj = result["objective_check"]
+    ce = ", ".join(f"{v:.5f}" for v in obj["init_cross_entropy"].values())
+    return (
+        f"same objective: initial cross-entropy {ce}; adapted mtmoe target vs full head: "
+        f"grads max |diff| {obj['adapted_param_grad_max_abs_diff']:.2e}"
+    )
+
+
 def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
     """Builds, checks and times the variants; returns the result record."""
     torch.set_num_threads(1)
@@ -202,33 +212,15 @@ def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
 
     params = {BASELINE: trainable(peft_model), **{n: trainable(moe) for n in VARIANTS[1:]}}
     steps = {n: make_step(fns[n], list(params[n].values()), aux_coef) for n in VARIANTS}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
+    per_round_s = time_rounds(steps, rounds, iters, warmup)
 
-    per_round_s: dict[str, list[float]] = {n: [] for n in VARIANTS}
-    for r in range(rounds):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]  # rotate to spread drift
-        for n in order:
-            step = steps[n]
-            t = time.process_time()
-            for _ in range(iters):
-                step()
-            per_round_s[n].append((time.process_time() - t) / iters)
-
-    median_s = {n: statistics.median(v) for n, v in per_round_s.items()}
+    # median_s, ratio_to_peft_lora_r16, median_per_round_ratio_to_peft_lora_r16
+    summary = summarize(per_round_s, BASELINE, "s")
+    median_s = summary["median_s"]
     tokens = SETUP["batch"] * SETUP["seq"]
     return {
         "benchmark": "SmolLM2-135M-Instruct training step (forward + backward), fp32, CPU",
-        "machine": {
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-        },
+        "machine": machine_info(),
         "setup": {
             **SETUP,
             "tokens": tokens,
@@ -237,66 +229,17 @@ def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
             "dtype": "float32",
             "seed": seed,
         },
-        "timing": {
-            "clock": "time.process_time",
-            "rounds": rounds,
-            "iters_per_round": iters,
-            "warmup_iters": warmup,
-            "order": "interleaved, rotated each round",
-            "model_load_wall_s": load_s,
-        },
+        "timing": {**timing_settings(rounds, iters, warmup), "model_load_wall_s": load_s},
         "trainable_params": {n: sum(p.numel() for p in params[n].values()) for n in VARIANTS},
         "objective_check": objective,
-        "median_s": median_s,
-        "ratio_to_peft_lora_r16": {n: median_s[n] / median_s[BASELINE] for n in VARIANTS},
-        "median_per_round_ratio_to_peft_lora_r16": {
-            n: statistics.median(a / b for a, b in zip(per_round_s[n], per_round_s[BASELINE], strict=True))
-            for n in VARIANTS
-        },
+        **summary,
         "tokens_per_s": {n: tokens / median_s[n] for n in VARIANTS},
         "per_round_s": per_round_s,
     }
 
 
-def format_table(result: dict) -> str:
-    lines = [f"{'variant':<26}{'median s':>10}{'x peft':>8}{'tokens/s':>10}{'trainable':>12}"]
-    for n in VARIANTS:
-        lines.append(
-            f"{n:<26}{result['median_s'][n]:>10.3f}{result['ratio_to_peft_lora_r16'][n]:>8.2f}"
-            f"{result['tokens_per_s'][n]:>10.1f}{result['trainable_params'][n]:>12,}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run (1 round x 1 iter); prints only")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=1, help="timed steps per variant per round")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.iters, args.warmup = 1, 1, 1
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        print("note: run with OMP_NUM_THREADS=1 for comparable numbers", file=sys.stderr)
-
-    result = run(args.rounds, args.iters, args.warmup)
-    result["quick"] = args.quick
-    print(format_table(result))
-    obj = result["objective_check"]
-    ce = ", ".join(f"{v:.5f}" for v in obj["init_cross_entropy"].values())
-    print(
-        f"same objective: initial cross-entropy {ce}; adapted mtmoe target vs full head: "
-        f"grads max |diff| {obj['adapted_param_grad_max_abs_diff']:.2e}"
-    )
-
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
-    return result
+    return cli_main(__doc__.splitlines()[0], argv, CLI, run, TABLE, objective_line)
 
 
 if __name__ == "__main__":

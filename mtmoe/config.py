@@ -78,6 +78,8 @@ class DataConfig:
             samples), `temperature` (p ∝ n^(1/T)) or `uniform`.
         temperature: T for `temperature` mixing.
         eval_max_samples: Held-out samples per task used by evaluation (0 = all).
+        caps: {task: n}: train on at most the first n samples of the task's training shard.
+        upsample: {task: factor}: count the task as `factor` times its size when mixing.
     """
 
     tokenized: str = "data/demo/tokenized"
@@ -85,6 +87,31 @@ class DataConfig:
     mixing: str = "proportional"
     temperature: float = 2.0
     eval_max_samples: int = 0
+    caps: dict[str, int] = field(default_factory=dict)
+    upsample: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class BalanceConfig:
+    """How much each task's token-mean loss counts (see `mtmoe.balance.weighters`).
+
+    Attributes:
+        weighter: `uniform` (data-balanced loss), `static`, `dwa`, `uncertainty` or `famo`.
+        static_weights: {task: weight} for `static` (unlisted tasks weigh 1).
+        dwa_temperature: T of DWA.
+        dwa_ema: Smoothing of the per-task losses DWA compares.
+        uncertainty_lr: Step size of the learned log-variances.
+        famo_lr: Step size of FAMO's task logits.
+        famo_weight_decay: FAMO's γ.
+    """
+
+    weighter: str = "uniform"
+    static_weights: dict[str, float] = field(default_factory=dict)
+    dwa_temperature: float = 2.0
+    dwa_ema: float = 0.9
+    uncertainty_lr: float = 0.05
+    famo_lr: float = 0.025
+    famo_weight_decay: float = 0.001
 
 
 @dataclass(kw_only=True)
@@ -161,6 +188,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -181,6 +209,10 @@ class Config:
             "proportional|temperature|uniform",
         )
         _check(d.temperature > 0, "data.temperature", "> 0")
+        weighters = ("uniform", "static", "dwa", "uncertainty", "famo")
+        _check(self.balance.weighter in weighters, "balance.weighter", "|".join(weighters))
+        _check(self.balance.dwa_temperature > 0, "balance.dwa_temperature", "> 0")
+        _check(0 <= self.balance.dwa_ema < 1, "balance.dwa_ema", "in [0, 1)")
         _check(d.eval_max_samples >= 0, "data.eval_max_samples", ">= 0")
         _check(t.steps >= 1, "train.steps", ">= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")

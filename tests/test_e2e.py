@@ -61,6 +61,7 @@ def test_train_export_report_and_plain_transformers_reload(demo_data, tmp_path):
     records = metrics(run)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert any(k.startswith("expert_util/L00/") for k in records[0])
+    assert {"weight/codegen", "epoch/codegen", "task_tokens_seen/translate"} <= set(records[0])
     run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", run / "dense"])
     run_cmd(
         [sys.executable, "launch/report.py", "--run", run, "--export", run / "dense", "--gen-tokens", "4"]
@@ -80,18 +81,25 @@ def test_train_export_report_and_plain_transformers_reload(demo_data, tmp_path):
 
 def test_resume_equals_uninterrupted_run(demo_data, tmp_path):
     full = tmp_path / "full"
-    train(demo_data, full, "train.save_every=2")
+    train(demo_data, full, "train.save_every=2", "balance.weighter=famo", "balance.famo_lr=0.2")
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     (resumed / "checkpoints" / "step_000002").symlink_to(full / "checkpoints" / "step_000002")
     (resumed / "checkpoints" / "latest").write_text("step_000002")
-    train(demo_data, resumed, "train.save_every=2", resume=True)
+    train(
+        demo_data, resumed, "train.save_every=2", "balance.weighter=famo", "balance.famo_lr=0.2", resume=True
+    )
     a = {r["step"]: r for r in metrics(full) if "loss" in r}
     b = {r["step"]: r for r in metrics(resumed) if "loss" in r}
     assert sorted(b) == [3, 4]
     for step in (3, 4):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
         assert b[step]["lr"] == pytest.approx(a[step]["lr"])
+        weights = [k for k in a[step] if k.startswith("weight/")]
+        assert len(weights) == 3
+        for key in weights + [k for k in a[step] if k.startswith("task_tokens_seen/")]:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-9), key
+    assert a[4]["weight/codegen"] != pytest.approx(1.0)  # FAMO really moved the weights
     ea, eb = (json.loads((r / "eval.json").read_text())["tasks"] for r in (full, resumed))
     for name in ea:
         assert eb[name]["loss"] == pytest.approx(ea[name]["loss"], rel=1e-5)
@@ -141,10 +149,18 @@ def test_real_model_trains_a_few_steps(demo_data, tmp_path):
     assert len(util["layers"]) == 30 and util["num_experts"] == 4
 
 
-def test_unknown_task_in_config_names_the_key(demo_data):
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.tasks=[codegen, poetry]", r"data\.tasks.*poetry"),
+        ("data.caps={poetry: 3}", r"data\.caps.*poetry"),
+        ("data.upsample={codegen: 0}", r"data\.upsample.*codegen"),
+    ],
+)
+def test_unknown_task_in_config_names_the_key(demo_data, override, key):
     from mtmoe.config import load_config
     from mtmoe.train.loop import train as train_in_process
 
-    cfg = load_config(TINY, [f"data.tokenized={demo_data}", "data.tasks=[codegen, poetry]"])
-    with pytest.raises(ValueError, match=r"data\.tasks.*poetry"):
+    cfg = load_config(TINY, [f"data.tokenized={demo_data}", override])
+    with pytest.raises(ValueError, match=key):
         train_in_process(cfg)

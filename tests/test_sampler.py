@@ -48,3 +48,14 @@ def test_resume_from_state_dict_continues_the_same_stream():
 def test_task_smaller_than_world_is_refused():
     with pytest.raises(ValueError, match="fewer than the 4 ranks"):
         MixingSampler([10, 3], "uniform", 1.0, seed=0, rank=0, world=4)
+
+
+def test_upsampling_scales_a_task_before_temperature():
+    np.testing.assert_allclose(mixing_probs([100, 100], "proportional", 1.0, [3.0, 1.0]), [0.75, 0.25])
+    np.testing.assert_allclose(mixing_probs([100, 400], "temperature", 2.0, [4.0, 1.0]), [0.5, 0.5])
+
+
+def test_a_capped_task_only_draws_inside_its_cap():
+    s = MixingSampler([5, 50], "uniform", 1.0, seed=0, rank=0, world=1)
+    draws = s.draw_batch(200)
+    assert {d.index for d in draws if d.task == 0} == set(range(5))

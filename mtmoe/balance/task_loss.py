@@ -85,8 +85,13 @@ def task_loss_sums(loss_BS: torch.Tensor, task_ids_B: torch.Tensor, num_tasks: i
     return loss_BS.new_zeros(num_tasks).index_add(0, task_ids_B, loss_BS.sum(1))
 
 
-def balanced_loss(sums_X: torch.Tensor, global_counts_X: torch.Tensor, grad_scale: float) -> torch.Tensor:
-    """This micro-batch's share of the balanced loss, scaled for the engine's gradient averaging.
+def balanced_loss(
+    sums_X: torch.Tensor,
+    global_counts_X: torch.Tensor,
+    grad_scale: float,
+    weights_X: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This micro-batch's share of  sum_k w_k S_k / N_k / K_present, scaled for gradient averaging.
 
     Args:
         sums_X: Per-task token-loss sums of this micro-batch on this rank.
@@ -94,6 +99,7 @@ def balanced_loss(sums_X: torch.Tensor, global_counts_X: torch.Tensor, grad_scal
         grad_scale: world_size * grad_accum: DeepSpeed averages gradients over data-parallel ranks and
             divides by the accumulation steps, so this factor makes the summed gradient exactly that of
             the global balanced loss.
+        weights_X: Task weights (None = all 1, the data-balanced loss).
 
     Returns:
         A scalar to backpropagate.
@@ -103,4 +109,7 @@ def balanced_loss(sums_X: torch.Tensor, global_counts_X: torch.Tensor, grad_scal
     if num_present == 0:
         return sums_X.sum() * 0.0
     counts_X = global_counts_X.to(sums_X.device, sums_X.dtype).clamp_min(1.0)
-    return (sums_X / counts_X)[present_X.to(sums_X.device)].sum() * (grad_scale / num_present)
+    per_task_X = sums_X / counts_X
+    if weights_X is not None:
+        per_task_X = per_task_X * weights_X.to(sums_X.device, sums_X.dtype)
+    return per_task_X[present_X.to(sums_X.device)].sum() * (grad_scale / num_present)

@@ -20,13 +20,19 @@ class Draw:
     index: int
 
 
-def mixing_probs(sizes: list[int], mixing: str, temperature: float) -> np.ndarray:
+def mixing_probs(
+    sizes: list[int], mixing: str, temperature: float, upsample: list[float] | None = None
+) -> np.ndarray:
     """Task probabilities: proportional to n, to n^(1/T), or uniform.
+
+    `upsample` multiplies each task's n first (a factor of 2 counts the task as twice its size).
 
     Raises:
         ValueError: For an unknown mixing or a task without samples (naming `data.mixing`/the task).
     """
-    n = np.asarray(sizes, dtype=np.float64)
+    n = np.asarray(sizes, dtype=np.float64) * (
+        1.0 if upsample is None else np.asarray(upsample, dtype=np.float64)
+    )
     if mixing == "proportional":
         w = n
     elif mixing == "temperature":
@@ -48,16 +54,26 @@ class MixingSampler:
         seed: Seed shared by all ranks.
         rank: This rank's index in the data-parallel group.
         world: Data-parallel size.
+        upsample: Per-task factors on the size used for mixing (None = all 1).
     """
 
-    def __init__(self, sizes: list[int], mixing: str, temperature: float, seed: int, rank: int, world: int):
+    def __init__(
+        self,
+        sizes: list[int],
+        mixing: str,
+        temperature: float,
+        seed: int,
+        rank: int,
+        world: int,
+        upsample: list[float] | None = None,
+    ):
         empty = [i for i, n in enumerate(sizes) if n < world]
         if empty:
             raise ValueError(
                 f"task #{empty[0]} has {sizes[empty[0]]} training samples, fewer than the {world} ranks"
             )
         self.sizes, self.seed, self.rank, self.world = list(sizes), seed, rank, world
-        self.probs = mixing_probs(sizes, mixing, temperature)
+        self.probs = mixing_probs(sizes, mixing, temperature, upsample)
         self.rng = np.random.default_rng([seed, rank])
         self.cursor = [0] * len(sizes)
         self.epoch = [0] * len(sizes)

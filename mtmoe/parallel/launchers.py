@@ -29,7 +29,9 @@ def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
     if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
         stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
         if stage not in (0, 1, 2):
-            raise ValueError(f"accelerate config deepspeed_config.zero_stage={stage}: mtmoe supports 0, 1 or 2")
+            raise ValueError(
+                f"accelerate config deepspeed_config.zero_stage={stage}: mtmoe supports 0, 1 or 2"
+            )
         out.append(f"parallel.zero_stage={stage}")
     if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in env:
         out.append(f"train.grad_accum={int(env['ACCELERATE_GRADIENT_ACCUMULATION_STEPS'])}")
@@ -38,6 +40,8 @@ def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
     precision = env.get("ACCELERATE_MIXED_PRECISION")
     if precision is not None:
         if precision not in PRECISION:
-            raise ValueError(f"accelerate config mixed_precision={precision!r}: mtmoe supports 'no' or 'bf16'")
+            raise ValueError(
+                f"accelerate config mixed_precision={precision!r}: mtmoe supports 'no' or 'bf16'"
+            )
         out.append(f"model.dtype={PRECISION[precision]}")
     return out

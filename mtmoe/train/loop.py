@@ -19,6 +19,7 @@ from mtmoe.balance.task_loss import (
     task_loss_sums,
     task_token_counts,
 )
+from mtmoe.balance.weighters import build_weighter
 from mtmoe.config import Config, to_dict
 from mtmoe.data.collate import Batch, collate
 from mtmoe.data.sampler import MixingSampler
@@ -49,6 +50,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if unknown:
         raise ValueError(f"config key 'data.tasks': unknown task(s) {unknown}; {manifest.root} has {known}")
     task_names = cfg.data.tasks or known
+    for key, table in (("data.caps", cfg.data.caps), ("data.upsample", cfg.data.upsample)):
+        bad = sorted(set(table) - set(task_names)) + sorted(k for k, v in table.items() if not float(v) > 0)
+        if bad:
+            raise ValueError(
+                f"config key {key!r}: {bad} are not trained tasks with a value > 0 ({task_names})"
+            )
     info = init_distributed(cfg.parallel.backend)
     device = device_for(info)
     run_dir = Path(cfg.train.output_dir)
@@ -60,17 +67,22 @@ def train(cfg: Config, resume: bool = False) -> dict:
     model = build_model(cfg, len(tokenizer), num_tasks).to(device)
     engine = build_engine(model, cfg, info.world_size)
     sampler = MixingSampler(
-        [len(s) for s in train_shards],
+        [min(len(s), int(cfg.data.caps.get(s.name, len(s)))) for s in train_shards],
         cfg.data.mixing,
         cfg.data.temperature,
         cfg.train.seed,
         info.rank,
         info.world_size,
+        [float(cfg.data.upsample.get(name, 1.0)) for name in task_names],
     )
+    weighter = build_weighter(cfg.balance, known)
     start_step, wall_s, tokens_seen = 0, 0.0, 0
+    task_tokens_X = torch.zeros(num_tasks, dtype=torch.float64)
     if resume:
         client, sampler_state = checkpoint.load(engine, run_dir, info.rank)
         start_step, wall_s, tokens_seen = client["step"], client["wall_s"], client["tokens_seen"]
+        task_tokens_X = torch.tensor(client["task_tokens"], dtype=torch.float64)
+        weighter.load_state_dict(client["weighter"])
         if sampler_state is None:
             print(f"[mtmoe] world size changed since step {start_step}: data sampling restarts from its seed")
         else:
@@ -89,15 +101,28 @@ def train(cfg: Config, resume: bool = False) -> dict:
             for _ in range(cfg.train.grad_accum)
         ]
         counts_X, step_tokens = _global_counts(batches, num_tasks)
-        task_loss_X, aux = _train_step(engine, batches, counts_X, grad_scale, cfg.moe.aux_loss_coef, device)
+        weights_X = weighter.weights()
+        task_loss_X, aux = _train_step(
+            engine, batches, counts_X, weights_X, grad_scale, cfg.moe.aux_loss_coef, device
+        )
+        weighter.observe(task_loss_X, counts_X > 0)
         step_s = time.perf_counter() - t0
-        wall_s, tokens_seen = wall_s + step_s, tokens_seen + step_tokens
+        wall_s, tokens_seen, task_tokens_X = (
+            wall_s + step_s,
+            tokens_seen + step_tokens,
+            task_tokens_X + counts_X,
+        )
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             record = _train_record(
                 engine, model, task_loss_X, counts_X, aux, step_tokens / step_s, manifest, task_names
             )
             record["tokens_seen"] = tokens_seen
+            for k, name in enumerate(known):
+                record[f"weight/{name}"] = float(weights_X[k])
+                record[f"task_tokens_seen/{name}"] = int(task_tokens_X[k])
+            for task, name in enumerate(task_names):
+                record[f"epoch/{name}"] = sampler.epoch[task]
             console = {k: v for k, v in record.items() if k == "loss" or k.startswith("loss/")}
             logger.log(record, step, console={**console, "tok/s": record["tokens_per_s"]})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
@@ -106,14 +131,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
             model.context.record = True
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            checkpoint.save(
-                engine, run_dir, step, {"wall_s": wall_s, "tokens_seen": tokens_seen}, sampler.state_dict()
-            )
+            state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter)
+            checkpoint.save(engine, run_dir, step, state, sampler.state_dict())
 
     steps_done = cfg.train.steps
-    checkpoint.save(
-        engine, run_dir, steps_done, {"wall_s": wall_s, "tokens_seen": tokens_seen}, sampler.state_dict()
-    )
+    state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter)
+    checkpoint.save(engine, run_dir, steps_done, state, sampler.state_dict())
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
     util = gather_utilization(model.lm, [t.name for t in manifest.tasks])
@@ -136,6 +159,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
     return result
 
 
+def _loop_state(wall_s: float, tokens_seen: int, task_tokens_X: torch.Tensor, weighter) -> dict:
+    return {
+        "wall_s": wall_s,
+        "tokens_seen": tokens_seen,
+        "task_tokens": task_tokens_X.tolist(),
+        "weighter": weighter.state_dict(),
+    }
+
+
 def _micro_batch(sampler: MixingSampler, shards: list, size: int, pad_id: int) -> Batch:
     draws = sampler.draw_batch(size)
     return collate([shards[d.task][d.index] for d in draws], [shards[d.task].task_id for d in draws], pad_id)
@@ -152,7 +184,13 @@ def _global_counts(batches: list[Batch], num_tasks: int) -> tuple[torch.Tensor, 
 
 
 def _train_step(
-    engine, batches: list[Batch], counts_X: torch.Tensor, grad_scale: float, aux_coef: float, device
+    engine,
+    batches: list[Batch],
+    counts_X: torch.Tensor,
+    weights_X: torch.Tensor,
+    grad_scale: float,
+    aux_coef: float,
+    device,
 ):
     """One optimizer step over the micro-batches; returns the global per-task losses and the mean aux."""
     sums_X = torch.zeros_like(counts_X)
@@ -163,7 +201,7 @@ def _train_step(
             batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B
         )
         mb_sums_X = task_loss_sums(loss_BS, batch.task_ids_B, len(counts_X))
-        engine.backward(balanced_loss(mb_sums_X, counts_X, grad_scale) + aux_coef * aux)
+        engine.backward(balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X) + aux_coef * aux)
         engine.step()
         sums_X += mb_sums_X.detach().double().cpu()
         aux_sum += float(aux.detach())

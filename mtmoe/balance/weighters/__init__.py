@@ -1,0 +1,41 @@
+"""Task weighters: how much each task's token-mean loss counts in the total.
+
+Each weighter is one small class with an explicit `state_dict`, chosen by `balance.weighter`:
+`uniform` (MFTCoder's data-balanced loss: every task counts equally), `static`, `dwa`, `uncertainty`
+and `famo`. See `base.py` for the contract.
+"""
+
+from __future__ import annotations
+
+from mtmoe.balance.weighters.base import TaskWeighter
+from mtmoe.balance.weighters.dwa import DWA
+from mtmoe.balance.weighters.famo import FAMO
+from mtmoe.balance.weighters.static import Static, Uniform
+from mtmoe.balance.weighters.uncertainty import Uncertainty
+
+WEIGHTERS: dict[str, type[TaskWeighter]] = {
+    "uniform": Uniform,
+    "static": Static,
+    "dwa": DWA,
+    "uncertainty": Uncertainty,
+    "famo": FAMO,
+}
+
+
+def build_weighter(cfg, task_names: list[str]) -> TaskWeighter:
+    """The weighter named by `balance.weighter`, over the manifest's tasks (in id order).
+
+    Args:
+        cfg: The `BalanceConfig`.
+        task_names: All task names, in task-id order.
+    """
+    kwargs = {
+        "static": {"task_names": task_names, "static_weights": cfg.static_weights},
+        "dwa": {"temperature": cfg.dwa_temperature, "ema": cfg.dwa_ema},
+        "uncertainty": {"lr": cfg.uncertainty_lr},
+        "famo": {"lr": cfg.famo_lr, "weight_decay": cfg.famo_weight_decay},
+    }.get(cfg.weighter, {})
+    return WEIGHTERS[cfg.weighter](len(task_names), **kwargs)
+
+
+__all__ = ["build_weighter", "DWA", "FAMO", "Static", "TaskWeighter", "Uncertainty", "Uniform", "WEIGHTERS"]

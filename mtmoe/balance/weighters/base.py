@@ -1,0 +1,41 @@
+"""The task-weighter contract.
+
+Every step the trainer asks for weights, uses them in the loss, and after the step reports the global
+(all-ranks) per-task token-mean training losses of that step. Weights for step t therefore depend only
+on losses up to step t-1, so every rank computes the same weights without extra communication, and a
+resumed run continues with the same weights (their whole state is in `state_dict`).
+
+The total loss is  sum_k w_k L_k / K_present  over the tasks present in the global batch, so weights
+of 1 reproduce the data-balanced loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class TaskWeighter:
+    """Base class: uniform weights and no state.
+
+    Args:
+        num_tasks: K, the number of tasks (rows of the manifest).
+    """
+
+    def __init__(self, num_tasks: int, **_: Any):
+        self.num_tasks = num_tasks
+
+    def weights(self) -> torch.Tensor:
+        """The weight of every task for the coming step, float64 (K,)."""
+        return torch.ones(self.num_tasks, dtype=torch.float64)
+
+    def observe(self, losses_X: torch.Tensor, present_X: torch.Tensor) -> None:
+        """Takes the step's global per-task losses; `present_X` marks tasks that had tokens."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue with the same weights."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict`."""

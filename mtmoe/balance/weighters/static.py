@@ -1,0 +1,41 @@
+"""Fixed weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mtmoe.balance.weighters.base import TaskWeighter
+
+
+class Uniform(TaskWeighter):
+    """Every task weighs 1: MFTCoder's data-balanced loss (the default)."""
+
+
+class Static(TaskWeighter):
+    """Weights given in the recipe, per task name.
+
+    Args:
+        num_tasks: K.
+        task_names: Names of the K tasks, in id order.
+        static_weights: {task name: weight}; tasks not listed weigh 1.
+
+    Raises:
+        ValueError: For an unknown task name or a negative weight (naming `balance.static_weights`).
+    """
+
+    def __init__(self, num_tasks: int, task_names: list[str], static_weights: dict[str, float], **_: Any):
+        super().__init__(num_tasks)
+        unknown = sorted(set(static_weights) - set(task_names))
+        if unknown:
+            raise ValueError(
+                f"config key 'balance.static_weights': unknown task(s) {unknown}; known: {task_names}"
+            )
+        if any(float(w) < 0 for w in static_weights.values()):
+            raise ValueError("config key 'balance.static_weights': weights must be >= 0")
+        self._w = torch.tensor([float(static_weights.get(n, 1.0)) for n in task_names], dtype=torch.float64)
+
+    def weights(self) -> torch.Tensor:
+        """The configured weights."""
+        return self._w.clone()

@@ -1,0 +1,79 @@
+"""Task weighters against hand-computed references, and their state round trip."""
+
+import math
+
+import pytest
+import torch
+
+from mtmoe.balance.task_loss import balanced_loss
+from mtmoe.balance.weighters import DWA, FAMO, WEIGHTERS, Static, Uncertainty, Uniform, build_weighter
+from mtmoe.config import load_config
+
+ALL = torch.tensor([True, True])
+
+
+def test_uniform_and_static():
+    assert Uniform(3).weights().tolist() == [1.0, 1.0, 1.0]
+    assert Static(3, ["a", "b", "c"], {"b": 2.5}).weights().tolist() == [1.0, 2.5, 1.0]
+    with pytest.raises(ValueError, match="balance.static_weights.*'z'"):
+        Static(2, ["a", "b"], {"z": 1.0})
+
+
+def test_weighted_balanced_loss_hand_worked():
+    sums, counts = torch.tensor([6.0, 0.0, 60.0]), torch.tensor([3.0, 0.0, 3.0])
+    got = balanced_loss(sums, counts, grad_scale=1.0, weights_X=torch.tensor([2.0, 7.0, 0.5]))
+    assert got.item() == pytest.approx((2 * 2.0 + 0.5 * 20.0) / 2)
+
+
+def test_dwa_hand_worked():
+    w = DWA(2, temperature=2.0, ema=0.0)
+    assert w.weights().tolist() == [1.0, 1.0]
+    w.observe(torch.tensor([2.0, 1.0]), ALL)
+    assert w.weights().tolist() == [1.0, 1.0]  # one observation: no ratio yet
+    w.observe(torch.tensor([1.0, 1.0]), ALL)
+    e0, e1 = math.exp(0.5 / 2), math.exp(1.0 / 2)
+    assert w.weights().tolist() == pytest.approx([2 * e0 / (e0 + e1), 2 * e1 / (e0 + e1)])
+
+
+def test_uncertainty_hand_worked_and_fixed_point():
+    w = Uncertainty(2, lr=0.5)
+    w.observe(torch.tensor([2.0, 0.5]), ALL)  # grad = 1 - exp(-0) L = [-1, 0.5]
+    assert w.weights().tolist() == pytest.approx([math.exp(-0.5), math.exp(0.25)])
+    for _ in range(500):
+        w.observe(torch.tensor([2.0, 0.5]), ALL)
+    assert w.weights().tolist() == pytest.approx([0.5, 2.0], rel=1e-6)  # w_k -> 1 / L_k
+
+
+def test_famo_hand_worked():
+    w = FAMO(2, lr=0.025, weight_decay=0.0)
+    w.observe(torch.tensor([2.0, 1.0]), ALL)
+    # z uniform; w_k = K z_k (1/L_k) / sum_j z_j / L_j
+    assert w.weights().tolist() == pytest.approx([2 * 0.25 / 0.75, 2 * 0.5 / 0.75])
+    w.observe(torch.tensor([1.0, 1.0]), ALL)
+    # log-loss decrease [log 2, 0]; J^T d = [0.25 log 2, -0.25 log 2]; Adam's first step is ±lr.
+    assert w.logits.tolist() == pytest.approx([-0.025, 0.025], rel=1e-6)
+    assert w.z()[0] < w.z()[1]  # the task that improved most loses weight
+
+
+def test_absent_tasks_keep_their_state():
+    w = Uncertainty(2, lr=0.5)
+    w.observe(torch.tensor([2.0, 0.0]), torch.tensor([True, False]))
+    assert w.log_var[1].item() == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTERS))
+def test_state_dict_resume_reproduces_weights(name):
+    cfg = load_config(None, [f"balance.weighter={name}", "balance.static_weights={b: 3}"]).balance
+    a, b = build_weighter(cfg, ["a", "b", "c"]), build_weighter(cfg, ["a", "b", "c"])
+    g = torch.Generator().manual_seed(0)
+    losses = [torch.rand(3, generator=g, dtype=torch.float64) * 3 + 0.1 for _ in range(8)]
+    present = torch.tensor([True, True, True])
+    for loss in losses[:4]:
+        a.observe(loss, present)
+    b.load_state_dict(a.state_dict())
+    for loss in losses[4:]:
+        a.observe(loss, present)
+        b.observe(loss, present)
+        torch.testing.assert_close(a.weights(), b.weights())
+    if name not in ("uniform", "static"):
+        assert not torch.allclose(a.weights(), torch.ones(3, dtype=torch.float64))
