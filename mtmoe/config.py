@@ -96,13 +96,16 @@ class BalanceConfig:
     """How much each task's token-mean loss counts (see `mtmoe.balance.weighters`).
 
     Attributes:
-        weighter: `uniform` (data-balanced loss), `static`, `dwa`, `uncertainty` or `famo`.
+        weighter: `uniform` (data-balanced loss), `static`, `dwa`, `uncertainty`, `famo` or `coba`.
         static_weights: {task: weight} for `static` (unlisted tasks weigh 1).
         dwa_temperature: T of DWA.
         dwa_ema: Smoothing of the per-task losses DWA compares.
         uncertainty_lr: Step size of the learned log-variances.
         famo_lr: Step size of FAMO's task logits.
         famo_weight_decay: FAMO's γ.
+        coba_warmup: CoBa's warm-up steps (uniform weights until then).
+        coba_history: Validation losses CoBa fits its slopes over.
+        coba_tau: Temperature of CoBa's divergence factor.
     """
 
     weighter: str = "uniform"
@@ -112,6 +115,9 @@ class BalanceConfig:
     uncertainty_lr: float = 0.05
     famo_lr: float = 0.025
     famo_weight_decay: float = 0.001
+    coba_warmup: int = 100
+    coba_history: int = 200
+    coba_tau: float = 5.0
 
 
 @dataclass(kw_only=True)
@@ -209,10 +215,12 @@ class Config:
             "proportional|temperature|uniform",
         )
         _check(d.temperature > 0, "data.temperature", "> 0")
-        weighters = ("uniform", "static", "dwa", "uncertainty", "famo")
+        weighters = ("uniform", "static", "dwa", "uncertainty", "famo", "coba")
         _check(self.balance.weighter in weighters, "balance.weighter", "|".join(weighters))
         _check(self.balance.dwa_temperature > 0, "balance.dwa_temperature", "> 0")
         _check(0 <= self.balance.dwa_ema < 1, "balance.dwa_ema", "in [0, 1)")
+        _check(self.balance.coba_warmup >= 1, "balance.coba_warmup", ">= 1")
+        _check(self.balance.coba_history >= 2, "balance.coba_history", ">= 2")
         _check(d.eval_max_samples >= 0, "data.eval_max_samples", ">= 0")
         _check(t.steps >= 1, "train.steps", ">= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")

@@ -79,16 +79,21 @@ def test_train_export_report_and_plain_transformers_reload(demo_data, tmp_path):
         assert loss == pytest.approx(report["tasks"][name]["dense_loss"], abs=1e-4)
 
 
-def test_resume_equals_uninterrupted_run(demo_data, tmp_path):
+WEIGHTED = {
+    "famo": ("balance.weighter=famo", "balance.famo_lr=0.2"),
+    "coba": ("balance.weighter=coba", "balance.coba_warmup=1", "balance.coba_history=4"),
+}
+
+
+@pytest.mark.parametrize("weighter", sorted(WEIGHTED))
+def test_resume_equals_uninterrupted_run(demo_data, tmp_path, weighter):
     full = tmp_path / "full"
-    train(demo_data, full, "train.save_every=2", "balance.weighter=famo", "balance.famo_lr=0.2")
+    train(demo_data, full, "train.save_every=2", *WEIGHTED[weighter])
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     (resumed / "checkpoints" / "step_000002").symlink_to(full / "checkpoints" / "step_000002")
     (resumed / "checkpoints" / "latest").write_text("step_000002")
-    train(
-        demo_data, resumed, "train.save_every=2", "balance.weighter=famo", "balance.famo_lr=0.2", resume=True
-    )
+    train(demo_data, resumed, "train.save_every=2", *WEIGHTED[weighter], resume=True)
     a = {r["step"]: r for r in metrics(full) if "loss" in r}
     b = {r["step"]: r for r in metrics(resumed) if "loss" in r}
     assert sorted(b) == [3, 4]
@@ -99,7 +104,7 @@ def test_resume_equals_uninterrupted_run(demo_data, tmp_path):
         assert len(weights) == 3
         for key in weights + [k for k in a[step] if k.startswith("task_tokens_seen/")]:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-9), key
-    assert a[4]["weight/codegen"] != pytest.approx(1.0)  # FAMO really moved the weights
+    assert a[4]["weight/codegen"] != pytest.approx(1.0)  # the weighter really moved the weights
     ea, eb = (json.loads((r / "eval.json").read_text())["tasks"] for r in (full, resumed))
     for name in ea:
         assert eb[name]["loss"] == pytest.approx(ea[name]["loss"], rel=1e-5)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtmoe.balance.task_loss import balanced_loss
-from mtmoe.balance.weighters import DWA, FAMO, WEIGHTERS, Static, Uncertainty, Uniform, build_weighter
+from mtmoe.balance.weighters import DWA, FAMO, WEIGHTERS, CoBa, Static, Uncertainty, Uniform, build_weighter
+from mtmoe.balance.weighters.coba import window_slope
 from mtmoe.config import load_config
 
 ALL = torch.tensor([True, True])
@@ -63,17 +64,59 @@ def test_absent_tasks_keep_their_state():
 
 @pytest.mark.parametrize("name", sorted(WEIGHTERS))
 def test_state_dict_resume_reproduces_weights(name):
-    cfg = load_config(None, [f"balance.weighter={name}", "balance.static_weights={b: 3}"]).balance
+    overrides = [f"balance.weighter={name}", "balance.static_weights={b: 3}", "balance.coba_warmup=3"]
+    cfg = load_config(None, overrides).balance
     a, b = build_weighter(cfg, ["a", "b", "c"]), build_weighter(cfg, ["a", "b", "c"])
     g = torch.Generator().manual_seed(0)
     losses = [torch.rand(3, generator=g, dtype=torch.float64) * 3 + 0.1 for _ in range(8)]
     present = torch.tensor([True, True, True])
     for loss in losses[:4]:
         a.observe(loss, present)
+        a.observe_validation(loss * 2, present)
     b.load_state_dict(a.state_dict())
     for loss in losses[4:]:
-        a.observe(loss, present)
-        b.observe(loss, present)
+        for w in (a, b):
+            w.observe(loss, present)
+            w.observe_validation(loss * 2, present)
         torch.testing.assert_close(a.weights(), b.weights())
     if name not in ("uniform", "static"):
         assert not torch.allclose(a.weights(), torch.ones(3, dtype=torch.float64))
+
+
+def test_window_slope_is_least_squares_and_skips_absent_points():
+    x = torch.arange(5, dtype=torch.float64)
+    assert window_slope(x, 3 - 0.5 * x) == pytest.approx(-0.5)
+    y = torch.tensor([3.0, float("nan"), 2.0, float("nan"), 1.0], dtype=torch.float64)
+    assert window_slope(x, y) == pytest.approx(-0.5)  # the absent steps' indices are dropped too
+    assert window_slope(x[:1], y[:1]) == 0.0
+
+
+def test_coba_warmup_then_hand_worked_weights():
+    w = CoBa(2, warmup=2, history=10, tau=1.0)
+    both = torch.tensor([True, True])
+    w.observe_validation(torch.tensor([2.0, 4.0]), both)  # before training: the normalisation
+    w.observe_validation(torch.tensor([1.0, 4.0]), both)  # normalised [0.5, 1]
+    assert w.weights().tolist() == [1.0, 1.0]  # still warming up
+    w.observe_validation(torch.tensor([0.5, 4.0]), both)  # normalised [0.25, 1]
+    # slopes: task 0 -0.25, task 1 0; worst-task slope 0 -> DF = 1, so weights = softmax(K * RCS)
+    rcs = torch.softmax(torch.tensor([-2.0, 0.0], dtype=torch.float64), 0)
+    torch.testing.assert_close(w.last_scores["rcs"], rcs)
+    acs = torch.softmax(torch.tensor([1.0, 0.0], dtype=torch.float64), 0)
+    torch.testing.assert_close(w.last_scores["acs"], acs)
+    assert w.last_scores["df"] == pytest.approx(1.0)
+    expected = 2 * torch.softmax(2 * rcs, 0)
+    torch.testing.assert_close(w.weights(), expected)
+    assert w.weights()[1] > w.weights()[0]  # the stalled task gets the weight
+
+
+def test_coba_weight_floor():
+    g = torch.Generator().manual_seed(1)
+    w = CoBa(6, warmup=2, history=5)
+    every = torch.ones(6, dtype=torch.bool)
+    w.observe_validation(torch.ones(6), every)
+    for step in range(1, 12):
+        fast = torch.tensor([1.0] + [0.05**step] * 5)  # one stalled task, five collapsing
+        w.observe_validation(fast * (1 + 0.01 * torch.rand(6, generator=g)), every)
+        weights = w.weights()
+        assert weights.sum().item() == pytest.approx(6.0)
+        assert (weights / 6).min().item() >= 1 / 60 - 1e-12

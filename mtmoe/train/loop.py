@@ -19,6 +19,7 @@ from mtmoe.balance.task_loss import (
     task_loss_sums,
     task_token_counts,
 )
+from mtmoe.balance.validation import ValidationStream
 from mtmoe.balance.weighters import build_weighter
 from mtmoe.config import Config, to_dict
 from mtmoe.data.collate import Batch, collate
@@ -76,6 +77,17 @@ def train(cfg: Config, resume: bool = False) -> dict:
         [float(cfg.data.upsample.get(name, 1.0)) for name in task_names],
     )
     weighter = build_weighter(cfg.balance, known)
+    validation = None
+    if weighter.needs_validation:
+        validation = ValidationStream(
+            eval_shards,
+            cfg.train.micro_batch_size,
+            num_tasks,
+            tokenizer.pad_token_id,
+            cfg.train.seed,
+            info.rank,
+            info.world_size,
+        )
     start_step, wall_s, tokens_seen = 0, 0.0, 0
     task_tokens_X = torch.zeros(num_tasks, dtype=torch.float64)
     if resume:
@@ -86,11 +98,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if sampler_state is None:
             print(f"[mtmoe] world size changed since step {start_step}: data sampling restarts from its seed")
         else:
-            sampler.load_state_dict(sampler_state)
+            sampler.load_state_dict(sampler_state["train"])
+            if validation is not None:
+                validation.load_state_dict(sampler_state["valid"])
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps, start_step)
+    if validation is not None and start_step == 0:
+        weighter.observe_validation(*validation.losses(engine.module, device))
 
     model.set_recording(True)
     grad_scale = float(info.world_size * cfg.train.grad_accum)
@@ -106,6 +122,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
             engine, batches, counts_X, weights_X, grad_scale, cfg.moe.aux_loss_coef, device
         )
         weighter.observe(task_loss_X, counts_X > 0)
+        if validation is not None:
+            weighter.observe_validation(*validation.losses(engine.module, device))
         step_s = time.perf_counter() - t0
         wall_s, tokens_seen, task_tokens_X = (
             wall_s + step_s,
@@ -132,11 +150,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
             state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter)
-            checkpoint.save(engine, run_dir, step, state, sampler.state_dict())
+            checkpoint.save(engine, run_dir, step, state, _positions(sampler, validation))
 
     steps_done = cfg.train.steps
     state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter)
-    checkpoint.save(engine, run_dir, steps_done, state, sampler.state_dict())
+    checkpoint.save(engine, run_dir, steps_done, state, _positions(sampler, validation))
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
     util = gather_utilization(model.lm, [t.name for t in manifest.tasks])
@@ -166,6 +184,10 @@ def _loop_state(wall_s: float, tokens_seen: int, task_tokens_X: torch.Tensor, we
         "task_tokens": task_tokens_X.tolist(),
         "weighter": weighter.state_dict(),
     }
+
+
+def _positions(sampler: MixingSampler, validation: ValidationStream | None) -> dict:
+    return {"train": sampler.state_dict(), "valid": None if validation is None else validation.state_dict()}
 
 
 def _micro_batch(sampler: MixingSampler, shards: list, size: int, pad_id: int) -> Batch:

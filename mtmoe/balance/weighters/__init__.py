@@ -1,13 +1,14 @@
 """Task weighters: how much each task's token-mean loss counts in the total.
 
 Each weighter is one small class with an explicit `state_dict`, chosen by `balance.weighter`:
-`uniform` (MFTCoder's data-balanced loss: every task counts equally), `static`, `dwa`, `uncertainty`
-and `famo`. See `base.py` for the contract.
+`uniform` (MFTCoder's data-balanced loss: every task counts equally), `static`, `dwa`, `uncertainty`,
+`famo` and `coba`. See `base.py` for the contract.
 """
 
 from __future__ import annotations
 
 from mtmoe.balance.weighters.base import TaskWeighter
+from mtmoe.balance.weighters.coba import CoBa
 from mtmoe.balance.weighters.dwa import DWA
 from mtmoe.balance.weighters.famo import FAMO
 from mtmoe.balance.weighters.static import Static, Uniform
@@ -19,6 +20,7 @@ WEIGHTERS: dict[str, type[TaskWeighter]] = {
     "dwa": DWA,
     "uncertainty": Uncertainty,
     "famo": FAMO,
+    "coba": CoBa,
 }
 
 
@@ -34,8 +36,19 @@ def build_weighter(cfg, task_names: list[str]) -> TaskWeighter:
         "dwa": {"temperature": cfg.dwa_temperature, "ema": cfg.dwa_ema},
         "uncertainty": {"lr": cfg.uncertainty_lr},
         "famo": {"lr": cfg.famo_lr, "weight_decay": cfg.famo_weight_decay},
+        "coba": {"warmup": cfg.coba_warmup, "history": cfg.coba_history, "tau": cfg.coba_tau},
     }.get(cfg.weighter, {})
     return WEIGHTERS[cfg.weighter](len(task_names), **kwargs)
 
 
-__all__ = ["build_weighter", "DWA", "FAMO", "Static", "TaskWeighter", "Uncertainty", "Uniform", "WEIGHTERS"]
+__all__ = [
+    "build_weighter",
+    "CoBa",
+    "DWA",
+    "FAMO",
+    "Static",
+    "TaskWeighter",
+    "Uncertainty",
+    "Uniform",
+    "WEIGHTERS",
+]

@@ -23,6 +23,8 @@ class TaskWeighter:
         num_tasks: K, the number of tasks (rows of the manifest).
     """
 
+    needs_validation = False  # True: the trainer also feeds `observe_validation` every step
+
     def __init__(self, num_tasks: int, **_: Any):
         self.num_tasks = num_tasks
 
@@ -32,6 +34,9 @@ class TaskWeighter:
 
     def observe(self, losses_X: torch.Tensor, present_X: torch.Tensor) -> None:
         """Takes the step's global per-task losses; `present_X` marks tasks that had tokens."""
+
+    def observe_validation(self, losses_X: torch.Tensor, present_X: torch.Tensor) -> None:
+        """Takes global per-task validation losses (once before training, then after every step)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue with the same weights."""
