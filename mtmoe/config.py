@@ -96,7 +96,8 @@ class BalanceConfig:
     """How much each task's token-mean loss counts (see `mtmoe.balance.weighters`).
 
     Attributes:
-        weighter: `uniform` (data-balanced loss), `static`, `dwa`, `uncertainty`, `famo` or `coba`.
+        weighter: `uniform` (data-balanced loss), `token_mean` (plain token mean), `static`, `dwa`,
+            `uncertainty`, `famo` or `coba`.
         static_weights: {task: weight} for `static` (unlisted tasks weigh 1).
         dwa_temperature: T of DWA.
         dwa_ema: Smoothing of the per-task losses DWA compares.
@@ -215,7 +216,7 @@ class Config:
             "proportional|temperature|uniform",
         )
         _check(d.temperature > 0, "data.temperature", "> 0")
-        weighters = ("uniform", "static", "dwa", "uncertainty", "famo", "coba")
+        weighters = ("uniform", "token_mean", "static", "dwa", "uncertainty", "famo", "coba")
         _check(self.balance.weighter in weighters, "balance.weighter", "|".join(weighters))
         _check(self.balance.dwa_temperature > 0, "balance.dwa_temperature", "> 0")
         _check(0 <= self.balance.dwa_ema < 1, "balance.dwa_ema", "in [0, 1)")

@@ -78,8 +78,9 @@ def test_state_dict_resume_reproduces_weights(name):
         for w in (a, b):
             w.observe(loss, present)
             w.observe_validation(loss * 2, present)
-        torch.testing.assert_close(a.weights(), b.weights())
-    if name not in ("uniform", "static"):
+        counts = loss * 10  # any positive token counts
+        torch.testing.assert_close(a.weights(counts), b.weights(counts))
+    if name not in ("uniform", "static", "token_mean"):
         assert not torch.allclose(a.weights(), torch.ones(3, dtype=torch.float64))
 
 
@@ -120,3 +121,12 @@ def test_coba_weight_floor():
         weights = w.weights()
         assert weights.sum().item() == pytest.approx(6.0)
         assert (weights / 6).min().item() >= 1 / 60 - 1e-12
+
+
+def test_token_mean_weights_make_every_token_count_the_same():
+    from mtmoe.balance.weighters import TokenMean
+
+    sums, counts = torch.tensor([6.0, 0.0, 60.0]), torch.tensor([3.0, 0.0, 30.0])
+    weights = TokenMean(3).weights(counts)
+    got = balanced_loss(sums, counts, grad_scale=1.0, weights_X=weights)
+    assert got.item() == pytest.approx(66.0 / 33.0)

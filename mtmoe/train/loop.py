@@ -117,7 +117,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             for _ in range(cfg.train.grad_accum)
         ]
         counts_X, step_tokens = _global_counts(batches, num_tasks)
-        weights_X = weighter.weights()
+        weights_X = weighter.weights(counts_X)
         task_loss_X, aux = _train_step(
             engine, batches, counts_X, weights_X, grad_scale, cfg.moe.aux_loss_coef, device
         )

@@ -1,7 +1,8 @@
 """Task weighters: how much each task's token-mean loss counts in the total.
 
 Each weighter is one small class with an explicit `state_dict`, chosen by `balance.weighter`:
-`uniform` (MFTCoder's data-balanced loss: every task counts equally), `static`, `dwa`, `uncertainty`,
+`uniform` (MFTCoder's data-balanced loss: every task counts equally), `token_mean` (every token counts
+equally: the plain baseline), `static`, `dwa`, `uncertainty`,
 `famo` and `coba`. See `base.py` for the contract.
 """
 
@@ -11,11 +12,12 @@ from mtmoe.balance.weighters.base import TaskWeighter
 from mtmoe.balance.weighters.coba import CoBa
 from mtmoe.balance.weighters.dwa import DWA
 from mtmoe.balance.weighters.famo import FAMO
-from mtmoe.balance.weighters.static import Static, Uniform
+from mtmoe.balance.weighters.static import Static, TokenMean, Uniform
 from mtmoe.balance.weighters.uncertainty import Uncertainty
 
 WEIGHTERS: dict[str, type[TaskWeighter]] = {
     "uniform": Uniform,
+    "token_mean": TokenMean,
     "static": Static,
     "dwa": DWA,
     "uncertainty": Uncertainty,
@@ -48,6 +50,7 @@ __all__ = [
     "FAMO",
     "Static",
     "TaskWeighter",
+    "TokenMean",
     "Uncertainty",
     "Uniform",
     "WEIGHTERS",

@@ -28,8 +28,13 @@ class TaskWeighter:
     def __init__(self, num_tasks: int, **_: Any):
         self.num_tasks = num_tasks
 
-    def weights(self) -> torch.Tensor:
-        """The weight of every task for the coming step, float64 (K,)."""
+    def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight of every task for the coming step, float64 (K,).
+
+        Args:
+            counts_X: The coming global batch's target tokens per task (known before the forward);
+                only `token_mean` uses it.
+        """
         return torch.ones(self.num_tasks, dtype=torch.float64)
 
     def observe(self, losses_X: torch.Tensor, present_X: torch.Tensor) -> None:

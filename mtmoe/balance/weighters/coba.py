@@ -59,7 +59,7 @@ class CoBa(TaskWeighter):
         self.total_slopes: list[float] = []
         self._weights = torch.ones(num_tasks, dtype=torch.float64)
 
-    def weights(self) -> torch.Tensor:
+    def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:
         """The weights computed after the last observed step (1 during warm-up)."""
         return self._weights.clone()
 

@@ -29,7 +29,7 @@ class DWA(TaskWeighter):
         self.prev = torch.full((num_tasks,), float("nan"), dtype=torch.float64)  # L(t-2)
         self.last = torch.full((num_tasks,), float("nan"), dtype=torch.float64)  # L(t-1)
 
-    def weights(self) -> torch.Tensor:
+    def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:
         """K * softmax(r / T); tasks without two observations yet have r = 1."""
         ratio = self.last / self.prev
         ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))

@@ -44,7 +44,7 @@ class FAMO(TaskWeighter):
         """softmax(ξ)."""
         return torch.softmax(self.logits, dim=0)
 
-    def weights(self) -> torch.Tensor:
+    def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:
         """K * c * z_k / L_k (times K so that equal z and equal losses give weights of 1)."""
         z = self.z()
         if torch.isnan(self.last_log_loss).any():

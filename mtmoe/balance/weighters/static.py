@@ -13,6 +13,21 @@ class Uniform(TaskWeighter):
     """Every task weighs 1: MFTCoder's data-balanced loss (the default)."""
 
 
+class TokenMean(TaskWeighter):
+    """Every token weighs the same, whatever its task: sum_k S_k / sum_k N_k.
+
+    This is the plain loss most trainers use, where big tasks dominate; it is here as a baseline.
+    With the trainer's (1/K_present) sum_k w_k S_k / N_k, that is w_k = K_present · N_k / sum_j N_j.
+    """
+
+    def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:
+        """K_present · N_k / sum N over the coming global batch."""
+        if counts_X is None:
+            raise ValueError("token_mean weights need the batch's per-task token counts")
+        counts = counts_X.double()
+        return (counts > 0).sum() * counts / counts.sum().clamp_min(1.0)
+
+
 class Static(TaskWeighter):
     """Weights given in the recipe, per task name.
 
@@ -36,6 +51,6 @@ class Static(TaskWeighter):
             raise ValueError("config key 'balance.static_weights': weights must be >= 0")
         self._w = torch.tensor([float(static_weights.get(n, 1.0)) for n in task_names], dtype=torch.float64)
 
-    def weights(self) -> torch.Tensor:
+    def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:
         """The configured weights."""
         return self._w.clone()

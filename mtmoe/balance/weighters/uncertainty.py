@@ -28,7 +28,7 @@ class Uncertainty(TaskWeighter):
         self.lr = lr
         self.log_var = torch.zeros(num_tasks, dtype=torch.float64)
 
-    def weights(self) -> torch.Tensor:
+    def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:
         """exp(-s_k)."""
         return torch.exp(-self.log_var)
 
