@@ -46,17 +46,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         The final evaluation: {"step", "tasks": {name: {"loss", "tokens"}}, "train": {...}}.
     """
     manifest = load_manifest(Path(cfg.data.tokenized))
-    known = [t.name for t in manifest.tasks]
-    unknown = [name for name in cfg.data.tasks if name not in known]
-    if unknown:
-        raise ValueError(f"config key 'data.tasks': unknown task(s) {unknown}; {manifest.root} has {known}")
-    task_names = cfg.data.tasks or known
-    for key, table in (("data.caps", cfg.data.caps), ("data.upsample", cfg.data.upsample)):
-        bad = sorted(set(table) - set(task_names)) + sorted(k for k, v in table.items() if not float(v) > 0)
-        if bad:
-            raise ValueError(
-                f"config key {key!r}: {bad} are not trained tasks with a value > 0 ({task_names})"
-            )
+    known, task_names = _select_tasks(cfg, manifest)
     info = init_distributed(cfg.parallel.backend)
     device = device_for(info)
     run_dir = Path(cfg.train.output_dir)
@@ -152,28 +142,51 @@ def train(cfg: Config, resume: bool = False) -> dict:
             state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter)
             checkpoint.save(engine, run_dir, step, state, _positions(sampler, validation))
 
-    steps_done = cfg.train.steps
     state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter)
-    checkpoint.save(engine, run_dir, steps_done, state, _positions(sampler, validation))
+    checkpoint.save(engine, run_dir, cfg.train.steps, state, _positions(sampler, validation))
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
-    util = gather_utilization(model.lm, [t.name for t in manifest.tasks])
+    train_stats = {"wall_s": wall_s, "tokens": tokens_seen, "world_size": info.world_size}
+    result = _final_report(cfg, model, known, losses, train_stats, run_dir, info.is_main)
+    if info.is_main:
+        logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, cfg.train.steps)
+    logger.close()
+    return result
+
+
+def _select_tasks(cfg: Config, manifest) -> tuple[list[str], list[str]]:
+    """(all manifest tasks in id order, the tasks to train); validates the task-keyed config."""
+    known = [t.name for t in manifest.tasks]
+    unknown = [name for name in cfg.data.tasks if name not in known]
+    if unknown:
+        raise ValueError(f"config key 'data.tasks': unknown task(s) {unknown}; {manifest.root} has {known}")
+    task_names = cfg.data.tasks or known
+    for key, table in (("data.caps", cfg.data.caps), ("data.upsample", cfg.data.upsample)):
+        bad = sorted(set(table) - set(task_names)) + sorted(k for k, v in table.items() if not float(v) > 0)
+        if bad:
+            raise ValueError(
+                f"config key {key!r}: {bad} are not trained tasks with a value > 0 ({task_names})"
+            )
+    return known, task_names
+
+
+def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path, is_main: bool) -> dict:
+    """Writes eval.json and utilization.json (rank 0) and returns the final evaluation."""
+    util = gather_utilization(model.lm, known)  # a collective: every rank calls it
     result = {
-        "step": steps_done,
+        "step": cfg.train.steps,
         "tasks": losses,
         "train": {
-            "steps": steps_done,
-            "wall_s": wall_s,
-            "tokens": tokens_seen,
-            "tokens_per_s": tokens_seen / wall_s if wall_s else 0.0,
-            "world_size": info.world_size,
+            "steps": cfg.train.steps,
+            "wall_s": stats["wall_s"],
+            "tokens": stats["tokens"],
+            "tokens_per_s": stats["tokens"] / stats["wall_s"] if stats["wall_s"] else 0.0,
+            "world_size": stats["world_size"],
         },
     }
-    if info.is_main:
+    if is_main:
         save_utilization(util, run_dir / "utilization.json")
         (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-        logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, steps_done)
-    logger.close()
     return result
 
 
