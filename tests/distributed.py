@@ -2,15 +2,10 @@
 
 import os
 import pickle
-import socket
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mtmoe.parallel.dist import free_port
 
 
 def _entry(rank, world, port, fn, args, queue):
@@ -33,7 +28,7 @@ def run_ranks(fn, world: int, *args):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     context = mp.start_processes(
-        _entry, args=(world, _free_port(), fn, args, queue), nprocs=world, join=False, start_method="spawn"
+        _entry, args=(world, free_port(), fn, args, queue), nprocs=world, join=False, start_method="spawn"
     )
     results = {}
     while len(results) < world:  # read while workers run: a full pipe would block a joined worker
