@@ -46,6 +46,9 @@ class MoEConfig:
         alpha: LoRA alpha; the LoRA delta is scaled by alpha / rank.
         layers: Decoder layers whose FFN becomes an MoE-LoRA block: `all` or a list of indices.
         aux_loss_coef: Weight of the load-balance auxiliary loss (mean over blocks) in the total loss.
+        capacity_factor: 0 (default) routes dropless. A value > 0 caps the assignments an expert takes
+            from one rank's micro-batch at ceil(factor * tokens * top_k / num_experts); assignments past
+            it lose their LoRA delta (the frozen FFN still runs) and are counted in `moe/drop_frac`.
         normalize_top_k: Renormalise the top-k gate weights to sum to one. With it, a freshly injected
             model (LoRA B factors at zero) computes exactly the base model.
         router_init_std: Standard deviation of the router's initial weights.
@@ -60,6 +63,7 @@ class MoEConfig:
     alpha: float = 16.0
     layers: str | list[int] = "all"
     aux_loss_coef: float = 0.01
+    capacity_factor: float = 0.0
     normalize_top_k: bool = True
     router_init_std: float = 0.02
     attn_lora_rank: int = 0
@@ -165,11 +169,15 @@ class ParallelConfig:
         ds_config: Base DeepSpeed JSON (empty = `ds_configs/zero{zero_stage}.json`). Batch sizes,
             clipping and precision are filled in from this config and must not be set in it.
         backend: `auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`.
+        ep_size: Expert parallelism: the experts of every block are spread over groups of `ep_size`
+            consecutive ranks, and tokens move to their experts by all-to-all. 1 (default) replicates
+            the experts on every rank. Must divide `moe.num_experts` and the world size.
     """
 
     zero_stage: int = 2
     ds_config: str = ""
     backend: str = "auto"
+    ep_size: int = 1
 
 
 @dataclass(kw_only=True)
@@ -209,6 +217,7 @@ class Config:
         _check(m.rank >= 1, "moe.rank", ">= 1")
         _check(m.attn_lora_rank >= 0, "moe.attn_lora_rank", ">= 0")
         _check(m.aux_loss_coef >= 0, "moe.aux_loss_coef", ">= 0")
+        _check(m.capacity_factor >= 0, "moe.capacity_factor", ">= 0 (0 = dropless)")
         _check(m.layers == "all" or isinstance(m.layers, list), "moe.layers", "'all' or a list of ints")
         _check(
             d.mixing in ("proportional", "temperature", "uniform"),
@@ -233,6 +242,11 @@ class Config:
         _check(t.log_every >= 1, "train.log_every", ">= 1")
         _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2 (DeepSpeed MoE refuses ZeRO-3)")
         _check(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", "auto|nccl|gloo")
+        _check(
+            p.ep_size >= 1 and m.num_experts % p.ep_size == 0,
+            "parallel.ep_size",
+            f">= 1 and a divisor of moe.num_experts={m.num_experts}",
+        )
         _check(
             self.log.wandb_mode in ("offline", "online", "disabled"),
             "log.wandb_mode",

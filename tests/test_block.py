@@ -87,7 +87,7 @@ def test_sort_by_expert_groups_assignments():
     d = sort_by_expert(ids, torch.ones(3, 2), 4)
     assert d.counts_E.tolist() == [2, 2, 2, 0]
     assert d.offsets_E.tolist() == [2, 4, 6, 6]
-    assert d.token_N.tolist() == [0, 1, 1, 2, 0, 2]
+    assert d.token_N.tolist() == [1, 0, 1, 2, 0, 2]  # first choices before second choices
 
 
 def test_load_balance_loss_is_one_when_balanced_and_ignores_padding():

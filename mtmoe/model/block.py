@@ -4,6 +4,9 @@ For SwiGLU with experts W_e = W + ΔW_e:
     sum_e g_e (W2 + ΔW2_e) h_e = W2 (sum_e g_e h_e) + sum_e g_e ΔW2_e h_e,
 so W1 and W3 run once on x and W2 once on the gate-weighted sum: one dense FFN plus K small LoRA paths.
 
+Under expert parallelism the LoRA paths of an assignment run on the rank that owns its expert: the rank
+sends the row [x, W1 x, W3 x] and gets back [h_e, ΔW2_e h_e] (see `mtmoe.parallel.expert_parallel`).
+
 Shape legend: B batch, S sequence, T = B*S tokens, D hidden, F FFN width, E experts, K top-k,
 N = T*K assignments sorted by expert.
 """
@@ -15,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mtmoe.model.dispatch import combine, sort_by_expert
+from mtmoe.model.dispatch import ExpertGroups, combine, dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.router import TopKRouter
+from mtmoe.parallel.expert_parallel import ExpertPlacement, expert_parallel_apply
 
 
 @dataclass
@@ -30,6 +34,8 @@ class RoutingContext:
         num_tasks: Rows of the utilization counters.
         record: When True, blocks add to their utilization counters.
         aux_losses: Auxiliary losses appended by the blocks during the current forward.
+        routed: Assignments of real tokens since the last reset (training forwards only).
+        dropped: Of those, how many were over capacity.
     """
 
     valid_T: torch.Tensor | None = None
@@ -37,6 +43,8 @@ class RoutingContext:
     num_tasks: int = 1
     record: bool = False
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    routed: int = 0
+    dropped: int = 0
 
 
 class MoELoRAFFN(nn.Module):
@@ -45,16 +53,27 @@ class MoELoRAFFN(nn.Module):
     Args:
         base_mlp: The frozen dense FFN, used once per forward.
         router: Chooses K experts per token.
-        experts: The per-expert LoRA factors.
+        experts: The per-expert LoRA factors (this rank's share of them under expert parallelism).
         context: The model's shared routing context.
+        placement: Where the experts live (default: all on this rank).
+        capacity_factor: 0 for dropless routing, else the per-rank expert capacity factor (training
+            only; evaluation is always dropless).
     """
 
     def __init__(
-        self, base_mlp: nn.Module, router: TopKRouter, experts: UpcycledLoRAExperts, context: RoutingContext
+        self,
+        base_mlp: nn.Module,
+        router: TopKRouter,
+        experts: UpcycledLoRAExperts,
+        context: RoutingContext,
+        placement: ExpertPlacement | None = None,
+        capacity_factor: float = 0.0,
     ):
         super().__init__()
         self.base, self.router, self.experts = base_mlp, router, experts
         self.context = context
+        self.placement = placement or ExpertPlacement(router.num_experts)
+        self.capacity_factor = capacity_factor
         E = router.num_experts
         self.register_buffer(
             "util_tokens_XE", torch.zeros(context.num_tasks, E, dtype=torch.float64), persistent=False
@@ -66,23 +85,67 @@ class MoELoRAFFN(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Runs the block; appends the router's auxiliary loss to the context."""
         B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
+        T = B * S
+        x_TD = x_BSD.reshape(T, D)
         ctx = self.context
         route = self.router(x_TD, ctx.valid_T)
         ctx.aux_losses.append(route.aux_loss)
-        d = sort_by_expert(route.ids_TK, route.weights_TK, self.router.num_experts)
+        capacity = self.capacity_factor if self.training else 0.0
+        d = dispatch(route.ids_TK, route.weights_TK, self.router.num_experts, ctx.valid_T, capacity)
+        if self.training:
+            ctx.routed, ctx.dropped = ctx.routed + d.num_routed, ctx.dropped + d.num_dropped
         if ctx.record:
             self._record(route.ids_TK, route.weights_TK)
 
         gate_TF = self.base.gate_proj(x_TD)
         up_TF = self.base.up_proj(x_TD)
-        x_ND = x_TD[d.token_N]
-        gate_NF = gate_TF[d.token_N] + self.experts.delta("gate", x_ND, d)
-        up_NF = up_TF[d.token_N] + self.experts.delta("up", x_ND, d)
-        weighted_h_NF = self.base.act_fn(gate_NF) * up_NF * d.weight_N[:, None]
-        out_TD = self.base.down_proj(combine(weighted_h_NF, d, B * S))
-        out_TD = out_TD + combine(self.experts.delta("down", weighted_h_NF, d), d, B * S)
+        x_ND, gate_NF, up_NF = x_TD[d.token_N], gate_TF[d.token_N], up_TF[d.token_N]
+        if self.placement.ep_size == 1:
+            h_NF, down_ND = self.expert_outputs(x_ND, gate_NF, up_NF, d.groups)
+        else:
+            h_NF, down_ND = self._remote_expert_outputs(x_ND, gate_NF, up_NF, d.counts_E)
+        w_N1 = d.weight_N[:, None]
+        h_TF = combine(h_NF * w_N1, d, T)
+        if d.dropped_weight_T is not None:  # dropped assignments (and padding) keep the frozen FFN
+            h_TF = h_TF + self.base.act_fn(gate_TF) * up_TF * d.dropped_weight_T[:, None].to(h_TF.dtype)
+        out_TD = self.base.down_proj(h_TF) + combine(down_ND * w_N1, d, T)
         return out_TD.reshape(B, S, D)
+
+    def expert_outputs(
+        self, x_ND: torch.Tensor, gate_NF: torch.Tensor, up_NF: torch.Tensor, groups: ExpertGroups
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs this rank's experts on rows grouped by (local) expert.
+
+        Args:
+            x_ND: Block inputs.
+            gate_NF: The frozen W1 x of the same rows.
+            up_NF: The frozen W3 x of the same rows.
+            groups: Rows per local expert.
+
+        Returns:
+            (h_e, ΔW2_e h_e) per row, both without the gate weight.
+        """
+        ex = self.experts
+        h_NF = self.base.act_fn(gate_NF + ex.delta("gate", x_ND, groups)) * (
+            up_NF + ex.delta("up", x_ND, groups)
+        )
+        return h_NF, ex.delta("down", h_NF, groups)
+
+    def _remote_expert_outputs(
+        self, x_ND: torch.Tensor, gate_NF: torch.Tensor, up_NF: torch.Tensor, counts_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`expert_outputs`, each row computed by the rank that owns its expert."""
+        D, F = x_ND.shape[1], gate_NF.shape[1]
+
+        def local(rows_MC: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+            x_MD, gate_MF, up_MF = rows_MC.split([D, F, F], dim=1)
+            groups = ExpertGroups.from_counts(counts_L.to(rows_MC.device))
+            return torch.cat(self.expert_outputs(x_MD, gate_MF, up_MF, groups), dim=1)
+
+        rows_NC = torch.cat([x_ND, gate_NF, up_NF], dim=1)
+        out_NC = expert_parallel_apply(rows_NC, counts_E, self.placement, local)
+        h_NF, down_ND = out_NC.split([F, D], dim=1)
+        return h_NF, down_ND
 
     @torch.no_grad()
     def _record(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:

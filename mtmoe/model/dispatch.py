@@ -1,11 +1,16 @@
-"""Local dispatch: sort token-expert assignments by expert, grouped matmuls, weighted combine.
+"""Local dispatch: choose the assignments that run, sort them by expert, grouped matmuls, combine.
 
-Shape legend: T tokens, K experts per token, N = T*K assignments (sorted by expert), E experts,
+An assignment (token t, its k-th expert e) runs unless its token is padding or expert e is past its
+capacity on this rank. A dropped assignment loses its expert's LoRA delta, not the frozen FFN: its gate
+weight goes to the base FFN's output (see `MoELoRAFFN`), so a padding token computes the base model.
+
+Shape legend: T tokens, K experts per token, N kept assignments (sorted by expert), E experts,
 I/O input and output widths of a grouped matmul.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,38 +20,125 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
+class ExpertGroups:
+    """Sizes of consecutive row groups, one per expert (the layout `grouped_mm` takes).
+
+    Attributes:
+        counts_E: Rows per expert.
+        offsets_E: Cumulative end of each expert's group (int32, as `grouped_mm` wants).
+    """
+
+    counts_E: torch.Tensor
+    offsets_E: torch.Tensor
+
+    @classmethod
+    def from_counts(cls, counts_E: torch.Tensor) -> ExpertGroups:
+        """Groups with the given sizes."""
+        return cls(counts_E=counts_E, offsets_E=torch.cumsum(counts_E, 0).to(torch.int32))
+
+
+@dataclass
 class Dispatch:
-    """Assignments sorted by expert.
+    """The kept assignments, sorted by expert.
 
     Attributes:
         token_N: Source token of each sorted assignment.
         weight_N: Gate weight of each sorted assignment.
-        counts_E: Assignments per expert.
-        offsets_E: Cumulative end of each expert's group (int32, as `grouped_mm` wants).
+        groups: Assignments per expert.
+        dropped_weight_T: Per token, the gate weight of its dropped assignments (None if none dropped).
+        num_routed: Assignments of real tokens.
+        num_dropped: Of those, how many capacity dropped.
     """
 
     token_N: torch.Tensor
     weight_N: torch.Tensor
-    counts_E: torch.Tensor
-    offsets_E: torch.Tensor
+    groups: ExpertGroups
+    dropped_weight_T: torch.Tensor | None = None
+    num_routed: int = 0
+    num_dropped: int = 0
+
+    @property
+    def counts_E(self) -> torch.Tensor:
+        """Assignments per expert."""
+        return self.groups.counts_E
+
+    @property
+    def offsets_E(self) -> torch.Tensor:
+        """Cumulative group ends."""
+        return self.groups.offsets_E
 
 
-def sort_by_expert(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int) -> Dispatch:
-    """Groups the (token, expert) assignments by expert id, stably."""
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
+    """Assignments an expert takes per rank: ceil(factor * tokens * K / E); None means dropless (factor 0)."""
+    if capacity_factor <= 0:
+        return None
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def dispatch(
+    ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    num_experts: int,
+    valid_T: torch.Tensor | None = None,
+    capacity_factor: float = 0.0,
+) -> Dispatch:
+    """Keeps the assignments that run and groups them by expert, stably.
+
+    Within an expert, first choices come before second choices, and earlier tokens before later ones;
+    with a capacity, the assignments past it are dropped (the GShard/Switch priority).
+
+    Args:
+        ids_TK: Chosen experts.
+        weights_TK: Their gate weights.
+        num_experts: E.
+        valid_T: Bool mask of real tokens (None = all real); padding tokens are never dispatched.
+        capacity_factor: 0 for dropless, else the capacity factor of `expert_capacity`.
+    """
     T, K = ids_TK.shape
-    flat_ids_N = ids_TK.reshape(-1)
-    order_N = torch.argsort(flat_ids_N, stable=True)
-    counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
-    token_N = torch.arange(T, device=ids_TK.device).repeat_interleave(K)[order_N]
+    device = ids_TK.device
+    ids_N = ids_TK.t().reshape(-1)  # choice-major: all first choices, then all second choices
+    token_N = torch.arange(T, device=device).repeat(K)
+    weight_N = weights_TK.t().reshape(-1)
+    real_N = torch.ones_like(ids_N, dtype=torch.bool) if valid_T is None else valid_T.repeat(K)
+    num_real = int(real_N.sum()) // K if valid_T is not None else T
+    keyed_N = torch.where(real_N, ids_N, num_experts)  # padding sorts after every expert
+    order_N = torch.argsort(keyed_N, stable=True)
+    sorted_ids_N = keyed_N[order_N]
+    counts_E = torch.bincount(sorted_ids_N, minlength=num_experts + 1)[:num_experts]
+    keep_N = sorted_ids_N < num_experts
+    capacity = expert_capacity(capacity_factor, num_real, K, num_experts)
+    num_dropped = 0
+    if capacity is not None:
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        position_N = (
+            torch.arange(len(order_N), device=device) - starts_E[sorted_ids_N.clamp_max(num_experts - 1)]
+        )
+        within_N = keep_N & (position_N < capacity)
+        num_dropped = int(keep_N.sum() - within_N.sum())
+        keep_N = within_N
+        counts_E = counts_E.clamp_max(capacity)
+    kept_N = order_N[keep_N]
+    dropped_weight_T = None
+    if num_dropped or valid_T is not None and num_real < T:
+        dropped_N = torch.ones_like(ids_N, dtype=torch.bool)
+        dropped_N[kept_N] = False
+        dropped_weight_T = (weight_N * dropped_N).reshape(K, T).sum(0)
     return Dispatch(
-        token_N=token_N,
-        weight_N=weights_TK.reshape(-1)[order_N],
-        counts_E=counts_E,
-        offsets_E=torch.cumsum(counts_E, 0).to(torch.int32),
+        token_N=token_N[kept_N],
+        weight_N=weight_N[kept_N],
+        groups=ExpertGroups.from_counts(counts_E),
+        dropped_weight_T=dropped_weight_T,
+        num_routed=num_real * K,
+        num_dropped=num_dropped,
     )
 
 
-def grouped_linear(x_NI: torch.Tensor, w_EIO: torch.Tensor, d: Dispatch) -> torch.Tensor:
+def sort_by_expert(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int) -> Dispatch:
+    """Every assignment, grouped by expert (dropless, no padding)."""
+    return dispatch(ids_TK, weights_TK, num_experts)
+
+
+def grouped_linear(x_NI: torch.Tensor, w_EIO: torch.Tensor, groups: ExpertGroups | Dispatch) -> torch.Tensor:
     """Row group e of `x_NI` times `w_EIO[e]`, for every expert, in one grouped matmul.
 
     `grouped_mm` needs fp32/bf16/fp16 and 16-byte-aligned strides; anything else (float64 or odd
@@ -58,12 +150,12 @@ def grouped_linear(x_NI: torch.Tensor, w_EIO: torch.Tensor, d: Dispatch) -> torc
         and (x_NI.shape[1] * row_bytes) % 16 == 0
         and (w_EIO.shape[2] * row_bytes) % 16 == 0
     ):
-        return F.grouped_mm(x_NI, w_EIO, offs=d.offsets_E)
+        return F.grouped_mm(x_NI, w_EIO, offs=groups.offsets_E)
     out, start = [], 0
-    for e, count in enumerate(d.counts_E.tolist()):
+    for e, count in enumerate(groups.counts_E.tolist()):
         out.append(x_NI[start : start + count] @ w_EIO[e])
         start += count
-    return torch.cat(out)
+    return torch.cat(out) if out else x_NI.new_zeros(0, w_EIO.shape[2])
 
 
 def combine(y_NO: torch.Tensor, d: Dispatch, num_tokens: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from mtmoe.model.dispatch import Dispatch, grouped_linear
+from mtmoe.model.dispatch import ExpertGroups, grouped_linear
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -21,30 +21,44 @@ PROJECTIONS = ("gate", "up", "down")
 class UpcycledLoRAExperts(nn.Module):
     """LoRA factors for E experts, laid out for `grouped_mm` (input-major: x @ A_e @ B_e).
 
+    Under expert parallelism a rank holds only the experts in `local`; the factors are drawn for all E
+    experts and then sliced, so every `ep_size` starts from the same weights.
+
     Args:
-        num_experts: E.
+        num_experts: E, experts of the whole block.
         dim: D.
         ffn_dim: F.
         rank: R.
         alpha: LoRA alpha; deltas are scaled by alpha / R.
+        local: Global ids of the experts this module holds (default: all).
     """
 
-    def __init__(self, num_experts: int, dim: int, ffn_dim: int, rank: int, alpha: float):
+    def __init__(
+        self, num_experts: int, dim: int, ffn_dim: int, rank: int, alpha: float, local: slice | None = None
+    ):
         super().__init__()
         self.scaling = alpha / rank
+        local = local or slice(0, num_experts)
+        self.first_expert = local.start
         shapes = {"gate": (dim, ffn_dim), "up": (dim, ffn_dim), "down": (ffn_dim, dim)}
         for proj, (fan_in, fan_out) in shapes.items():
             bound = 1.0 / math.sqrt(fan_in)  # LoRA's kaiming-uniform(a=sqrt(5)) bound for A
+            a_EIR = torch.empty(num_experts, fan_in, rank).uniform_(-bound, bound)
+            self.register_parameter(f"{proj}_a", nn.Parameter(a_EIR[local].clone()))
             self.register_parameter(
-                f"{proj}_a", nn.Parameter(torch.empty(num_experts, fan_in, rank).uniform_(-bound, bound))
+                f"{proj}_b", nn.Parameter(torch.zeros(num_experts, rank, fan_out)[local].clone())
             )
-            self.register_parameter(f"{proj}_b", nn.Parameter(torch.zeros(num_experts, rank, fan_out)))
+
+    @property
+    def num_local(self) -> int:
+        """Experts held by this module."""
+        return self.gate_a.shape[0]
 
     def factors(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (A_EIR, B_ERO) factors of one projection."""
         return getattr(self, f"{proj}_a"), getattr(self, f"{proj}_b")
 
-    def delta(self, proj: str, x_NI: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    def delta(self, proj: str, x_NI: torch.Tensor, d: ExpertGroups) -> torch.Tensor:
         """Scaling * x @ A_e @ B_e for each assignment row, grouped by expert."""
         a_EIR, b_ERO = self.factors(proj)
         return (

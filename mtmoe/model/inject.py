@@ -9,6 +9,7 @@ from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.lora import LoRALinear
 from mtmoe.model.router import TopKRouter
+from mtmoe.parallel.expert_parallel import ExpertPlacement, MoEMarker, mark_expert_params
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -23,13 +24,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def inject_moe_lora(model: nn.Module, cfg: MoEConfig, num_tasks: int) -> RoutingContext:
+def inject_moe_lora(
+    model: nn.Module, cfg: MoEConfig, num_tasks: int, placement: ExpertPlacement | None = None
+) -> RoutingContext:
     """Freezes `model` and swaps the chosen FFNs for MoE-LoRA blocks (plus optional attention LoRA).
 
     Args:
         model: An HF causal LM with SwiGLU FFNs (`gate_proj`, `up_proj`, `down_proj`, `act_fn`).
         cfg: The MoE section of the config.
         num_tasks: Number of tasks (rows of the utilization counters).
+        placement: For training under DeepSpeed: which experts this rank holds. Expert parameters are
+            then marked for DeepSpeed's expert groups and each block carries a `MoEMarker`. None builds
+            every expert locally, unmarked (export, evaluation, unit tests).
 
     Returns:
         The routing context that every injected block shares.
@@ -53,8 +59,13 @@ def inject_moe_lora(model: nn.Module, cfg: MoEConfig, num_tasks: int) -> Routing
             )
         dim, ffn_dim = mlp.gate_proj.in_features, mlp.gate_proj.out_features
         router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.normalize_top_k, cfg.router_init_std)
-        experts = UpcycledLoRAExperts(cfg.num_experts, dim, ffn_dim, cfg.rank, cfg.alpha)
-        layers[i].mlp = MoELoRAFFN(mlp, router, experts, context)
+        local = placement.local if placement else None
+        experts = UpcycledLoRAExperts(cfg.num_experts, dim, ffn_dim, cfg.rank, cfg.alpha, local)
+        block = MoELoRAFFN(mlp, router, experts, context, placement, cfg.capacity_factor)
+        if placement is not None:
+            mark_expert_params(experts, placement)
+            block.ds_moe_marker = MoEMarker(placement)
+        layers[i].mlp = block
         if cfg.attn_lora_rank:
             attn = layers[i].self_attn
             for name in cfg.attn_targets:

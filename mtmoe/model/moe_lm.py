@@ -16,6 +16,7 @@ from mtmoe.config import Config
 from mtmoe.model.base import load_base_model, resolve_base, tiny_llama
 from mtmoe.model.block import RoutingContext
 from mtmoe.model.inject import inject_moe_lora, moe_blocks
+from mtmoe.parallel.expert_parallel import ExpertPlacement
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -72,11 +73,20 @@ def build_base(cfg: Config, vocab_size: int, cache_dir: Path | None = None) -> P
     return load_base_model(resolve_base(cfg.model.base, cache_dir), dtype=dtype)
 
 
-def build_model(cfg: Config, vocab_size: int, num_tasks: int) -> MoELM:
-    """The base model with MoE-LoRA injected; the LoRA/router initialisation is seeded by `train.seed`."""
+def build_model(
+    cfg: Config, vocab_size: int, num_tasks: int, placement: ExpertPlacement | None = None
+) -> MoELM:
+    """The base model with MoE-LoRA injected; the LoRA/router initialisation is seeded by `train.seed`.
+
+    Args:
+        cfg: The run config.
+        vocab_size: The tokenizer's vocabulary size.
+        num_tasks: Tasks in the manifest.
+        placement: The experts this rank holds, for training (see `inject_moe_lora`); None = all.
+    """
     lm = build_base(cfg, vocab_size)
     torch.manual_seed(cfg.train.seed + 1)
-    context = inject_moe_lora(lm, cfg.moe, num_tasks)
+    context = inject_moe_lora(lm, cfg.moe, num_tasks, placement)
     # Fresh LoRA parameters are fp32 masters; compute casts them to the model dtype.
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

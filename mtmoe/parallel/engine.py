@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -9,13 +10,14 @@ from torch import nn
 
 from mtmoe.config import Config
 from mtmoe.parallel.ds_config import build_ds_config
+from mtmoe.parallel.expert_parallel import ExpertPlacement, clip_grad_norm_
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer groups of the trainable parameters only: experts, routers and attention LoRA.
 
-    The groups are split into DeepSpeed's MoE groups, so that expert-parallel parameters (marked by
-    DeepSpeed) reduce over their own group. Routers get no weight decay.
+    The groups are split into DeepSpeed's MoE groups, so that expert parameters (marked by
+    `mark_expert_params`) reduce over their expert-data-parallel group. Routers get no weight decay.
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -30,7 +32,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for kind, params in groups.items()
         if params
     ]
-    return split_params_into_different_moe_groups_for_optimizer(raw)
+    split = split_params_into_different_moe_groups_for_optimizer(raw)
+    return [g for g in split if g["params"]]  # the split leaves the expert group empty; ZeRO drops it
 
 
 def lr_lambda(cfg: Config):
@@ -46,8 +49,14 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def build_engine(model: nn.Module, cfg: Config, world_size: int):
+def build_engine(model: nn.Module, cfg: Config, world_size: int, placement: ExpertPlacement | None = None):
     """Wraps `model` in a DeepSpeed engine (ZeRO stage from the config, client AdamW, cosine schedule).
+
+    Args:
+        model: The model to train.
+        cfg: The run config.
+        world_size: Ranks in the job.
+        placement: The experts' placement (for ZeRO-0 clipping under expert parallelism).
 
     Returns:
         The engine.
@@ -65,4 +74,8 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int):
         config=build_ds_config(cfg, world_size),
         dist_init_required=False,
     )
+    if placement is not None and placement.ep_size > 1 and cfg.train.grad_clip > 0:
+        # ZeRO-0 fp32 clips through this engine method, averaging per-rank norms: wrong when ranks hold
+        # different experts. (ZeRO-1/2 and the bf16 optimizer already sum expert norms correctly.)
+        engine.clip_fp32_gradients = functools.partial(clip_grad_norm_, model, cfg.train.grad_clip, placement)
     return engine

@@ -31,6 +31,7 @@ from mtmoe.model.base import load_tokenizer, resolve_base
 from mtmoe.model.moe_lm import MoELM, build_model
 from mtmoe.parallel.dist import DistInfo, device_for, init_distributed
 from mtmoe.parallel.engine import build_engine
+from mtmoe.parallel.expert_parallel import create_placement
 from mtmoe.train import checkpoint
 from mtmoe.train.metrics import MetricsLogger
 
@@ -48,6 +49,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     manifest = load_manifest(Path(cfg.data.tokenized))
     known, task_names = _select_tasks(cfg, manifest)
     info = init_distributed(cfg.parallel.backend)
+    placement = create_placement(cfg.parallel.ep_size, cfg.moe.num_experts)
     device = device_for(info)
     run_dir = Path(cfg.train.output_dir)
     train_shards = [open_shard(manifest, name, "train") for name in task_names]
@@ -55,8 +57,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
     num_tasks = len(manifest.tasks)
 
-    model = build_model(cfg, len(tokenizer), num_tasks).to(device)
-    engine = build_engine(model, cfg, info.world_size)
+    model = build_model(cfg, len(tokenizer), num_tasks, placement).to(device)
+    engine = build_engine(model, cfg, info.world_size, placement)
     sampler = MixingSampler(
         [min(len(s), int(cfg.data.caps.get(s.name, len(s)))) for s in train_shards],
         cfg.data.mixing,
