@@ -85,8 +85,8 @@ def test_grouped_path_handles_empty_experts():
 def test_sort_by_expert_groups_assignments():
     ids = torch.tensor([[2, 0], [0, 1], [2, 1]])
     d = sort_by_expert(ids, torch.ones(3, 2), 4)
-    assert d.counts_E.tolist() == [2, 2, 2, 0]
-    assert d.offsets_E.tolist() == [2, 4, 6, 6]
+    assert d.groups.counts_E.tolist() == [2, 2, 2, 0]
+    assert d.groups.offsets_E.tolist() == [2, 4, 6, 6]
     assert d.token_N.tolist() == [1, 0, 1, 2, 0, 2]  # first choices before second choices
 
 
@@ -127,6 +127,6 @@ def test_grouped_mm_path_is_taken_for_aligned_fp32_and_matches_loop_fallback():
     d = sort_by_expert(ids, torch.ones(10, 2), 4)
     x = torch.randn(20, 16)
     w = torch.randn(4, 16, 8)
-    fast = grouped_linear(x, w, d)
-    slow = grouped_linear(x.double(), w.double(), d)  # float64 takes the loop fallback
+    fast = grouped_linear(x, w, d.groups)
+    slow = grouped_linear(x.double(), w.double(), d.groups)  # float64 takes the loop fallback
     torch.testing.assert_close(fast.double(), slow, atol=1e-5, rtol=1e-5)

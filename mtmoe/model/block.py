@@ -103,7 +103,7 @@ class MoELoRAFFN(nn.Module):
         if self.placement.ep_size == 1:
             h_NF, down_ND = self.expert_outputs(x_ND, gate_NF, up_NF, d.groups)
         else:
-            h_NF, down_ND = self._remote_expert_outputs(x_ND, gate_NF, up_NF, d.counts_E)
+            h_NF, down_ND = self._remote_expert_outputs(x_ND, gate_NF, up_NF, d.groups.counts_E)
         w_N1 = d.weight_N[:, None]
         h_TF = combine(h_NF * w_N1, d, T)
         if d.dropped_weight_T is not None:  # dropped assignments (and padding) keep the frozen FFN

@@ -57,16 +57,6 @@ class Dispatch:
     num_routed: int = 0
     num_dropped: int = 0
 
-    @property
-    def counts_E(self) -> torch.Tensor:
-        """Assignments per expert."""
-        return self.groups.counts_E
-
-    @property
-    def offsets_E(self) -> torch.Tensor:
-        """Cumulative group ends."""
-        return self.groups.offsets_E
-
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
     """Assignments an expert takes per rank: ceil(factor * tokens * K / E); None means dropless (factor 0)."""
@@ -138,7 +128,7 @@ def sort_by_expert(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: 
     return dispatch(ids_TK, weights_TK, num_experts)
 
 
-def grouped_linear(x_NI: torch.Tensor, w_EIO: torch.Tensor, groups: ExpertGroups | Dispatch) -> torch.Tensor:
+def grouped_linear(x_NI: torch.Tensor, w_EIO: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
     """Row group e of `x_NI` times `w_EIO[e]`, for every expert, in one grouped matmul.
 
     `grouped_mm` needs fp32/bf16/fp16 and 16-byte-aligned strides; anything else (float64 or odd

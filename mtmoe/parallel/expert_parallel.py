@@ -116,6 +116,7 @@ class MoEMarker(_DeepSpeedMoE):
         """Nothing to do: `create_placement` made the groups before the model was built."""
 
     def forward(self, *args, **kwargs):  # pragma: no cover - never called
+        """Refuses: the marker computes nothing."""
         raise RuntimeError("MoEMarker is a marker; it has no forward")
 
 
