@@ -1,4 +1,4 @@
-"""Task mixing: the right proportions, disjoint ranks, per-task epochs, exact resume."""
+"""Task mixing: the right proportions, one stream split over ranks, per-task epochs, exact resume."""
 
 import numpy as np
 import pytest
@@ -20,18 +20,32 @@ def test_draws_follow_the_mix():
     assert abs(np.mean(tasks) - 0.75) < 0.03
 
 
-def test_ranks_see_disjoint_samples_within_an_epoch_and_epochs_are_counted():
+def test_ranks_split_one_stream_and_epochs_are_counted():
     ranks = [MixingSampler([10, 12], "uniform", 1.0, seed=3, rank=r, world=2) for r in range(2)]
-    seen = {r: {0: [], 1: []} for r in range(2)}
-    for r, s in enumerate(ranks):
-        while s.epoch[0] == 0 or s.epoch[1] == 0:
-            d = s.draw()
-            if s.epoch[d.task] == 0 or (s.cursor[d.task] == 0 and s.epoch[d.task] == 1):
-                seen[r][d.task].append(d.index)
-    for task, n in ((0, 10), (1, 12)):
-        a, b = set(seen[0][task]), set(seen[1][task])
-        assert not a & b
-        assert a | b == set(range(n))
+    single = MixingSampler([10, 12], "uniform", 1.0, seed=3, rank=0, world=1)
+    for _ in range(6):
+        a, b = (s.draw_batch(2) for s in ranks)
+        assert a + b == single.draw_batch(4)  # the same global micro-batch, cut in two
+    assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+    # Within one epoch of a task, every sample comes exactly once.
+    s = MixingSampler([10, 12], "uniform", 1.0, seed=3, rank=0, world=1)
+    seen = {0: [], 1: []}
+    while s.epoch[0] == 0 or s.epoch[1] == 0:
+        epochs = list(s.epoch)
+        d = s.draw()
+        if epochs[d.task] == 0:
+            seen[d.task].append(d.index)
+    assert sorted(seen[0]) == list(range(10)) and sorted(seen[1]) == list(range(12))
+
+
+def test_same_global_batch_on_any_world_size():
+    """World 4 x 2 rows and world 1 x 2 rows x 4 micro-batches see the same rows per step."""
+    four = [MixingSampler([7, 30, 4], "temperature", 2.0, seed=5, rank=r, world=4) for r in range(4)]
+    one = MixingSampler([7, 30, 4], "temperature", 2.0, seed=5, rank=0, world=1)
+    for _ in range(5):
+        step_four = [d for s in four for d in s.draw_batch(2)]
+        step_one = [d for _ in range(4) for d in one.draw_batch(2)]
+        assert step_four == step_one
 
 
 def test_resume_from_state_dict_continues_the_same_stream():
@@ -45,9 +59,9 @@ def test_resume_from_state_dict_continues_the_same_stream():
     assert first != rest[:25]
 
 
-def test_task_smaller_than_world_is_refused():
-    with pytest.raises(ValueError, match="fewer than the 4 ranks"):
-        MixingSampler([10, 3], "uniform", 1.0, seed=0, rank=0, world=4)
+def test_empty_task_is_refused():
+    with pytest.raises(ValueError, match="task #1 has no training samples"):
+        MixingSampler([10, 0], "uniform", 1.0, seed=0, rank=0, world=4)
 
 
 def test_upsampling_scales_a_task_before_temperature():

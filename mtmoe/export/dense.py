@@ -74,5 +74,4 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(
             f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    # DeepSpeed also writes tied frozen weights (lm_head); only the trained tensors are loaded.
     model.load_state_dict({n: t for n, t in state.items() if n in own}, strict=False)

@@ -13,7 +13,8 @@ from mtmoe.eval.utilization import layer_shares, load_utilization
 from mtmoe.export.dense import load_trainable
 from mtmoe.model.base import load_tokenizer, resolve_base
 from mtmoe.model.moe_lm import MoELM, build_model
-from mtmoe.train.checkpoint import checkpoint_dir, latest_tag
+from mtmoe.train import checkpoint
+from mtmoe.train.checkpoint import latest_tag
 
 
 def run_config(run_dir: Path) -> Config:
@@ -39,13 +40,10 @@ def load_trained_model(run_dir: Path) -> tuple[Config, MoELM, object]:
     manifest = load_manifest(Path(cfg.data.tokenized))
     tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
     model = build_model(cfg, len(tokenizer), len(manifest.tasks))
-    tag = latest_tag(run_dir)
-    if tag is None:
+    if latest_tag(run_dir) is None:
         raise ValueError(f"--run {run_dir}: no checkpoint")
-    states = torch.load(
-        checkpoint_dir(run_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
-    load_trainable(model, states["module"])
+    weights, _, _ = checkpoint.read(run_dir)
+    load_trainable(model, weights)
     return cfg, model.eval(), tokenizer
 
 

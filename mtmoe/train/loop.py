@@ -83,16 +83,22 @@ def train(cfg: Config, resume: bool = False) -> dict:
     start_step, wall_s, tokens_seen = 0, 0.0, 0
     task_tokens_X = torch.zeros(num_tasks, dtype=torch.float64)
     if resume:
-        client, sampler_state = checkpoint.load(engine, run_dir, info.rank)
-        start_step, wall_s, tokens_seen = client["step"], client["wall_s"], client["tokens_seen"]
-        task_tokens_X = torch.tensor(client["task_tokens"], dtype=torch.float64)
-        weighter.load_state_dict(client["weighter"])
-        if sampler_state is None:
-            print(f"[mtmoe] world size changed since step {start_step}: data sampling restarts from its seed")
-        else:
-            sampler.load_state_dict(sampler_state["train"])
-            if validation is not None:
-                validation.load_state_dict(sampler_state["valid"])
+        state = checkpoint.load(engine, model, placement, run_dir, cfg)
+        start_step, wall_s, tokens_seen = state["step"], state["wall_s"], state["tokens_seen"]
+        task_tokens_X = torch.tensor(state["task_tokens"], dtype=torch.float64)
+        weighter.load_state_dict(state["weighter"])
+        sampler.load_state_dict(state["data"]["train"])
+        if validation is not None and state["data"]["valid"] is not None:
+            validation.load_state_dict(state["data"]["valid"])
+        if info.is_main:
+            was = f"world {state['world_size']}, ep_size {state['ep_size']}"
+            now = f"world {info.world_size}, ep_size {placement.ep_size}"
+            print(f"[mtmoe] resumed from step {start_step} ({was}) on {now}")
+            if state["train_batch_size"] != engine.train_batch_size():
+                print(
+                    f"[mtmoe] note: the global batch changed from {state['train_batch_size']} to "
+                    f"{engine.train_batch_size()} rows; the data continues, but in other batches"
+                )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -141,11 +147,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
             model.context.record = True
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter)
-            checkpoint.save(engine, run_dir, step, state, _positions(sampler, validation))
+            state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter, sampler, validation)
+            checkpoint.save(engine, model, placement, run_dir, step, state, info.is_main)
 
-    state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter)
-    checkpoint.save(engine, run_dir, cfg.train.steps, state, _positions(sampler, validation))
+    state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter, sampler, validation)
+    checkpoint.save(engine, model, placement, run_dir, cfg.train.steps, state, info.is_main)
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
     train_stats = {"wall_s": wall_s, "tokens": tokens_seen, "world_size": info.world_size}
@@ -192,17 +198,25 @@ def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path
     return result
 
 
-def _loop_state(wall_s: float, tokens_seen: int, task_tokens_X: torch.Tensor, weighter) -> dict:
+def _loop_state(
+    wall_s: float,
+    tokens_seen: int,
+    task_tokens_X: torch.Tensor,
+    weighter,
+    sampler: MixingSampler,
+    validation: ValidationStream | None,
+) -> dict:
+    """Everything besides the tensors that a resumed run needs (JSON; the same on every rank)."""
     return {
         "wall_s": wall_s,
         "tokens_seen": tokens_seen,
         "task_tokens": task_tokens_X.tolist(),
         "weighter": weighter.state_dict(),
+        "data": {
+            "train": sampler.state_dict(),
+            "valid": None if validation is None else validation.state_dict(),
+        },
     }
-
-
-def _positions(sampler: MixingSampler, validation: ValidationStream | None) -> dict:
-    return {"train": sampler.state_dict(), "valid": None if validation is None else validation.state_dict()}
 
 
 def _micro_batch(sampler: MixingSampler, shards: list, size: int, pad_id: int) -> Batch:
