@@ -163,14 +163,21 @@ def plan_exchange(counts_E: torch.Tensor, placement: ExpertPlacement) -> Exchang
     )
 
 
-def _all_to_all(
-    rows_NC: torch.Tensor, out_rows: int, send: list[int], recv: list[int], group
-) -> torch.Tensor:
-    """The autograd all-to-all (its backward runs the reverse exchange)."""
-    from torch.distributed.nn.functional import all_to_all_single
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows; the backward sends the gradients back the way the rows came."""
 
-    out_MC = rows_NC.new_empty(out_rows, rows_NC.shape[1])
-    return all_to_all_single(out_MC, rows_NC.contiguous(), recv, send, group=group)
+    @staticmethod
+    def forward(ctx, rows_NC: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out_MC = rows_NC.new_empty(sum(recv), rows_NC.shape[1])
+        dist.all_to_all_single(out_MC, rows_NC.contiguous(), recv, send, group=group)
+        return out_MC
+
+    @staticmethod
+    def backward(ctx, grad_MC: torch.Tensor):
+        grad_NC = grad_MC.new_empty(sum(ctx.send), grad_MC.shape[1])
+        dist.all_to_all_single(grad_NC, grad_MC.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return grad_NC, None, None, None
 
 
 def expert_parallel_apply(
@@ -193,7 +200,7 @@ def expert_parallel_apply(
     """
     P, L = placement.ep_size, placement.num_local
     plan = plan_exchange(counts_E, placement)
-    recv_MC = _all_to_all(rows_NC, sum(plan.recv_splits), plan.send_splits, plan.recv_splits, placement.group)
+    recv_MC = _AllToAll.apply(rows_NC, plan.send_splits, plan.recv_splits, placement.group)
     # Received rows come peer by peer (each peer's rows by local expert); the experts need them by expert.
     seg_M = torch.repeat_interleave(
         torch.arange(P * L, device=rows_NC.device), plan.recv_counts_PL.reshape(-1).to(rows_NC.device)
@@ -201,7 +208,7 @@ def expert_parallel_apply(
     by_expert_M = torch.argsort((seg_M % L) * P + seg_M // L, stable=True)
     out_MC = local_fn(recv_MC[by_expert_M], plan.recv_counts_PL.sum(0))
     back_MC = torch.empty_like(out_MC).index_copy(0, by_expert_M, out_MC)
-    return _all_to_all(back_MC, rows_NC.shape[0], plan.recv_splits, plan.send_splits, placement.group)
+    return _AllToAll.apply(back_MC, plan.recv_splits, plan.send_splits, placement.group)
 
 
 @torch.no_grad()

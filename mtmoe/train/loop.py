@@ -80,11 +80,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
             info.rank,
             info.world_size,
         )
-    start_step, wall_s, tokens_seen = 0, 0.0, 0
+    start_step, wall_s, tokens_seen, dropped_total = 0, 0.0, 0, 0
     task_tokens_X = torch.zeros(num_tasks, dtype=torch.float64)
     if resume:
         state = checkpoint.load(engine, model, placement, run_dir, cfg)
         start_step, wall_s, tokens_seen = state["step"], state["wall_s"], state["tokens_seen"]
+        dropped_total = state["dropped_assignments"]
         task_tokens_X = torch.tensor(state["task_tokens"], dtype=torch.float64)
         weighter.load_state_dict(state["weighter"])
         sampler.load_state_dict(state["data"]["train"])
@@ -134,6 +135,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 engine, model, task_loss_X, counts_X, aux, step_tokens / step_s, manifest, task_names
             )
             record["tokens_seen"] = tokens_seen
+            dropped_total += record["moe/dropped"]
+            record["moe/dropped_total"] = dropped_total
             for k, name in enumerate(known):
                 record[f"weight/{name}"] = float(weights_X[k])
                 record[f"task_tokens_seen/{name}"] = int(task_tokens_X[k])
@@ -147,14 +150,22 @@ def train(cfg: Config, resume: bool = False) -> dict:
             model.context.record = True
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter, sampler, validation)
+            state = _loop_state(
+                wall_s, tokens_seen, dropped_total, task_tokens_X, weighter, sampler, validation
+            )
             checkpoint.save(engine, model, placement, run_dir, step, state, info.is_main)
 
-    state = _loop_state(wall_s, tokens_seen, task_tokens_X, weighter, sampler, validation)
+    state = _loop_state(wall_s, tokens_seen, dropped_total, task_tokens_X, weighter, sampler, validation)
     checkpoint.save(engine, model, placement, run_dir, cfg.train.steps, state, info.is_main)
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
-    train_stats = {"wall_s": wall_s, "tokens": tokens_seen, "world_size": info.world_size}
+    train_stats = {
+        "wall_s": wall_s,
+        "tokens": tokens_seen,
+        "world_size": info.world_size,
+        "ep_size": placement.ep_size,
+        "dropped_assignments": dropped_total,
+    }
     result = _final_report(cfg, model, known, losses, train_stats, run_dir, info.is_main)
     if info.is_main:
         logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, cfg.train.steps)
@@ -190,6 +201,8 @@ def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path
             "tokens": stats["tokens"],
             "tokens_per_s": stats["tokens"] / stats["wall_s"] if stats["wall_s"] else 0.0,
             "world_size": stats["world_size"],
+            "ep_size": stats["ep_size"],
+            "dropped_assignments": stats["dropped_assignments"],
         },
     }
     if is_main:
@@ -201,6 +214,7 @@ def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path
 def _loop_state(
     wall_s: float,
     tokens_seen: int,
+    dropped_total: int,
     task_tokens_X: torch.Tensor,
     weighter,
     sampler: MixingSampler,
@@ -210,6 +224,7 @@ def _loop_state(
     return {
         "wall_s": wall_s,
         "tokens_seen": tokens_seen,
+        "dropped_assignments": dropped_total,
         "task_tokens": task_tokens_X.tolist(),
         "weighter": weighter.state_dict(),
         "data": {
@@ -274,6 +289,11 @@ def _train_record(
     for k in present:
         record[f"loss/{names[k]}"] = float(task_loss_X[k])
         record[f"task_tokens/{names[k]}"] = int(counts_X[k])
+    ctx = model.context
+    routed, dropped = all_reduce_sum(torch.tensor([ctx.routed, ctx.dropped], dtype=torch.float64)).tolist()
+    ctx.routed = ctx.dropped = 0
+    record["moe/dropped"] = int(dropped)  # over capacity in this logging window, all ranks
+    record["moe/drop_frac"] = dropped / max(routed, 1.0)
     util = gather_utilization(model.lm, names)
     for layer, share_E in layer_shares(util, "tokens").items():
         for e, share in enumerate(share_E.tolist()):
