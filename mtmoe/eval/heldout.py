@@ -5,6 +5,7 @@ Works with any loss function, so the same code scores the base model, the MoE an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,7 +47,9 @@ def heldout_losses(
         batch_size: Rows per forward.
         max_samples: Use the first n samples of each shard (0 = all).
         rank: This rank; samples are strided over ranks.
-        world: Number of ranks (all must call this together).
+        world: Number of ranks (all must call this together). Every rank runs the same number of
+            forwards (a rank short of rows scores a filler row it does not count), since an
+            expert-parallel forward is a collective of its group.
         device: Where to run.
 
     Returns:
@@ -56,16 +59,20 @@ def heldout_losses(
     for k, shard in enumerate(shards):
         n = len(shard) if max_samples == 0 else min(max_samples, len(shard))
         mine = list(range(rank, n, world))
-        for start in range(0, len(mine), batch_size):
+        forwards = math.ceil(math.ceil(n / world) / batch_size)  # the same on every rank
+        for start in range(0, forwards * batch_size, batch_size):
             rows = mine[start : start + batch_size]
+            filler = not rows
+            rows = rows or [0]
             batch = collate([shard[i] for i in rows], [shard.task_id] * len(rows), pad_id)
             if device is not None:
                 batch = batch.to(device)
             loss_BS = loss_fn(
                 batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B
             )
-            sums[k, 0] += loss_BS.sum().double().cpu()
-            sums[k, 1] += target_mask(batch.loss_mask_BS).sum().double().cpu()
+            if not filler:
+                sums[k, 0] += loss_BS.sum().double().cpu()
+                sums[k, 1] += target_mask(batch.loss_mask_BS).sum().double().cpu()
     sums = all_reduce_sum(sums)
     return {
         shard.name: {"loss": float(sums[k, 0] / sums[k, 1].clamp_min(1)), "tokens": int(sums[k, 1])}

@@ -30,8 +30,12 @@ def run_config(run_dir: Path) -> Config:
     return load_config(None, overrides)
 
 
-def load_trained_model(run_dir: Path) -> tuple[Config, MoELM, object]:
-    """Rebuilds the MoE model of a run and loads its newest checkpoint's trained weights.
+def load_trained_model(run_dir: Path, tag: str | None = None) -> tuple[Config, MoELM, object]:
+    """Rebuilds the MoE model of a run (every expert, one process) and loads a checkpoint's weights.
+
+    Args:
+        run_dir: The run directory.
+        tag: A checkpoint tag (`step_000040`); default the newest.
 
     Returns:
         (config, model in eval mode, tokenizer).
@@ -42,7 +46,7 @@ def load_trained_model(run_dir: Path) -> tuple[Config, MoELM, object]:
     model = build_model(cfg, len(tokenizer), len(manifest.tasks))
     if latest_tag(run_dir) is None:
         raise ValueError(f"--run {run_dir}: no checkpoint")
-    weights, _, _ = checkpoint.read(run_dir)
+    weights, _, _ = checkpoint.read(run_dir, tag)
     load_trainable(model, weights)
     return cfg, model.eval(), tokenizer
 
