@@ -178,6 +178,12 @@ def _worker(rank: int, port: int, rounds: int, iters: int, warmup: int, queue) -
             **info,
             "median_ms": median,
             "ratio_to_replicated": {n: median[n] / median["replicated"] for n in STEPS},
+            "median_per_round_ratio_to_replicated": {
+                n: statistics.median(
+                    a / b for a, b in zip(per_round[n], per_round["replicated"], strict=True)
+                )
+                for n in STEPS
+            },
             "share_of_ep2_step": {n: median[n] / median["ep2"] for n in PARTS},
             "per_round_ms": per_round,
         }
