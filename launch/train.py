@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     if from_launcher and int(os.environ.get("RANK", "0")) == 0:
         print(f"[mtmoe] from the accelerate config: {' '.join(from_launcher)}")
     result = train(cfg, resume=args.resume)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and not result.get("preempted"):
         losses = ", ".join(f"{name} {v['loss']:.4f}" for name, v in result["tasks"].items())
         print(f"[mtmoe] done: {result['step']} steps; held-out loss {losses}; run dir {cfg.train.output_dir}")
     # gloo can abort at interpreter exit after the work is done; leave through a barrier and _exit.

@@ -142,6 +142,9 @@ class TrainConfig:
         log_every: Steps between metric records.
         eval_every: Steps between held-out evaluations (0 = only at the end).
         save_every: Steps between checkpoints (0 = only at the end).
+        keep_checkpoints: Keep only the newest n checkpoints (0 = keep all).
+        max_bad_steps: Stop after this many steps in a row with a non-finite loss or gradient (each
+            is skipped on every rank).
         output_dir: The run directory (checkpoints, metrics.jsonl, eval.json, wandb).
     """
 
@@ -157,6 +160,8 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
+    keep_checkpoints: int = 0
+    max_bad_steps: int = 5
     output_dir: str = "runs/demo"
 
 
@@ -237,9 +242,10 @@ class Config:
         _check(t.grad_accum >= 1, "train.grad_accum", ">= 1")
         _check(t.lr > 0, "train.lr", "> 0")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]")
-        for key in ("warmup_steps", "log_every", "eval_every", "save_every"):
+        for key in ("warmup_steps", "log_every", "eval_every", "save_every", "keep_checkpoints"):
             _check(getattr(t, key) >= 0, f"train.{key}", ">= 0")
         _check(t.log_every >= 1, "train.log_every", ">= 1")
+        _check(t.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")
         _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2 (DeepSpeed MoE refuses ZeRO-3)")
         _check(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", "auto|nccl|gloo")
         _check(

@@ -13,49 +13,10 @@ import sys
 import pytest
 import torch
 from conftest import run_cmd
-from distributed import run_ranks
+from runs import drops, final, link_checkpoint, losses, train_run
 from safetensors.torch import load_file
 
-TINY = "launch/recipes/tiny.yaml"
 pytestmark = pytest.mark.timeout(400)  # a hung collective fails the test instead of blocking CI
-GLOBAL_BATCH = 8  # rows per optimizer step in every run below: world x micro_batch_size x grad_accum
-
-
-def _train_worker(rank, world, overrides, resume):
-    from mtmoe.config import load_config
-    from mtmoe.train.loop import train
-
-    train(load_config(TINY, overrides), resume=resume)
-    return rank
-
-
-def train_run(data, out, world, ep_size, *extra, resume=False):
-    overrides = [
-        f"data.tokenized={data}",
-        f"train.output_dir={out}",
-        f"parallel.ep_size={ep_size}",
-        "train.steps=6",
-        "train.save_every=3",
-        "train.micro_batch_size=2",
-        f"train.grad_accum={GLOBAL_BATCH // (2 * world)}",
-        *extra,
-    ]
-    run_ranks(_train_worker, world, overrides, resume)
-    return out
-
-
-def losses(run):
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def drops(run):
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return sum(r.get("moe/dropped", 0) for r in records)
-
-
-def final(run, name="trainable"):
-    return load_file(run / "checkpoints" / "step_000006" / f"{name}.safetensors")
 
 
 def assert_same_run(a, b, steps=range(1, 7), atol=1e-5):
@@ -121,10 +82,7 @@ def test_expert_parallel_equals_replicated_experts(runs, world, ep_size, extra):
 @pytest.mark.parametrize("world,ep_size", [(1, 1), (4, 4)], ids=["to-world1-ep1", "to-world4-ep4"])
 def test_resume_across_world_and_ep_size_continues_the_run(runs, world, ep_size):
     full = runs(4, 2)
-    resumed = runs.root / f"resumed_w{world}_ep{ep_size}"
-    (resumed / "checkpoints").mkdir(parents=True)
-    (resumed / "checkpoints" / "step_000003").symlink_to(full / "checkpoints" / "step_000003")
-    (resumed / "checkpoints" / "latest").write_text("step_000003")
+    resumed = link_checkpoint(full, runs.root / f"resumed_w{world}_ep{ep_size}", 3)
     train_run(runs.data, resumed, world, ep_size, resume=True)
     # Same weights and AdamW moments at step 6, and the same losses for steps 4-6.
     assert_same_run(resumed, full, steps=range(4, 7))

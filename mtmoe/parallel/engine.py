@@ -11,6 +11,7 @@ from torch import nn
 from mtmoe.config import Config
 from mtmoe.parallel.ds_config import build_ds_config
 from mtmoe.parallel.expert_parallel import ExpertPlacement, clip_grad_norm_
+from mtmoe.train.guard import SkippableAdamW
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -52,6 +53,8 @@ def lr_lambda(cfg: Config):
 def build_engine(model: nn.Module, cfg: Config, world_size: int, placement: ExpertPlacement | None = None):
     """Wraps `model` in a DeepSpeed engine (ZeRO stage from the config, client AdamW, cosine schedule).
 
+    The AdamW is a `SkippableAdamW`, so that the loop can skip a step with a non-finite gradient.
+
     Args:
         model: The model to train.
         cfg: The run config.
@@ -63,7 +66,7 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, placement: Expe
     """
     import deepspeed
 
-    optimizer = torch.optim.AdamW(
+    optimizer = SkippableAdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.999)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

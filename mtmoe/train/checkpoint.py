@@ -8,11 +8,14 @@ each rank takes its own experts, and ZeRO its own partition, when loading.
 
     checkpoints/step_000040/trainable.safetensors   weights, by parameter name
     checkpoints/step_000040/optimizer.safetensors   exp_avg/<name>, exp_avg_sq/<name>
-    checkpoints/step_000040/state.json              step, learning-rate position, loop, weighter, data
+    checkpoints/step_000040/rng.safetensors         every rank's torch (and CUDA) RNG state
+    checkpoints/step_000040/state.json              step, optimizer and LR positions, loop, weighter,
+                                                    data, numpy/python RNG, config
     checkpoints/latest                              the newest complete tag
 
-A save goes to a temporary folder that is renamed when complete; `latest` moves last. Loading uses
-safetensors and JSON only: nothing is unpickled.
+A save goes to a temporary folder that is renamed when complete; `latest` moves last, and only then are
+checkpoints beyond `train.keep_checkpoints` deleted. A kill at any moment leaves `latest` pointing at a
+complete checkpoint. Loading uses safetensors and JSON only: nothing is unpickled.
 
 DeepSpeed's own checkpoint cannot do this: its expert files assume its `MoE` module layout, and its
 optimizer files need the same data-parallel size (see the README's known limits).
@@ -22,10 +25,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -33,6 +38,7 @@ from torch import nn
 
 from mtmoe.parallel.engine import lr_lambda
 from mtmoe.parallel.expert_parallel import ExpertPlacement, is_expert_param
+from mtmoe.train import faults
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -42,13 +48,19 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def latest_path(run_dir: Path) -> Path | None:
+    """The folder of the newest complete checkpoint, or None."""
+    tag = latest_tag(run_dir)
+    return None if tag is None else checkpoint_dir(run_dir) / tag
+
+
 def latest_tag(run_dir: Path) -> str | None:
     """The tag of the newest complete checkpoint, or None."""
     latest = checkpoint_dir(run_dir) / "latest"
     return latest.read_text().strip() if latest.exists() else None
 
 
-def _inner_optimizer(engine) -> torch.optim.Optimizer:
+def inner_optimizer(engine) -> torch.optim.Optimizer:
     """The torch AdamW under DeepSpeed's wrapper (ZeRO-1/2 and bf16 wrap it; ZeRO-0 fp32 does not)."""
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
@@ -96,7 +108,7 @@ def gather_state(engine, model: nn.Module, placement: ExpertPlacement) -> tuple[
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    inner = _inner_optimizer(engine)
+    inner = inner_optimizer(engine)
     _link_optimizer_state(engine)
     weights, moments = {}, {}
     for name, p in _trainable(model):
@@ -112,6 +124,34 @@ def gather_state(engine, model: nn.Module, placement: ExpertPlacement) -> tuple[
     return weights, moments
 
 
+def _rng_state() -> dict[str, Any]:
+    """This rank's RNG states: torch (and CUDA) as tensors, numpy's and Python's as plain data."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [np_state[2], np_state[3], np_state[4]],
+        "python": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_rest": [py_state[0], py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any], rank: int) -> None:
+    torch.set_rng_state(tensors[f"torch/{rank}"])
+    if torch.cuda.is_available() and f"cuda/{rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"cuda/{rank}"])
+    pos, has_gauss, gauss = rest["numpy_rest"][rank]
+    np.random.set_state(
+        ("MT19937", tensors[f"numpy/{rank}"].numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
+    version, py_gauss = rest["python_rest"][rank]
+    random.setstate((version, tuple(tensors[f"python/{rank}"].tolist()), py_gauss))
+
+
 def save(
     engine,
     model: nn.Module,
@@ -120,6 +160,7 @@ def save(
     step: int,
     state: dict[str, Any],
     is_main: bool,
+    keep: int = 0,
 ) -> Path:
     """Writes checkpoint `step_<n>` (every rank calls this; rank 0 writes) and points `latest` at it.
 
@@ -129,37 +170,57 @@ def save(
         placement: The experts' placement.
         run_dir: The run directory.
         step: Optimizer steps done.
-        state: JSON-able loop state (weighter, counters, data positions).
+        state: JSON-able loop state (weighter, counters, data positions, config).
         is_main: True on the writing rank.
+        keep: Keep only the newest `keep` checkpoints (0 = all).
 
     Returns:
         The checkpoint folder.
     """
     weights, moments = gather_state(engine, model, placement)
+    rngs: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, _rng_state())  # in memory between ranks; the files hold no pickle
     root = checkpoint_dir(run_dir)
     tag = f"step_{step:06d}"
     final = root / tag
     if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".*.partial"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
         partial = root / f".{tag}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial.mkdir()
         save_file({k: v.contiguous() for k, v in weights.items()}, partial / "trainable.safetensors")
         save_file({k: v.contiguous() for k, v in moments.items()}, partial / "optimizer.safetensors")
+        rng_tensors = {f"{k}/{r}": v for r, st in enumerate(rngs) for k, v in st.items() if "_rest" not in k}
+        save_file(rng_tensors, partial / "rng.safetensors")
         meta = {
             "step": step,
             "world_size": dist.get_world_size(),
             "ep_size": placement.ep_size,
             "train_batch_size": engine.train_batch_size(),
+            "optimizer_steps": _adam_steps(engine),
+            "scheduler_last_epoch": engine.lr_scheduler.last_epoch,
+            "rng": {k: [st[k] for st in rngs] for k in ("numpy_rest", "python_rest")},
             **state,
         }
         (partial / "state.json").write_text(json.dumps(meta))
+        faults.pause_in_save(step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         pointer = root / ".latest.partial"
         pointer.write_text(tag)
         os.replace(pointer, root / "latest")
+        if keep:
+            for old in sorted(root.glob("step_*"))[:-keep]:
+                shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def _adam_steps(engine) -> int:
+    """AdamW's step count (it lags the loop's step by the steps skipped for non-finite gradients)."""
+    states = [st for st in inner_optimizer(engine).state.values() if "step" in st]
+    return int(states[0]["step"]) if states else 0
 
 
 def read(run_dir: Path, tag: str | None = None) -> tuple[dict, dict, dict]:
@@ -206,6 +267,7 @@ def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cf
 
     weights, moments, state = read(run_dir)
     step = int(state["step"])
+    adam_steps = int(state.get("optimizer_steps", step))
     own = _trainable(model)
     missing = [n for n, _ in own if n not in weights]
     unexpected = sorted(set(weights) - {n for n, _ in own})
@@ -214,8 +276,8 @@ def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cf
             f"checkpoint {latest_tag(run_dir)} does not match the model: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
-    inner = _inner_optimizer(engine)
-    _prime_optimizer_state(inner, step)
+    inner = inner_optimizer(engine)
+    _prime_optimizer_state(inner, adam_steps)
     _link_optimizer_state(engine)
     for name, p in own:
         w = _to_local(weights[name], p, placement)
@@ -231,18 +293,21 @@ def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cf
                 safe_set_full_optimizer_state(p, m, k)
             else:
                 inner.state[p][k].copy_(m)
-    _restore_schedule(engine, cfg, step)
+    _restore_schedule(engine, cfg, step, int(state.get("scheduler_last_epoch", step)))
+    folder = checkpoint_dir(run_dir) / latest_tag(run_dir)
+    if state["world_size"] == dist.get_world_size() and (folder / "rng.safetensors").exists():
+        _set_rng_state(load_file(folder / "rng.safetensors"), state["rng"], dist.get_rank())
     return state
 
 
-def _restore_schedule(engine, cfg, step: int) -> None:
-    """Puts the LR schedule and the engine's counters where `step` optimizer steps leave them."""
-    factor = lr_lambda(cfg)(step)
+def _restore_schedule(engine, cfg, step: int, last_epoch: int) -> None:
+    """Puts the LR schedule and the engine's counters where the saved run left them."""
+    factor = lr_lambda(cfg)(last_epoch)
     scheduler = engine.lr_scheduler
-    for group in _inner_optimizer(engine).param_groups:
+    for group in inner_optimizer(engine).param_groups:
         group["lr"] = group["initial_lr"] * factor
-    scheduler.last_epoch = step
-    scheduler._last_lr = [g["lr"] for g in _inner_optimizer(engine).param_groups]
+    scheduler.last_epoch = last_epoch
+    scheduler._last_lr = [g["lr"] for g in inner_optimizer(engine).param_groups]
     engine.global_steps = step
     engine.global_samples = step * engine.train_batch_size()
     engine.micro_steps = step * engine.gradient_accumulation_steps()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from mtmoe.balance.task_loss import (
@@ -32,8 +33,10 @@ from mtmoe.model.moe_lm import MoELM, build_model
 from mtmoe.parallel.dist import DistInfo, device_for, init_distributed
 from mtmoe.parallel.engine import build_engine
 from mtmoe.parallel.expert_parallel import create_placement
-from mtmoe.train import checkpoint
+from mtmoe.train import checkpoint, faults
+from mtmoe.train.guard import NonFiniteGuard
 from mtmoe.train.metrics import MetricsLogger
+from mtmoe.train.preempt import Preemption
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
@@ -46,7 +49,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     Returns:
         The final evaluation: {"step", "tasks": {name: {"loss", "tokens"}}, "train": {...}}.
     """
-    manifest = load_manifest(Path(cfg.data.tokenized))
+    try:
+        manifest = load_manifest(Path(cfg.data.tokenized))
+    except ValueError as e:
+        raise ValueError(f"config key 'data.tokenized': {e}") from None
     known, task_names = _select_tasks(cfg, manifest)
     info = init_distributed(cfg.parallel.backend)
     placement = create_placement(cfg.parallel.ep_size, cfg.moe.num_experts)
@@ -80,12 +86,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
             info.rank,
             info.world_size,
         )
-    start_step, wall_s, tokens_seen, dropped_total = 0, 0.0, 0, 0
+    start_step, wall_s, tokens_seen, dropped_total, skipped_total = 0, 0.0, 0, 0, 0
     task_tokens_X = torch.zeros(num_tasks, dtype=torch.float64)
     if resume:
         state = checkpoint.load(engine, model, placement, run_dir, cfg)
         start_step, wall_s, tokens_seen = state["step"], state["wall_s"], state["tokens_seen"]
-        dropped_total = state["dropped_assignments"]
+        dropped_total, skipped_total = state["dropped_assignments"], state["skipped_steps"]
         task_tokens_X = torch.tensor(state["task_tokens"], dtype=torch.float64)
         weighter.load_state_dict(state["weighter"])
         sampler.load_state_dict(state["data"]["train"])
@@ -109,6 +115,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     model.set_recording(True)
     grad_scale = float(info.world_size * cfg.train.grad_accum)
+    guard, preemption, bad_in_a_row = NonFiniteGuard(model), Preemption(), 0
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         batches = [
@@ -117,12 +124,22 @@ def train(cfg: Config, resume: bool = False) -> dict:
         ]
         counts_X, step_tokens = _global_counts(batches, num_tasks)
         weights_X = weighter.weights(counts_X)
-        task_loss_X, aux = _train_step(
-            engine, batches, counts_X, weights_X, grad_scale, cfg.moe.aux_loss_coef, device
+        task_loss_X, aux, skipped = _train_step(
+            engine, batches, counts_X, weights_X, grad_scale, cfg.moe.aux_loss_coef, device, guard, step
         )
-        weighter.observe(task_loss_X, counts_X > 0)
-        if validation is not None:
-            weighter.observe_validation(*validation.losses(engine.module, device))
+        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        skipped_total += int(skipped)
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            raise RuntimeError(
+                f"{bad_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient; "
+                f"stopping (train.max_bad_steps={cfg.train.max_bad_steps}). The weights were not updated "
+                f"by those steps. Last good checkpoint: {checkpoint.latest_path(run_dir)}; continue with "
+                "--resume, perhaps with a lower train.lr"
+            )
+        if not skipped:  # a NaN would poison the weighter's state
+            weighter.observe(task_loss_X, counts_X > 0)
+            if validation is not None:
+                weighter.observe_validation(*validation.losses(engine.module, device))
         step_s = time.perf_counter() - t0
         wall_s, tokens_seen, task_tokens_X = (
             wall_s + step_s,
@@ -137,6 +154,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             record["tokens_seen"] = tokens_seen
             dropped_total += record["moe/dropped"]
             record["moe/dropped_total"] = dropped_total
+            record["skipped_steps"] = skipped_total  # non-finite loss or gradient, every rank skipped
             for k, name in enumerate(known):
                 record[f"weight/{name}"] = float(weights_X[k])
                 record[f"task_tokens_seen/{name}"] = int(task_tokens_X[k])
@@ -149,14 +167,30 @@ def train(cfg: Config, resume: bool = False) -> dict:
             losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
             model.context.record = True
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            state = _loop_state(
-                wall_s, tokens_seen, dropped_total, task_tokens_X, weighter, sampler, validation
-            )
-            checkpoint.save(engine, model, placement, run_dir, step, state, info.is_main)
+        preempted = preemption.agreed()
+        if preempted or cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
+            counters = (wall_s, tokens_seen, dropped_total, skipped_total, task_tokens_X)
+            state = _loop_state(cfg, *counters, weighter, sampler, validation)
+            keep = cfg.train.keep_checkpoints
+            folder = checkpoint.save(engine, model, placement, run_dir, step, state, info.is_main, keep)
+        if preempted:
+            if info.is_main:
+                print(
+                    f"[mtmoe] preempted ({preemption.requested or 'signal on another rank'}) after step "
+                    f"{step}: saved {folder}; continue with --resume",
+                    flush=True,
+                )
+            logger.close()
+            preemption.close()
+            return {"step": step, "preempted": True, "checkpoint": str(folder)}
 
-    state = _loop_state(wall_s, tokens_seen, dropped_total, task_tokens_X, weighter, sampler, validation)
-    checkpoint.save(engine, model, placement, run_dir, cfg.train.steps, state, info.is_main)
+    guard.remove()
+    preemption.close()
+    counters = (wall_s, tokens_seen, dropped_total, skipped_total, task_tokens_X)
+    state = _loop_state(cfg, *counters, weighter, sampler, validation)
+    checkpoint.save(
+        engine, model, placement, run_dir, cfg.train.steps, state, info.is_main, cfg.train.keep_checkpoints
+    )
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
     train_stats = {
@@ -165,6 +199,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         "world_size": info.world_size,
         "ep_size": placement.ep_size,
         "dropped_assignments": dropped_total,
+        "skipped_steps": skipped_total,
     }
     result = _final_report(cfg, model, known, losses, train_stats, run_dir, info.is_main)
     if info.is_main:
@@ -203,6 +238,7 @@ def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path
             "world_size": stats["world_size"],
             "ep_size": stats["ep_size"],
             "dropped_assignments": stats["dropped_assignments"],
+            "skipped_steps": stats["skipped_steps"],
         },
     }
     if is_main:
@@ -212,9 +248,11 @@ def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path
 
 
 def _loop_state(
+    cfg: Config,
     wall_s: float,
     tokens_seen: int,
     dropped_total: int,
+    skipped_total: int,
     task_tokens_X: torch.Tensor,
     weighter,
     sampler: MixingSampler,
@@ -225,12 +263,14 @@ def _loop_state(
         "wall_s": wall_s,
         "tokens_seen": tokens_seen,
         "dropped_assignments": dropped_total,
+        "skipped_steps": skipped_total,
         "task_tokens": task_tokens_X.tolist(),
         "weighter": weighter.state_dict(),
         "data": {
             "train": sampler.state_dict(),
             "valid": None if validation is None else validation.state_dict(),
         },
+        "config": to_dict(cfg),
     }
 
 
@@ -257,22 +297,37 @@ def _train_step(
     grad_scale: float,
     aux_coef: float,
     device,
+    guard: NonFiniteGuard,
+    step: int,
 ):
-    """One optimizer step over the micro-batches; returns the global per-task losses and the mean aux."""
+    """One optimizer step over the micro-batches.
+
+    Returns:
+        (global per-task losses, mean aux loss, skipped): `skipped` is True when a rank saw a non-finite
+        loss or gradient; then no rank changed its weights or optimizer state.
+    """
     sums_X = torch.zeros_like(counts_X)
-    aux_sum = 0.0
-    for batch in batches:
+    aux_sum, skipped = 0.0, False
+    adamw = checkpoint.inner_optimizer(engine)
+    for i, batch in enumerate(batches):
         batch = batch.to(device)
         loss_BS, aux = engine(
             batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B
         )
         mb_sums_X = task_loss_sums(loss_BS, batch.task_ids_B, len(counts_X))
-        engine.backward(balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X) + aux_coef * aux)
+        loss = balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X) + aux_coef * aux
+        loss = faults.nan_loss(loss, step, dist.get_rank())
+        guard.check_loss(loss)
+        engine.backward(loss)
+        if i == len(batches) - 1:  # the optimizer steps in this engine.step(): every rank agrees first
+            skipped = guard.agree()
+            adamw.skip_next_step = skipped
         engine.step()
+        adamw.skip_next_step = False
         sums_X += mb_sums_X.detach().double().cpu()
         aux_sum += float(aux.detach())
     task_loss_X = all_reduce_sum(sums_X) / counts_X.clamp_min(1)
-    return task_loss_X, aux_sum / len(batches)
+    return task_loss_X, aux_sum / len(batches), skipped
 
 
 def _train_record(
