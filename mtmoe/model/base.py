@@ -89,7 +89,7 @@ def load_tokenizer(folder: Path):
 
 def load_base_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Loads a pretrained causal LM from an HF folder."""
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
