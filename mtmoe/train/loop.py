@@ -34,6 +34,7 @@ from mtmoe.parallel.dist import DistInfo, device_for, init_distributed
 from mtmoe.parallel.engine import build_engine
 from mtmoe.parallel.expert_parallel import create_placement
 from mtmoe.train import checkpoint, faults
+from mtmoe.train.counters import RunCounters
 from mtmoe.train.guard import NonFiniteGuard
 from mtmoe.train.metrics import MetricsLogger
 from mtmoe.train.preempt import Preemption
@@ -86,13 +87,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
             info.rank,
             info.world_size,
         )
-    start_step, wall_s, tokens_seen, dropped_total, skipped_total = 0, 0.0, 0, 0, 0
-    task_tokens_X = torch.zeros(num_tasks, dtype=torch.float64)
+    start_step, counters = 0, RunCounters.zeros(num_tasks)
     if resume:
         state = checkpoint.load(engine, model, placement, run_dir, cfg)
-        start_step, wall_s, tokens_seen = state["step"], state["wall_s"], state["tokens_seen"]
-        dropped_total, skipped_total = state["dropped_assignments"], state["skipped_steps"]
-        task_tokens_X = torch.tensor(state["task_tokens"], dtype=torch.float64)
+        start_step, counters = state["step"], RunCounters.from_state(state["counters"])
         weighter.load_state_dict(state["weighter"])
         sampler.load_state_dict(state["data"]["train"])
         if validation is not None and state["data"]["valid"] is not None:
@@ -127,8 +125,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         task_loss_X, aux, skipped = _train_step(
             engine, batches, counts_X, weights_X, grad_scale, cfg.moe.aux_loss_coef, device, guard, step
         )
+        counters.add_step(time.perf_counter() - t0, step_tokens, counts_X, skipped)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-        skipped_total += int(skipped)
         if bad_in_a_row >= cfg.train.max_bad_steps:
             raise RuntimeError(
                 f"{bad_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient; "
@@ -140,24 +138,25 @@ def train(cfg: Config, resume: bool = False) -> dict:
             weighter.observe(task_loss_X, counts_X > 0)
             if validation is not None:
                 weighter.observe_validation(*validation.losses(engine.module, device))
-        step_s = time.perf_counter() - t0
-        wall_s, tokens_seen, task_tokens_X = (
-            wall_s + step_s,
-            tokens_seen + step_tokens,
-            task_tokens_X + counts_X,
-        )
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             record = _train_record(
-                engine, model, task_loss_X, counts_X, aux, step_tokens / step_s, manifest, task_names
+                engine,
+                model,
+                task_loss_X,
+                counts_X,
+                aux,
+                step_tokens / (time.perf_counter() - t0),
+                manifest,
+                task_names,
             )
-            record["tokens_seen"] = tokens_seen
-            dropped_total += record["moe/dropped"]
-            record["moe/dropped_total"] = dropped_total
-            record["skipped_steps"] = skipped_total  # non-finite loss or gradient, every rank skipped
+            counters.dropped_assignments += record["moe/dropped"]
+            record["tokens_seen"] = counters.tokens
+            record["moe/dropped_total"] = counters.dropped_assignments
+            record["skipped_steps"] = counters.skipped_steps  # non-finite loss or gradient, all ranks skipped
             for k, name in enumerate(known):
                 record[f"weight/{name}"] = float(weights_X[k])
-                record[f"task_tokens_seen/{name}"] = int(task_tokens_X[k])
+                record[f"task_tokens_seen/{name}"] = int(counters.task_tokens_X[k])
             for task, name in enumerate(task_names):
                 record[f"epoch/{name}"] = sampler.epoch[task]
             console = {k: v for k, v in record.items() if k == "loss" or k.startswith("loss/")}
@@ -169,8 +168,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         preempted = preemption.agreed()
         if preempted or cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            counters = (wall_s, tokens_seen, dropped_total, skipped_total, task_tokens_X)
-            state = _loop_state(cfg, *counters, weighter, sampler, validation)
+            state = _loop_state(cfg, counters, weighter, sampler, validation)
             keep = cfg.train.keep_checkpoints
             folder = checkpoint.save(engine, model, placement, run_dir, step, state, info.is_main, keep)
         if preempted:
@@ -186,21 +184,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     guard.remove()
     preemption.close()
-    counters = (wall_s, tokens_seen, dropped_total, skipped_total, task_tokens_X)
-    state = _loop_state(cfg, *counters, weighter, sampler, validation)
+    state = _loop_state(cfg, counters, weighter, sampler, validation)
     checkpoint.save(
         engine, model, placement, run_dir, cfg.train.steps, state, info.is_main, cfg.train.keep_checkpoints
     )
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
-    train_stats = {
-        "wall_s": wall_s,
-        "tokens": tokens_seen,
-        "world_size": info.world_size,
-        "ep_size": placement.ep_size,
-        "dropped_assignments": dropped_total,
-        "skipped_steps": skipped_total,
-    }
+    train_stats = {"world_size": info.world_size, "ep_size": placement.ep_size, **counters.to_state()}
     result = _final_report(cfg, model, known, losses, train_stats, run_dir, info.is_main)
     if info.is_main:
         logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, cfg.train.steps)
@@ -248,23 +238,11 @@ def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path
 
 
 def _loop_state(
-    cfg: Config,
-    wall_s: float,
-    tokens_seen: int,
-    dropped_total: int,
-    skipped_total: int,
-    task_tokens_X: torch.Tensor,
-    weighter,
-    sampler: MixingSampler,
-    validation: ValidationStream | None,
+    cfg: Config, counters: RunCounters, weighter, sampler: MixingSampler, validation: ValidationStream | None
 ) -> dict:
     """Everything besides the tensors that a resumed run needs (JSON; the same on every rank)."""
     return {
-        "wall_s": wall_s,
-        "tokens_seen": tokens_seen,
-        "dropped_assignments": dropped_total,
-        "skipped_steps": skipped_total,
-        "task_tokens": task_tokens_X.tolist(),
+        "counters": counters.to_state(),
         "weighter": weighter.state_dict(),
         "data": {
             "train": sampler.state_dict(),
