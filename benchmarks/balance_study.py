@@ -4,7 +4,8 @@
 
 The demo mix is imbalanced by itself: docstring has 2,942 training samples, codegen 145 (about 20×).
 Each scheme trains SmolLM2-135M with the demo recipe (2 processes, DeepSpeed ZeRO-2) for the same
-number of steps and reports the held-out token loss per task and the worst task's loss. Results go to
+number of steps and reports the held-out token loss per task and the worst task's loss. Quality
+Retaining, added to the data-balanced loss, is the sixth scheme. Results go to
 benchmarks/results/balance_study.json and are printed as a Markdown table.
 """
 
@@ -29,6 +30,10 @@ SCHEMES = {
     ),
     "coba": ("proportional + CoBa", [*PROPORTIONAL, "balance.weighter=coba"]),
     "famo": ("proportional + FAMO", [*PROPORTIONAL, "balance.weighter=famo"]),
+    "quality_retain": (
+        "proportional + data-balanced + Quality Retaining",
+        [*PROPORTIONAL, "balance.weighter=uniform", "balance.quality_retain=true"],
+    ),
 }
 
 
@@ -40,6 +45,7 @@ def run_scheme(key: str, overrides: list[str], steps: int, nproc: int, out: Path
         f"train.output_dir={run_dir}", f"train.steps={steps}", "train.save_every=0",
         # CoBa's warm-up and window, scaled from MFTCoder's 100/200 to this short budget.
         f"balance.coba_warmup={max(2, steps // 5)}", f"balance.coba_history={max(4, 2 * steps // 5)}",
+        f"balance.qr_warmup={max(2, steps // 5)}",
         *overrides,
     ]  # fmt: skip
     env = {

@@ -111,6 +111,13 @@ class BalanceConfig:
         coba_warmup: CoBa's warm-up steps (uniform weights until then).
         coba_history: Validation losses CoBa fits its slopes over.
         coba_tau: Temperature of CoBa's divergence factor.
+        quality_retain: Quality Retaining (EMTAL): distill each task toward the model as it was at its
+            best validation loss, weighted by 1 / the task's training loss (see
+            `mtmoe.balance.quality_retain`). Works with any weighter.
+        qr_coef: Strength of the distillation term.
+        qr_ema: Decay of the weight EMA that teachers are copied from.
+        qr_smooth: Decay of the smoothed per-task validation loss that decides a new best.
+        qr_warmup: No teacher is taken before this step.
     """
 
     weighter: str = "uniform"
@@ -123,6 +130,11 @@ class BalanceConfig:
     coba_warmup: int = 100
     coba_history: int = 200
     coba_tau: float = 5.0
+    quality_retain: bool = False
+    qr_coef: float = 1.0
+    qr_ema: float = 0.99
+    qr_smooth: float = 0.9
+    qr_warmup: int = 10
 
 
 @dataclass(kw_only=True)
@@ -236,6 +248,10 @@ class Config:
         _check(0 <= self.balance.dwa_ema < 1, "balance.dwa_ema", "in [0, 1)")
         _check(self.balance.coba_warmup >= 1, "balance.coba_warmup", ">= 1")
         _check(self.balance.coba_history >= 2, "balance.coba_history", ">= 2")
+        _check(self.balance.qr_coef >= 0, "balance.qr_coef", ">= 0")
+        _check(0 <= self.balance.qr_ema < 1, "balance.qr_ema", "in [0, 1)")
+        _check(0 <= self.balance.qr_smooth < 1, "balance.qr_smooth", "in [0, 1)")
+        _check(self.balance.qr_warmup >= 0, "balance.qr_warmup", ">= 0")
         _check(d.eval_max_samples >= 0, "data.eval_max_samples", ">= 0")
         _check(t.steps >= 1, "train.steps", ">= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")

@@ -60,6 +60,13 @@ def test_overrides_are_typed():
         ("parallel.zero_stage=3", "parallel.zero_stage"),
         ("data.mixing=random", "data.mixing"),
         ("moe.layers=some", "moe.layers"),
+        ("parallel.ep_size=3", "parallel.ep_size"),  # does not divide moe.num_experts=4
+        ("parallel.ep_size=0", "parallel.ep_size"),
+        ("moe.capacity_factor=-1", "moe.capacity_factor"),
+        ("train.max_bad_steps=0", "train.max_bad_steps"),
+        ("train.keep_checkpoints=-1", "train.keep_checkpoints"),
+        ("balance.qr_ema=1.5", "balance.qr_ema"),
+        ("balance.quality_retain=maybe", "balance.quality_retain"),
     ],
 )
 def test_bad_values_name_their_key(override, key):

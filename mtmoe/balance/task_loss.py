@@ -47,13 +47,25 @@ def target_token_losses(
     Returns:
         loss_BS: Per-target-token loss aligned with the target tokens (0 elsewhere).
     """
+    return target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)[0]
+
+
+def target_losses_and_logits(
+    hidden_BSD: torch.Tensor, lm_head: torch.nn.Module, input_ids_BS: torch.Tensor, loss_mask_BS: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_token_losses`, plus the logits that predict each target token.
+
+    Returns:
+        (loss_BS, logits_NV): N target tokens in row-major order of `target_mask(loss_mask_BS)`.
+    """
     is_target_BS = target_mask(loss_mask_BS)
     target_bi, target_si = is_target_BS.nonzero(as_tuple=True)
     logits_NV = lm_head(hidden_BSD[target_bi, target_si - 1]).float()
     ce_N = F.cross_entropy(logits_NV, input_ids_BS[target_bi, target_si], reduction="none")
-    return torch.zeros(is_target_BS.shape, dtype=ce_N.dtype, device=ce_N.device).index_put(
+    loss_BS = torch.zeros(is_target_BS.shape, dtype=ce_N.dtype, device=ce_N.device).index_put(
         (target_bi, target_si), ce_N
     )
+    return loss_BS, logits_NV
 
 
 def target_mask(loss_mask_BS: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mtmoe.balance.task_loss import target_token_losses
+from mtmoe.balance.task_loss import target_losses_and_logits
 from mtmoe.config import Config
 from mtmoe.model.base import load_base_model, resolve_base, tiny_llama
 from mtmoe.model.block import RoutingContext
@@ -39,11 +39,12 @@ class MoELM(nn.Module):
         attention_mask_BS: torch.Tensor,
         loss_mask_BS: torch.Tensor,
         task_ids_B: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (loss_BS, aux_loss).
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """Returns (loss_BS, aux_loss), and the target tokens' logits_NV when `return_logits`.
 
         loss_BS is the next-token loss at every target token (0 elsewhere); aux_loss is the router
-        auxiliary loss averaged over blocks.
+        auxiliary loss averaged over blocks; logits_NV (fp32) are in row-major order of the targets.
         """
         ctx = self.context
         ctx.valid_T = attention_mask_BS.reshape(-1).bool()
@@ -52,10 +53,11 @@ class MoELM(nn.Module):
         hidden_BSD = self.lm.base_model(
             input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False
         )[0]
-        loss_BS = target_token_losses(hidden_BSD, self.lm.get_output_embeddings(), input_ids_BS, loss_mask_BS)
+        lm_head = self.lm.get_output_embeddings()
+        loss_BS, logits_NV = target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)
         aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else hidden_BSD.new_zeros(())
         ctx.aux_losses, ctx.valid_T, ctx.task_T = [], None, None
-        return loss_BS, aux
+        return (loss_BS, aux, logits_NV) if return_logits else (loss_BS, aux)
 
     def set_recording(self, on: bool) -> None:
         """Turns utilization counting on or off (and resets the counters when turning it on)."""

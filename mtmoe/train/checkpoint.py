@@ -9,6 +9,7 @@ each rank takes its own experts, and ZeRO its own partition, when loading.
     checkpoints/step_000040/trainable.safetensors   weights, by parameter name
     checkpoints/step_000040/optimizer.safetensors   exp_avg/<name>, exp_avg_sq/<name>
     checkpoints/step_000040/rng.safetensors         every rank's torch (and CUDA) RNG state
+    checkpoints/step_000040/quality.safetensors     Quality Retaining's EMA and teachers (when on)
     checkpoints/step_000040/state.json              step, optimizer and LR positions, loop, weighter,
                                                     data, numpy/python RNG, config
     checkpoints/latest                              the newest complete tag
@@ -161,6 +162,7 @@ def save(
     state: dict[str, Any],
     is_main: bool,
     keep: int = 0,
+    retainer=None,
 ) -> Path:
     """Writes checkpoint `step_<n>` (every rank calls this; rank 0 writes) and points `latest` at it.
 
@@ -173,11 +175,18 @@ def save(
         state: JSON-able loop state (weighter, counters, data positions, config).
         is_main: True on the writing rank.
         keep: Keep only the newest `keep` checkpoints (0 = all).
+        retainer: Quality Retaining's state, if on (its EMA and teachers go to `quality.safetensors`).
 
     Returns:
         The checkpoint folder.
     """
     weights, moments = gather_state(engine, model, placement)
+    quality = None
+    if retainer is not None:
+        quality = {
+            k: _to_global(t, retainer.params[_param_name(k)], placement).cpu()
+            for k, t in retainer.tensors().items()
+        }
     rngs: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, _rng_state())  # in memory between ranks; the files hold no pickle
     root = checkpoint_dir(run_dir)
@@ -193,6 +202,8 @@ def save(
         save_file({k: v.contiguous() for k, v in moments.items()}, partial / "optimizer.safetensors")
         rng_tensors = {f"{k}/{r}": v for r, st in enumerate(rngs) for k, v in st.items() if "_rest" not in k}
         save_file(rng_tensors, partial / "rng.safetensors")
+        if quality is not None:
+            save_file({k: v.contiguous() for k, v in quality.items()}, partial / "quality.safetensors")
         meta = {
             "step": step,
             "world_size": dist.get_world_size(),
@@ -215,6 +226,27 @@ def save(
                 shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def _param_name(key: str) -> str:
+    """The parameter a Quality Retaining tensor belongs to: `ema/<name>` or `teacher/<k>/<name>`."""
+    return key.split("/", 1)[1] if key.startswith("ema/") else key.split("/", 2)[2]
+
+
+def load_quality(run_dir: Path, retainer, placement: ExpertPlacement, state: dict[str, Any]) -> None:
+    """Restores Quality Retaining's EMA and teachers (this rank's experts) from the newest checkpoint.
+
+    Raises:
+        ValueError: If the checkpoint was written without Quality Retaining.
+    """
+    folder = latest_path(run_dir)
+    if state.get("quality") is None or not (folder / "quality.safetensors").exists():
+        raise ValueError(f"balance.quality_retain is on, but {folder} was saved without it")
+    tensors = {
+        k: _to_local(t, retainer.params[_param_name(k)], placement)
+        for k, t in load_file(folder / "quality.safetensors").items()
+    }
+    retainer.load_state(state["quality"], tensors)
 
 
 def _adam_steps(engine) -> int:

@@ -14,9 +14,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from mtmoe.balance.quality_retain import QualityRetainer, distillation_sums, retain_loss
 from mtmoe.balance.task_loss import (
     all_reduce_sum,
     balanced_loss,
+    target_mask,
     task_loss_sums,
     task_token_counts,
 )
@@ -76,8 +78,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
         [float(cfg.data.upsample.get(name, 1.0)) for name in task_names],
     )
     weighter = build_weighter(cfg.balance, known)
+    retainer = None
+    if cfg.balance.quality_retain:
+        b = cfg.balance
+        retainer = QualityRetainer(model, num_tasks, b.qr_coef, b.qr_ema, b.qr_smooth, b.qr_warmup)
     validation = None
-    if weighter.needs_validation:
+    if weighter.needs_validation or retainer is not None:
         validation = ValidationStream(
             eval_shards,
             cfg.train.micro_batch_size,
@@ -92,6 +98,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         state = checkpoint.load(engine, model, placement, run_dir, cfg)
         start_step, counters = state["step"], RunCounters.from_state(state["counters"])
         weighter.load_state_dict(state["weighter"])
+        if retainer is not None:
+            checkpoint.load_quality(run_dir, retainer, placement, state)
         sampler.load_state_dict(state["data"]["train"])
         if validation is not None and state["data"]["valid"] is not None:
             validation.load_state_dict(state["data"]["valid"])
@@ -109,7 +117,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps, start_step)
     if validation is not None and start_step == 0:
-        weighter.observe_validation(*validation.losses(engine.module, device))
+        _observe_validation(validation, weighter, retainer, engine, device, 0)
 
     model.set_recording(True)
     grad_scale = float(info.world_size * cfg.train.grad_accum)
@@ -122,8 +130,17 @@ def train(cfg: Config, resume: bool = False) -> dict:
         ]
         counts_X, step_tokens = _global_counts(batches, num_tasks)
         weights_X = weighter.weights(counts_X)
-        task_loss_X, aux, skipped = _train_step(
-            engine, batches, counts_X, weights_X, grad_scale, cfg.moe.aux_loss_coef, device, guard, step
+        task_loss_X, aux, skipped, qr_loss = _train_step(
+            engine,
+            batches,
+            counts_X,
+            weights_X,
+            grad_scale,
+            cfg.moe.aux_loss_coef,
+            device,
+            guard,
+            step,
+            retainer,
         )
         counters.add_step(time.perf_counter() - t0, step_tokens, counts_X, skipped)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
@@ -136,8 +153,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
             )
         if not skipped:  # a NaN would poison the weighter's state
             weighter.observe(task_loss_X, counts_X > 0)
+            if retainer is not None:
+                retainer.update_ema()
+                retainer.observe_train(task_loss_X, counts_X > 0)
             if validation is not None:
-                weighter.observe_validation(*validation.losses(engine.module, device))
+                _observe_validation(validation, weighter, retainer, engine, device, step)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             record = _train_record(
@@ -159,6 +179,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 record[f"task_tokens_seen/{name}"] = int(counters.task_tokens_X[k])
             for task, name in enumerate(task_names):
                 record[f"epoch/{name}"] = sampler.epoch[task]
+            if retainer is not None:
+                record["qr/loss"] = qr_loss
+                record["qr/teachers"] = len(retainer.teachers)
             console = {k: v for k, v in record.items() if k == "loss" or k.startswith("loss/")}
             logger.log(record, step, console={**console, "tok/s": record["tokens_per_s"]})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
@@ -168,9 +191,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         preempted = preemption.agreed()
         if preempted or cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            state = _loop_state(cfg, counters, weighter, sampler, validation)
+            state = _loop_state(cfg, counters, weighter, sampler, validation, retainer)
             keep = cfg.train.keep_checkpoints
-            folder = checkpoint.save(engine, model, placement, run_dir, step, state, info.is_main, keep)
+            folder = checkpoint.save(
+                engine, model, placement, run_dir, step, state, info.is_main, keep, retainer
+            )
         if preempted:
             if info.is_main:
                 print(
@@ -184,10 +209,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     guard.remove()
     preemption.close()
-    state = _loop_state(cfg, counters, weighter, sampler, validation)
-    checkpoint.save(
-        engine, model, placement, run_dir, cfg.train.steps, state, info.is_main, cfg.train.keep_checkpoints
-    )
+    state = _loop_state(cfg, counters, weighter, sampler, validation, retainer)
+    keep = cfg.train.keep_checkpoints
+    checkpoint.save(engine, model, placement, run_dir, cfg.train.steps, state, info.is_main, keep, retainer)
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
     train_stats = {"world_size": info.world_size, "ep_size": placement.ep_size, **counters.to_state()}
@@ -238,11 +262,17 @@ def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path
 
 
 def _loop_state(
-    cfg: Config, counters: RunCounters, weighter, sampler: MixingSampler, validation: ValidationStream | None
+    cfg: Config,
+    counters: RunCounters,
+    weighter,
+    sampler: MixingSampler,
+    validation: ValidationStream | None,
+    retainer: QualityRetainer | None,
 ) -> dict:
     """Everything besides the tensors that a resumed run needs (JSON; the same on every rank)."""
     return {
         "counters": counters.to_state(),
+        "quality": None if retainer is None else retainer.state_dict(),
         "weighter": weighter.state_dict(),
         "data": {
             "train": sampler.state_dict(),
@@ -250,6 +280,14 @@ def _loop_state(
         },
         "config": to_dict(cfg),
     }
+
+
+def _observe_validation(validation, weighter, retainer, engine, device, step: int) -> None:
+    """One validation batch, fed to the weighter and to Quality Retaining."""
+    losses_X, present_X = validation.losses(engine.module, device)
+    weighter.observe_validation(losses_X, present_X)
+    if retainer is not None:
+        retainer.observe_validation(losses_X, present_X, step)
 
 
 def _micro_batch(sampler: MixingSampler, shards: list, size: int, pad_id: int) -> Batch:
@@ -277,23 +315,34 @@ def _train_step(
     device,
     guard: NonFiniteGuard,
     step: int,
+    retainer: QualityRetainer | None,
 ):
     """One optimizer step over the micro-batches.
 
     Returns:
-        (global per-task losses, mean aux loss, skipped): `skipped` is True when a rank saw a non-finite
-        loss or gradient; then no rank changed its weights or optimizer state.
+        (global per-task losses, mean aux loss, skipped, Quality Retaining term): `skipped` is True when
+        a rank saw a non-finite loss or gradient; then no rank changed its weights or optimizer state.
     """
     sums_X = torch.zeros_like(counts_X)
-    aux_sum, skipped = 0.0, False
+    aux_sum, qr_sum, skipped = 0.0, 0.0, False
     adamw = checkpoint.inner_optimizer(engine)
     for i, batch in enumerate(batches):
         batch = batch.to(device)
-        loss_BS, aux = engine(
-            batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B
+        teachers = _teacher_logits(engine.module, batch, retainer) if retainer and retainer.teachers else None
+        out = engine(
+            batch.input_ids_BS,
+            batch.attention_mask_BS,
+            batch.loss_mask_BS,
+            batch.task_ids_B,
+            return_logits=teachers is not None,
         )
+        loss_BS, aux = out[0], out[1]
         mb_sums_X = task_loss_sums(loss_BS, batch.task_ids_B, len(counts_X))
         loss = balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X) + aux_coef * aux
+        if teachers is not None:
+            qr = _retain_term(out[2], batch, teachers, retainer, counts_X, grad_scale)
+            loss = loss + qr
+            qr_sum += float(qr.detach()) / grad_scale
         loss = faults.nan_loss(loss, step, dist.get_rank())
         guard.check_loss(loss)
         engine.backward(loss)
@@ -305,7 +354,52 @@ def _train_step(
         sums_X += mb_sums_X.detach().double().cpu()
         aux_sum += float(aux.detach())
     task_loss_X = all_reduce_sum(sums_X) / counts_X.clamp_min(1)
-    return task_loss_X, aux_sum / len(batches), skipped
+    qr_total = float(all_reduce_sum(torch.tensor([qr_sum], dtype=torch.float64))[0])
+    return task_loss_X, aux_sum / len(batches), skipped, qr_total
+
+
+@torch.no_grad()
+def _teacher_logits(module: MoELM, batch: Batch, retainer: QualityRetainer) -> dict[int, torch.Tensor]:
+    """Each teacher's logits at the target tokens of its task's rows (teacher weights swapped in).
+
+    Every rank runs every teacher (a one-row filler when it has no row of that task, its result
+    dropped): an expert-parallel forward is a collective.
+    """
+    out = {}
+    was_training, recording = module.training, module.context.record
+    module.eval()  # dropless, like evaluation
+    module.context.record = False
+    for task in sorted(retainer.teachers):
+        rows_B = (batch.task_ids_B == task).nonzero(as_tuple=True)[0]
+        sub = rows_B if len(rows_B) else torch.zeros(1, dtype=torch.long, device=rows_B.device)
+        with retainer.teacher_weights(task):
+            logits_NV = module(
+                batch.input_ids_BS[sub],
+                batch.attention_mask_BS[sub],
+                batch.loss_mask_BS[sub],
+                batch.task_ids_B[sub],
+                return_logits=True,
+            )[2]
+        if len(rows_B):
+            out[task] = logits_NV
+    module.train(was_training)
+    module.context.record = recording
+    return out
+
+
+def _retain_term(
+    student_logits_NV, batch: Batch, teachers: dict, retainer: QualityRetainer, counts_X, grad_scale: float
+) -> torch.Tensor:
+    """This micro-batch's Quality Retaining loss (see `mtmoe.balance.quality_retain`)."""
+    target_bi, _ = target_mask(batch.loss_mask_BS).nonzero(as_tuple=True)
+    task_N = batch.task_ids_B[target_bi]
+    kl_sums_X = student_logits_NV.new_zeros(retainer.num_tasks)
+    for task, teacher_NV in teachers.items():
+        mine_N = task_N == task  # the student's targets in this task's rows, in the teacher's order
+        kl_sums_X = kl_sums_X + distillation_sums(
+            student_logits_NV[mine_N], teacher_NV, task_N[mine_N], retainer.num_tasks
+        )
+    return retain_loss(kl_sums_X, counts_X, retainer.ce_X, retainer.coef, grad_scale)
 
 
 def _train_record(
