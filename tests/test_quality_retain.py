@@ -71,6 +71,7 @@ def test_a_real_run_takes_teachers_distills_and_resumes_bit_exactly(demo_data, t
     full = train_run(demo_data, tmp_path / "full", 2, 1, *QR)
     by_step = {r["step"]: r for r in records(full) if "loss" in r}
     assert by_step[1]["qr/teachers"] >= 1
+    assert any(k.startswith("val_loss/") for k in by_step[1])
     assert any(by_step[s]["qr/loss"] > 0 for s in range(2, 7))
     state = json.loads((full / "checkpoints" / "step_000003" / "state.json").read_text())
     assert state["quality"]["teachers"]

@@ -227,8 +227,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, placement: ExpertPlacemen
     expert = [
         p.grad for p in model.parameters() if p.requires_grad and p.grad is not None and is_expert_param(p)
     ]
-    dense_sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros(()))
-    expert_sq = sum((g.float().pow(2).sum() for g in expert), torch.zeros(()))
+    zero = torch.zeros((), device=grads[0].device if grads else None)
+    dense_sq = sum((g.float().pow(2).sum() for g in grads), zero)
+    expert_sq = sum((g.float().pow(2).sum() for g in expert), zero)
     if placement.ep_size > 1:
         dense_sq = dense_sq - expert_sq
         dist.all_reduce(expert_sq, group=placement.group)

@@ -116,8 +116,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps, start_step)
+    val = None  # the newest validation batch's (losses, present), when a validation stream runs
     if validation is not None and start_step == 0:
-        _observe_validation(validation, weighter, retainer, engine, device, 0)
+        val = _observe_validation(validation, weighter, retainer, engine, device, 0)
 
     model.set_recording(True)
     grad_scale = float(info.world_size * cfg.train.grad_accum)
@@ -157,7 +158,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 retainer.update_ema()
                 retainer.observe_train(task_loss_X, counts_X > 0)
             if validation is not None:
-                _observe_validation(validation, weighter, retainer, engine, device, step)
+                val = _observe_validation(validation, weighter, retainer, engine, device, step)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             record = _train_record(
@@ -179,6 +180,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 record[f"task_tokens_seen/{name}"] = int(counters.task_tokens_X[k])
             for task, name in enumerate(task_names):
                 record[f"epoch/{name}"] = sampler.epoch[task]
+            if val is not None:  # the validation batch that CoBa and Quality Retaining saw
+                val_X, present_X = val
+                for k, name in enumerate(known):
+                    if present_X[k]:
+                        record[f"val_loss/{name}"] = float(val_X[k])
             if retainer is not None:
                 record["qr/loss"] = qr_loss
                 record["qr/teachers"] = len(retainer.teachers)
@@ -282,12 +288,13 @@ def _loop_state(
     }
 
 
-def _observe_validation(validation, weighter, retainer, engine, device, step: int) -> None:
-    """One validation batch, fed to the weighter and to Quality Retaining."""
+def _observe_validation(validation, weighter, retainer, engine, device, step: int):
+    """One validation batch, fed to the weighter and to Quality Retaining; returns (losses, present)."""
     losses_X, present_X = validation.losses(engine.module, device)
     weighter.observe_validation(losses_X, present_X)
     if retainer is not None:
         retainer.observe_validation(losses_X, present_X, step)
+    return losses_X, present_X
 
 
 def _micro_batch(sampler: MixingSampler, shards: list, size: int, pad_id: int) -> Batch:
