@@ -1,9 +1,19 @@
-"""Merging expert deltas in weight space.
+"""Merging expert deltas in weight space: pure functions over a stack of ΔW tensors.
 
-ΔW = B·A per expert is formed first; A and B factors are never averaged separately (that adds cross
-terms between experts).
+ΔW = B·A per expert is formed first; A and B factors are never merged separately (that adds cross terms
+between experts, PEFT #3004). Every method takes `deltas_EOI` (one delta per expert, or per task) and
+returns one delta of shape (O, I) to add to the frozen weight.
 
-Shape legend: E experts, O output features, I input features.
+- `weighted_average`: Σ_e w_e ΔW_e, weights normalised (uniform = the plain average).
+- `task_arithmetic`: λ · Σ_e ΔW_e (Ilharco et al., 2023).
+- `ties`: trim each ΔW_e to its top-`density` magnitudes, elect a sign per entry by total mass, average
+  the entries that agree with it, times λ (Yadav et al., 2023).
+- `dare`: drop each entry with probability p and rescale the kept ones by 1/(1−p) (seeded), then task
+  arithmetic (Yu et al., 2024).
+- `breadcrumbs`: per ΔW_e, zero the largest β fraction (outliers) and the smallest γ fraction of
+  magnitudes, then task arithmetic (Davari & Belilovsky, 2024).
+
+Shape legend: E experts (or tasks), O output features, I input features.
 """
 
 from __future__ import annotations
@@ -11,8 +21,13 @@ from __future__ import annotations
 import torch
 
 
-def weighted_average(deltas_EOI: torch.Tensor, weights_E: torch.Tensor) -> torch.Tensor:
-    """sum_e w_e ΔW_e with the weights normalised to sum to one.
+def _check(deltas_EOI: torch.Tensor) -> None:
+    if deltas_EOI.dim() != 3 or deltas_EOI.shape[0] == 0:
+        raise ValueError(f"expected a stack of deltas (E, O, I), got shape {tuple(deltas_EOI.shape)}")
+
+
+def weighted_average(deltas_EOI: torch.Tensor, weights_E: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_e w_e ΔW_e with the weights normalised to sum to one (None = uniform).
 
     Args:
         deltas_EOI: Per-expert weight deltas.
@@ -21,9 +36,98 @@ def weighted_average(deltas_EOI: torch.Tensor, weights_E: torch.Tensor) -> torch
     Raises:
         ValueError: For a shape mismatch, negative weights or weights summing to zero.
     """
+    _check(deltas_EOI)
+    if weights_E is None:
+        weights_E = torch.ones(deltas_EOI.shape[0])
     if weights_E.shape != deltas_EOI.shape[:1]:
         raise ValueError(f"weights {tuple(weights_E.shape)} do not match {deltas_EOI.shape[0]} experts")
     if (weights_E < 0).any() or weights_E.sum() <= 0:
         raise ValueError("merge weights must be non-negative and not all zero")
     w_E = (weights_E / weights_E.sum()).to(deltas_EOI.dtype)
     return torch.einsum("e,eoi->oi", w_E, deltas_EOI)
+
+
+def task_arithmetic(deltas_EOI: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """λ · Σ_e ΔW_e."""
+    _check(deltas_EOI)
+    return lam * deltas_EOI.sum(0)
+
+
+def _keep_top(delta_OI: torch.Tensor, density: float) -> torch.Tensor:
+    """`delta_OI` with all but its ⌈density·n⌉ largest magnitudes set to zero (ties broken by position)."""
+    n = delta_OI.numel()
+    k = max(0, min(n, int(torch.tensor(density * n).ceil())))
+    flat = delta_OI.reshape(-1)
+    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k:
+        keep[flat.abs().topk(k).indices] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(delta_OI.shape)
+
+
+def ties(deltas_EOI: torch.Tensor, density: float = 0.2, lam: float = 1.0) -> torch.Tensor:
+    """TIES merging: trim, elect sign, disjoint mean, times λ.
+
+    Args:
+        deltas_EOI: Per-expert deltas.
+        density: Fraction of each delta's entries (by magnitude) that survive the trim.
+        lam: Scale of the merged delta.
+    """
+    _check(deltas_EOI)
+    if not 0 < density <= 1:
+        raise ValueError(f"ties density must be in (0, 1], got {density}")
+    trimmed_EOI = torch.stack([_keep_top(d, density) for d in deltas_EOI])
+    sign_OI = torch.sign(trimmed_EOI.sum(0))  # the sign with the larger total mass
+    agree_EOI = (torch.sign(trimmed_EOI) == sign_OI) & (trimmed_EOI != 0)
+    count_OI = agree_EOI.sum(0).clamp_min(1)
+    return lam * (trimmed_EOI * agree_EOI).sum(0) / count_OI
+
+
+def dare(deltas_EOI: torch.Tensor, drop: float = 0.5, lam: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """DARE: drop entries with probability `drop`, rescale survivors by 1/(1−drop), then λ · Σ.
+
+    Args:
+        deltas_EOI: Per-expert deltas.
+        drop: Drop probability p in [0, 1).
+        lam: Scale of the merged delta.
+        seed: Seed of the drop masks (the same seed gives the same merge).
+    """
+    _check(deltas_EOI)
+    if not 0 <= drop < 1:
+        raise ValueError(f"dare drop rate must be in [0, 1), got {drop}")
+    gen = torch.Generator().manual_seed(seed)
+    keep_EOI = (torch.rand(deltas_EOI.shape, generator=gen) >= drop).to(deltas_EOI.device)
+    return task_arithmetic(deltas_EOI * keep_EOI / (1 - drop), lam)
+
+
+def breadcrumbs(
+    deltas_EOI: torch.Tensor, beta: float = 0.01, gamma: float = 0.8, lam: float = 1.0
+) -> torch.Tensor:
+    """Model breadcrumbs: per delta, drop the top-β outliers and the bottom-γ small entries, then λ · Σ.
+
+    Args:
+        deltas_EOI: Per-expert deltas.
+        beta: Fraction of the largest magnitudes removed.
+        gamma: Fraction of the smallest magnitudes removed.
+        lam: Scale of the merged delta.
+    """
+    _check(deltas_EOI)
+    if not (0 <= beta and 0 <= gamma and beta + gamma < 1):
+        raise ValueError(f"breadcrumbs needs beta, gamma >= 0 with beta + gamma < 1, got {beta}, {gamma}")
+    masked = []
+    for d_OI in deltas_EOI:
+        n = d_OI.numel()
+        order = d_OI.abs().reshape(-1).argsort()  # ascending magnitude
+        keep = torch.zeros(n, dtype=torch.bool, device=d_OI.device)
+        low, high = int(round(gamma * n)), n - int(round(beta * n))
+        keep[order[low:high]] = True
+        masked.append(torch.where(keep.reshape(d_OI.shape), d_OI, torch.zeros_like(d_OI)))
+    return task_arithmetic(torch.stack(masked), lam)
+
+
+METHODS = {
+    "average": weighted_average,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare": dare,
+    "breadcrumbs": breadcrumbs,
+}
