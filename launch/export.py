@@ -1,9 +1,18 @@
 """Fold a trained MoE-LoRA run into a dense Hugging Face model of the base architecture.
 
-    python launch/export.py --run runs/demo --out runs/demo/dense [--weights utilization|uniform]
+    python launch/export.py --run runs/demo --out runs/demo/dense \
+        [--task all|NAME] [--weights utilization|uniform] [--prune N [--prune-by utilization|random]] \
+        [--merge average|task_arithmetic|ties|dare|breadcrumbs [--lam L --density D --drop P ...]] \
+        [--peft-rank R]
 
-Each FFN becomes base + sum_e u_e ΔW_e (ΔW_e = B_e·A_e, u_e the expert's share of gate mass on the
-held-out set); attention LoRA is folded exactly. The output loads with plain transformers.
+Each FFN becomes base + merge_e(ΔW_e) (ΔW_e = B_e·A_e). The experts are weighed by their share of
+gate mass on the held-out set, over all tasks or for one `--task`; `--prune N` keeps the N experts of
+each layer with the largest share (or N at random) and renormalises over them. Attention LoRA folds
+exactly. The output loads with plain transformers.
+
+It also writes `<out>/export_report.json`: per task, the held-out loss of the base, the trained MoE and
+the export, and the share of the MoE's gain over the base that the export keeps. `--peft-rank R` also
+writes a PEFT LoRA adapter per task (and `all`) under `<out>/adapters/`, for multi-LoRA serving.
 """
 
 from __future__ import annotations
@@ -12,31 +21,114 @@ import argparse
 import json
 from pathlib import Path
 
-from mtmoe.runtime import configure_process, set_torch_threads  # noqa: E402
+from mtmoe.runtime import configure_process, set_torch_threads
 
 configure_process()
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Exports and returns the output folder."""
+def parse_args(argv: list[str] | None):
+    """The command line."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run", required=True, type=Path, help="the run directory (train.output_dir)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the HF folder")
-    parser.add_argument("--weights", default="utilization", help="expert merge weights: utilization|uniform")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--task", default="all", help="weigh experts for this task's data (default: all tasks)"
+    )
+    parser.add_argument("--weights", default="utilization", help="expert weights: utilization|uniform")
+    parser.add_argument("--prune", type=int, default=0, help="keep only N experts per layer (0 = all)")
+    parser.add_argument("--prune-by", default="utilization", help="which experts to keep: utilization|random")
+    parser.add_argument("--merge", default="average", help="average|task_arithmetic|ties|dare|breadcrumbs")
+    parser.add_argument(
+        "--lam", type=float, default=None, help="λ of the summing methods (default 1/n, TIES 1)"
+    )
+    parser.add_argument("--density", type=float, default=0.2, help="TIES: fraction of entries kept")
+    parser.add_argument("--drop", type=float, default=0.5, help="DARE: drop rate")
+    parser.add_argument("--beta", type=float, default=0.01, help="breadcrumbs: outlier fraction removed")
+    parser.add_argument("--gamma", type=float, default=0.8, help="breadcrumbs: small-entry fraction removed")
+    parser.add_argument("--seed", type=int, default=0, help="DARE's masks and random pruning")
+    parser.add_argument(
+        "--peft-rank", type=int, default=0, help="also write per-task PEFT adapters of this rank"
+    )
+    return parser.parse_args(argv)
 
-    from mtmoe.export.dense import fold_to_dense, save_dense
-    from mtmoe.export.run import load_trained_model, merge_shares
+
+def main(argv: list[str] | None = None) -> Path:
+    """Exports and returns the output folder."""
+    args = parse_args(argv)
+
+    from mtmoe.data.shards import load_manifest, open_shard
+    from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
+    from mtmoe.eval.utilization import load_utilization
+    from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas, save_dense
+    from mtmoe.export.peft_adapters import write_adapter
+    from mtmoe.export.prune import expert_shares, keep_experts
+    from mtmoe.export.run import load_trained_model
+    from mtmoe.model.moe_lm import build_base
 
     set_torch_threads()
-    shares = merge_shares(args.run, args.weights)
     cfg, model, tokenizer = load_trained_model(args.run)
-    lm = fold_to_dense(model, shares)
+    util_path = args.run / "utilization.json"
+    if args.weights not in ("utilization", "uniform"):
+        raise ValueError(f"--weights {args.weights!r}: expected utilization|uniform")
+    if (args.weights == "utilization" or args.prune) and not util_path.exists():
+        raise ValueError(f"{util_path} is missing (it is written at the end of training)")
+    util = load_utilization(util_path) if util_path.exists() else None
+    task = None if args.task == "all" else args.task
+
+    def shares_for(t):
+        return expert_shares(util, t) if args.weights == "utilization" else None
+
+    shares = shares_for(task)
+    kept = None
+    if args.prune:
+        kept = keep_experts(shares or expert_shares(util, task), args.prune, args.prune_by, args.seed)
+    spec = MergeSpec(args.merge, args.lam, args.density, args.drop, args.beta, args.gamma, args.seed)
+
+    manifest = load_manifest(Path(cfg.data.tokenized))
+    shards = [open_shard(manifest, t.name, "eval") for t in manifest.tasks]
+    pad, n = tokenizer.pad_token_id, cfg.data.eval_max_samples
+    losses = {"moe": heldout_losses(lambda *b: model(*b)[0], shards, pad, 8, n)}
+    if args.peft_rank:
+        base_for_adapters = args.out / "adapters"
+        for name in ["all", *(s.name for s in shards)]:
+            deltas = merged_deltas(model, shares_for(None if name == "all" else name), kept, spec)
+            write_adapter(build_base(cfg, len(tokenizer)), deltas, args.peft_rank, base_for_adapters / name)
+    lm = fold_to_dense(model, shares, kept, spec)
     save_dense(lm, tokenizer, args.out)
-    info = {"run": str(args.run), "weights": args.weights, "base": cfg.model.base}
-    (args.out / "mtmoe_export.json").write_text(json.dumps(info, indent=1))
+    losses["export"] = heldout_losses(hf_loss_fn(lm.eval()), shards, pad, 8, n)
+    losses["base"] = heldout_losses(hf_loss_fn(build_base(cfg, len(tokenizer)).eval()), shards, pad, 8, n)
+
+    options = {
+        "run": str(args.run),
+        "base": cfg.model.base,
+        "task": args.task,
+        "weights": args.weights,
+        "prune": args.prune,
+        "prune_by": args.prune_by if args.prune else None,
+        "kept_experts": {str(k): v for k, v in kept.items()} if kept else None,
+        "merge": vars(spec),
+        "peft_rank": args.peft_rank,
+    }
+    report = {"options": options, "tasks": {}}
+    for s in shards:
+        base, moe, export = (losses[k][s.name]["loss"] for k in ("base", "moe", "export"))
+        gain = base - moe
+        report["tasks"][s.name] = {
+            "base_loss": base,
+            "moe_loss": moe,
+            "export_loss": export,
+            "gain_kept": (base - export) / gain if abs(gain) > 1e-12 else None,
+        }
+        kept_txt = (
+            "n/a"
+            if report["tasks"][s.name]["gain_kept"] is None
+            else f"{report['tasks'][s.name]['gain_kept']:.1%}"
+        )
+        print(f"[mtmoe] {s.name}: base {base:.4f}  moe {moe:.4f}  export {export:.4f}  gain kept {kept_txt}")
+    (args.out / "export_report.json").write_text(json.dumps(report, indent=1))
+    (args.out / "mtmoe_export.json").write_text(json.dumps(options, indent=1))
     print(f"[mtmoe] exported a dense {type(lm).__name__} to {args.out}")
     return args.out
 

@@ -2,47 +2,128 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mtmoe.export.merge import weighted_average
+from mtmoe.export.merge import METHODS
 from mtmoe.model.experts import PROJECTIONS
 from mtmoe.model.inject import decoder_layers, lora_linears, moe_blocks
 from mtmoe.model.moe_lm import MoELM
 
 
-@torch.no_grad()
-def fold_to_dense(model: MoELM, shares: dict[int, torch.Tensor] | None) -> PreTrainedModel:
-    """Folds every MoE-LoRA block and attention LoRA into the base weights, in place on `model.lm`.
+@dataclass(frozen=True)
+class MergeSpec:
+    """How each block's experts become one delta.
 
-    Each block becomes its base FFN plus the weighted average of the experts' ΔW; each attention LoRA
-    becomes its base linear plus its (exact) ΔW.
+    Every method sees D_e = n·u_e·ΔW_e for the n kept experts, with u the expert shares renormalised over
+    them; with uniform shares that is each expert's own delta. `average` then gives Σ u_e ΔW_e; the
+    summing methods (`task_arithmetic`, `dare`, `breadcrumbs`) default to λ = 1/n, the same scale; `ties`
+    averages the agreeing entries, λ = 1.
+
+    Attributes:
+        method: A key of `mtmoe.export.merge.METHODS`.
+        lam: λ (None = the method's natural scale above).
+        density: TIES' kept fraction.
+        drop: DARE's drop rate.
+        beta: Breadcrumbs' outlier fraction.
+        gamma: Breadcrumbs' small-entry fraction.
+        seed: DARE's seed.
+    """
+
+    method: str = "average"
+    lam: float | None = None
+    density: float = 0.2
+    drop: float = 0.5
+    beta: float = 0.01
+    gamma: float = 0.8
+    seed: int = 0
+
+    def merge(self, deltas_EOI: torch.Tensor, shares_E: torch.Tensor) -> torch.Tensor:
+        """One merged delta from the kept experts' deltas and their (renormalised) shares."""
+        if self.method not in METHODS:
+            raise ValueError(f"--merge {self.method!r}: expected one of {sorted(METHODS)}")
+        n = len(shares_E)
+        if self.method == "average":
+            return METHODS["average"](deltas_EOI, shares_E)
+        d_EOI = deltas_EOI * (n * shares_E).to(deltas_EOI.dtype)[:, None, None]
+        lam = self.lam if self.lam is not None else (1.0 if self.method == "ties" else 1.0 / n)
+        if self.method == "task_arithmetic":
+            return METHODS["task_arithmetic"](d_EOI, lam)
+        if self.method == "ties":
+            return METHODS["ties"](d_EOI, self.density, lam)
+        if self.method == "dare":
+            return METHODS["dare"](d_EOI, self.drop, lam, self.seed)
+        return METHODS["breadcrumbs"](d_EOI, self.beta, self.gamma, lam)
+
+
+@torch.no_grad()
+def merged_deltas(
+    model: MoELM,
+    shares: dict[int, torch.Tensor] | None,
+    kept: dict[int, list[int]] | None = None,
+    spec: MergeSpec = MergeSpec(),
+) -> dict[str, torch.Tensor]:
+    """The weight delta of every linear the export changes, by its module name in the HF model.
+
+    FFN projections get the merge of their block's kept experts; attention projections their exact
+    LoRA delta. Deltas are float64, in `nn.Linear` layout (out, in).
 
     Args:
         model: The trained model.
         shares: Per layer, the merge weight of each expert (e.g. its share of gate mass on held-out
             data); None weighs experts equally.
+        kept: Per layer, the experts to keep (None = all); their shares are renormalised.
+        spec: The merge method and its parameters.
+    """
+    lm = model.lm
+    deltas = {}
+    for i, block in moe_blocks(lm).items():
+        E = block.router.num_experts
+        w_E = shares[i].double() if shares is not None else torch.full((E,), 1.0 / E, dtype=torch.float64)
+        keep = kept[i] if kept is not None else list(range(E))
+        total = w_E[keep].sum()
+        u_E = (
+            w_E[keep] / total if total > 0 else torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64)
+        )
+        for proj in PROJECTIONS:
+            deltas[f"model.layers.{i}.mlp.{proj}_proj"] = spec.merge(
+                block.experts.weight_delta(proj).double()[keep], u_E
+            )
+    for name, lora in lora_linears(lm).items():
+        deltas[name] = lora.weight_delta().double()
+    return deltas
+
+
+@torch.no_grad()
+def fold_to_dense(
+    model: MoELM,
+    shares: dict[int, torch.Tensor] | None,
+    kept: dict[int, list[int]] | None = None,
+    spec: MergeSpec = MergeSpec(),
+) -> PreTrainedModel:
+    """Folds every MoE-LoRA block and attention LoRA into the base weights, in place on `model.lm`.
+
+    Each block becomes its base FFN plus the merge of its kept experts' ΔW (`merged_deltas`); each
+    attention LoRA becomes its base linear plus its exact ΔW.
 
     Returns:
         The dense HF model (the same object as `model.lm`).
     """
     lm = model.lm
+    deltas = merged_deltas(model, shares, kept, spec)
     layers = decoder_layers(lm)
     for i, block in moe_blocks(lm).items():
-        E = block.router.num_experts
-        w_E = shares[i] if shares is not None else torch.ones(E, dtype=torch.float64)
-        for proj in PROJECTIONS:
-            linear = getattr(block.base, f"{proj}_proj")
-            delta_OI = weighted_average(block.experts.weight_delta(proj).double(), w_E.double())
-            linear.weight.add_(delta_OI.to(linear.weight.dtype))
         layers[i].mlp = block.base
     for name, lora in lora_linears(lm).items():
-        lora.base.weight.add_(lora.weight_delta().to(lora.base.weight.dtype))
         parent_name, _, attr = name.rpartition(".")
         setattr(lm.get_submodule(parent_name), attr, lora.base)
+    for name, delta_OI in deltas.items():
+        linear = lm.get_submodule(name)
+        linear.weight.add_(delta_OI.to(linear.weight.dtype))
     for p in lm.parameters():
         p.requires_grad_(True)
     return lm

@@ -28,6 +28,7 @@ from mtmoe.config import Config, to_dict
 from mtmoe.data.collate import Batch, collate
 from mtmoe.data.sampler import MixingSampler
 from mtmoe.data.shards import load_manifest, open_shard
+from mtmoe.eval.heatmap import write_heatmaps
 from mtmoe.eval.heldout import heldout_losses
 from mtmoe.eval.utilization import gather_utilization, layer_shares, save_utilization
 from mtmoe.model.base import load_tokenizer, resolve_base
@@ -221,9 +222,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
     train_stats = {"world_size": info.world_size, "ep_size": placement.ep_size, **counters.to_state()}
-    result = _final_report(cfg, model, known, losses, train_stats, run_dir, info.is_main)
+    result, util = _final_report(cfg, model, known, losses, train_stats, run_dir, info.is_main)
     if info.is_main:
         logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, cfg.train.steps)
+        logger.log_utilization(util, cfg.train.steps)
     logger.close()
     return result
 
@@ -244,8 +246,10 @@ def _select_tasks(cfg: Config, manifest) -> tuple[list[str], list[str]]:
     return known, task_names
 
 
-def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path, is_main: bool) -> dict:
-    """Writes eval.json and utilization.json (rank 0) and returns the final evaluation."""
+def _final_report(
+    cfg: Config, model: MoELM, known, losses, stats, run_dir: Path, is_main: bool
+) -> tuple[dict, dict]:
+    """Writes eval.json, utilization.json and its heatmaps (rank 0); returns (evaluation, utilization)."""
     util = gather_utilization(model.lm, known)  # a collective: every rank calls it
     result = {
         "step": cfg.train.steps,
@@ -263,8 +267,9 @@ def _final_report(cfg: Config, model: MoELM, known, losses, stats, run_dir: Path
     }
     if is_main:
         save_utilization(util, run_dir / "utilization.json")
+        write_heatmaps(util, run_dir / "utilization")
         (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-    return result
+    return result, util
 
 
 def _loop_state(

@@ -61,6 +61,22 @@ class MetricsLogger:
             self._bar.n = step
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in console.items()}, refresh=True)
 
+    def log_utilization(self, util: dict, step: int) -> None:
+        """Logs a wandb table per layer: rows are tasks, columns each expert's share of their gate mass."""
+        if not self.enabled or self._wandb is None:
+            return
+        import wandb
+
+        from mtmoe.eval.heatmap import task_shares
+
+        tables = {}
+        for layer in sorted(util["layers"], key=int):
+            shares_XE = task_shares(util, layer)
+            columns = ["task", *(f"e{e}" for e in range(shares_XE.shape[1]))]
+            rows = [[task, *row] for task, row in zip(util["tasks"], shares_XE.tolist(), strict=True)]
+            tables[f"utilization/L{int(layer):02d}"] = wandb.Table(columns=columns, data=rows)
+        self._wandb.log(tables, step=step)
+
     def close(self) -> None:
         """Flushes and closes every sink."""
         if not self.enabled:
