@@ -1,0 +1,179 @@
+"""Export options: expert selection by utilization, pruning, merge scaling, heatmap PNGs, PEFT adapters,
+and the export command's report on a real (tiny) run."""
+
+import json
+import struct
+import sys
+import zlib
+
+import pytest
+import torch
+from conftest import run_cmd
+from test_export import _model
+
+from mtmoe.config import load_config
+from mtmoe.eval.heatmap import BLUE, WHITE, heatmap_rgb, png_bytes, task_shares
+from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas
+from mtmoe.export.peft_adapters import lora_factors, write_adapter
+from mtmoe.export.prune import expert_shares, keep_experts, renormalise
+from mtmoe.model.inject import moe_blocks
+from mtmoe.model.moe_lm import build_base
+
+UTIL = {
+    "tasks": ["a", "b"],
+    "num_experts": 4,
+    "layers": {
+        "0": {"mass": [[4.0, 0.0, 3.0, 1.0], [0.0, 6.0, 2.0, 0.0]], "tokens": [[1, 1, 1, 1], [1, 1, 1, 1]]},
+        "1": {"mass": [[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], "tokens": [[0, 0, 0, 0], [4, 4, 4, 4]]},
+    },
+}
+
+
+def test_expert_shares_over_all_tasks_or_one():
+    s = expert_shares(UTIL)
+    torch.testing.assert_close(s[0], torch.tensor([4.0, 6.0, 5.0, 1.0], dtype=torch.float64) / 16)
+    torch.testing.assert_close(
+        expert_shares(UTIL, "a")[0], torch.tensor([0.5, 0.0, 0.375, 0.125], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        expert_shares(UTIL, "a")[1], torch.full((4,), 0.25, dtype=torch.float64)
+    )  # saw nothing
+    with pytest.raises(ValueError, match="--task 'c'"):
+        expert_shares(UTIL, "c")
+
+
+def test_pruning_keeps_the_most_used_experts_or_a_seeded_random_set():
+    s = expert_shares(UTIL)
+    assert keep_experts(s, 2) == {0: [1, 2], 1: [0, 1]}  # layer 1 ties: lower ids first
+    r1, r2 = keep_experts(s, 2, "random", seed=3), keep_experts(s, 2, "random", seed=3)
+    assert r1 == r2 and all(len(v) == 2 for v in r1.values())
+    torch.testing.assert_close(
+        renormalise(s, {0: [1, 2], 1: [0, 1]})[0], torch.tensor([0, 6 / 11, 5 / 11, 0], dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="--prune 5"):
+        keep_experts(s, 5)
+    with pytest.raises(ValueError, match="--prune-by"):
+        keep_experts(s, 2, "magic")
+
+
+def _base():
+    """The frozen base that `_model` injects into (tiny-llama is seeded by train.seed)."""
+    block = next(iter(moe_blocks(_model().lm).values()))
+    cfg = load_config(
+        None,
+        [
+            "model.base=tiny-llama",
+            "model.tiny={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,"
+            " num_attention_heads: 4, num_key_value_heads: 2}",
+        ],
+    )
+    base = build_base(cfg, 64)
+    assert torch.equal(base.model.layers[0].mlp.up_proj.weight, block.base.up_proj.weight)
+    return base
+
+
+def _trained_like():
+    model = _model()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_pruned_average_uses_only_the_kept_experts_with_renormalised_shares():
+    model = _trained_like()
+    shares = {0: torch.tensor([0.1, 0.2, 0.3, 0.4]), 1: torch.full((4,), 0.25)}
+    kept = {0: [1, 3], 1: [0, 1, 2, 3]}
+    deltas = merged_deltas(model, shares, kept)
+    block = moe_blocks(model.lm)[0]
+    dw = block.experts.weight_delta("up").double()
+    torch.testing.assert_close(deltas["model.layers.0.mlp.up_proj"], (0.2 * dw[1] + 0.4 * dw[3]) / 0.6)
+
+
+def test_summing_methods_default_to_the_average_scale():
+    model = _trained_like()
+    avg = merged_deltas(model, None)
+    for method in ("task_arithmetic", "dare"):
+        spec = MergeSpec(method, drop=0.0)
+        other = merged_deltas(model, None, spec=spec)
+        for k in avg:
+            torch.testing.assert_close(other[k], avg[k])
+    with pytest.raises(ValueError, match="--merge 'magic'"):
+        merged_deltas(model, None, spec=MergeSpec("magic"))
+
+
+def _decode_png(data):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    raw = zlib.decompress(chunks[b"IDAT"])
+    rows = [raw[i * (1 + 3 * width) + 1 : (i + 1) * (1 + 3 * width)] for i in range(height)]
+    return width, height, depth, color, rows
+
+
+def test_heatmap_png_is_a_valid_image_of_the_task_shares():
+    shares = task_shares(UTIL, "0")
+    torch.testing.assert_close(shares.sum(1), torch.ones(2, dtype=torch.float64))
+    width, height, depth, color, rows = _decode_png(png_bytes(heatmap_rgb(shares, cell=5)))
+    assert (width, height, depth, color) == (20, 10, 8, 2)
+    # pixel x of a row is bytes 3x..3x+2; expert 1 covers x = 5..9, task b rows 5..9
+    blend = tuple(round(w * 0.25 + b * 0.75) for w, b in zip(WHITE, BLUE, strict=True))
+    assert tuple(rows[7][15:18]) == blend  # task b, expert 1: share 0.75
+    assert tuple(rows[0][15:18]) == WHITE  # task a, expert 1: share 0
+
+
+def test_svd_factors_reproduce_a_low_rank_delta():
+    torch.manual_seed(0)
+    delta = torch.randn(12, 3, dtype=torch.float64) @ torch.randn(3, 10, dtype=torch.float64)
+    a, b = lora_factors(delta, 3)
+    torch.testing.assert_close(b @ a, delta)
+    a2, b2 = lora_factors(delta, 1)
+    assert a2.shape == (1, 10) and torch.linalg.matrix_rank(b2 @ a2) == 1
+
+
+def test_peft_adapter_on_the_base_reproduces_the_dense_export(tmp_path):
+    from peft import PeftModel
+
+    model = _trained_like()
+    deltas = merged_deltas(model, None)
+    write_adapter(_base(), deltas, rank=16, out=tmp_path / "adapter")  # 4 experts x rank 4 = 16
+    base = _base()  # the plain base model: no mtmoe module in it
+    served = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    dense = fold_to_dense(model, None).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            served(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+def test_export_command_reports_the_gain_kept_and_writes_adapters(demo_data, tmp_path):
+    run = tmp_path / "run"
+    run_cmd([sys.executable, "launch/train.py", "--config", "launch/recipes/tiny.yaml",
+             f"data.tokenized={demo_data}", f"train.output_dir={run}"])  # fmt: skip
+    assert sorted(p.name for p in (run / "utilization").iterdir()) == ["L00.png", "L01.png"]
+    out = tmp_path / "export"
+    run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", out, "--task", "codegen",
+             "--prune", "2", "--merge", "ties", "--density", "0.5", "--peft-rank", "8"])  # fmt: skip
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["options"]["task"] == "codegen" and report["options"]["merge"]["method"] == "ties"
+    assert all(len(v) == 2 for v in report["options"]["kept_experts"].values())
+    for t in report["tasks"].values():
+        expected = (t["base_loss"] - t["export_loss"]) / (t["base_loss"] - t["moe_loss"])
+        assert t["gain_kept"] == pytest.approx(expected)
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == [
+        "all",
+        "codegen",
+        "docstring",
+        "translate",
+    ]
+    assert (out / "adapters" / "codegen" / "adapter_config.json").exists()
