@@ -6,7 +6,8 @@
         [--peft-rank R]
 
 Each FFN becomes base + merge_e(ΔW_e) (ΔW_e = B_e·A_e). The experts are weighed by their share of
-gate mass on the held-out set, over all tasks or for one `--task`; `--prune N` keeps the N experts of
+gate mass on the held-out set, over all tasks or for one `--task` (a run trained with router fading
+uses the shares it faded toward, so the export is exactly the final model); `--prune N` keeps the N experts of
 each layer with the largest share (or N at random) and renormalises over them. Attention LoRA folds
 exactly. The output loads with plain transformers.
 
@@ -36,7 +37,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--task", default="all", help="weigh experts for this task's data (default: all tasks)"
     )
-    parser.add_argument("--weights", default="utilization", help="expert weights: utilization|uniform")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        help="expert weights: utilization|uniform|fade (auto: fade for a run that faded, else utilization)",
+    )
     parser.add_argument("--prune", type=int, default=0, help="keep only N experts per layer (0 = all)")
     parser.add_argument("--prune-by", default="utilization", help="which experts to keep: utilization|random")
     parser.add_argument("--merge", default="average", help="average|task_arithmetic|ties|dare|breadcrumbs")
@@ -64,21 +69,27 @@ def main(argv: list[str] | None = None) -> Path:
     from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas, save_dense
     from mtmoe.export.peft_adapters import write_adapter
     from mtmoe.export.prune import expert_shares, keep_experts
-    from mtmoe.export.run import load_trained_model
+    from mtmoe.export.run import fade_shares, load_trained_model
     from mtmoe.model.moe_lm import build_base
 
     set_torch_threads()
     cfg, model, tokenizer = load_trained_model(args.run)
     util_path = args.run / "utilization.json"
-    if args.weights not in ("utilization", "uniform"):
-        raise ValueError(f"--weights {args.weights!r}: expected utilization|uniform")
-    if (args.weights == "utilization" or args.prune) and not util_path.exists():
+    faded = fade_shares(args.run)
+    weights = ("fade" if faded else "utilization") if args.weights == "auto" else args.weights
+    if weights not in ("utilization", "uniform", "fade"):
+        raise ValueError(f"--weights {args.weights!r}: expected auto|utilization|uniform|fade")
+    if weights == "fade" and (faded is None or args.task != "all"):
+        raise ValueError("--weights fade needs a run trained with moe.fade_fraction > 0 and --task all")
+    if (weights == "utilization" or args.prune) and not util_path.exists():
         raise ValueError(f"{util_path} is missing (it is written at the end of training)")
     util = load_utilization(util_path) if util_path.exists() else None
     task = None if args.task == "all" else args.task
 
     def shares_for(t):
-        return expert_shares(util, t) if args.weights == "utilization" else None
+        if weights == "fade" and t is None:
+            return faded
+        return expert_shares(util, t) if weights in ("utilization", "fade") else None
 
     shares = shares_for(task)
     kept = None
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> Path:
         "run": str(args.run),
         "base": cfg.model.base,
         "task": args.task,
-        "weights": args.weights,
+        "weights": weights,
         "prune": args.prune,
         "prune_by": args.prune_by if args.prune else None,
         "kept_experts": {str(k): v for k, v in kept.items()} if kept else None,

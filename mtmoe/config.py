@@ -52,6 +52,10 @@ class MoEConfig:
         normalize_top_k: Renormalise the top-k gate weights to sum to one. With it, a freshly injected
             model (LoRA B factors at zero) computes exactly the base model.
         router_init_std: Standard deviation of the router's initial weights.
+        fade_fraction: Router fading over this final fraction of training: every block blends from the
+            routed MoE to its merged expert (W + Σ_e u_e ΔW_e, u = the experts' gate-mass shares measured
+            on held-out data when fading starts), ending exactly at the model the export writes.
+        fade_schedule: How the blend weight α goes from 1 to 0: `linear` or `cosine`.
         attn_lora_rank: Rank of plain LoRA on the attention projections; 0 disables it.
         attn_lora_alpha: Alpha of the attention LoRA.
         attn_targets: Attention projections that get LoRA.
@@ -64,6 +68,8 @@ class MoEConfig:
     layers: str | list[int] = "all"
     aux_loss_coef: float = 0.01
     capacity_factor: float = 0.0
+    fade_fraction: float = 0.0
+    fade_schedule: str = "linear"
     normalize_top_k: bool = True
     router_init_std: float = 0.02
     attn_lora_rank: int = 0
@@ -235,6 +241,13 @@ class Config:
         _check(m.attn_lora_rank >= 0, "moe.attn_lora_rank", ">= 0")
         _check(m.aux_loss_coef >= 0, "moe.aux_loss_coef", ">= 0")
         _check(m.capacity_factor >= 0, "moe.capacity_factor", ">= 0 (0 = dropless)")
+        _check(0 <= m.fade_fraction < 1, "moe.fade_fraction", "in [0, 1)")
+        _check(m.fade_schedule in ("linear", "cosine"), "moe.fade_schedule", "linear|cosine")
+        _check(
+            m.fade_fraction == 0 or p.ep_size == 1,
+            "moe.fade_fraction",
+            "0 with parallel.ep_size > 1 (the merged expert needs every expert on every rank)",
+        )
         _check(m.layers == "all" or isinstance(m.layers, list), "moe.layers", "'all' or a list of ints")
         _check(
             d.mixing in ("proportional", "temperature", "uniform"),

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 from conftest import run_cmd
-from runs import drops, final, link_checkpoint, losses, train_run
 from safetensors.torch import load_file
+from training_runs import drops, final, link_checkpoint, losses, train_run
 
 pytestmark = pytest.mark.timeout(400)  # a hung collective fails the test instead of blocking CI
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from runs import final, link_checkpoint, losses, records, train_run
 from torch import nn
+from training_runs import final, link_checkpoint, losses, records, train_run
 
 from mtmoe.balance.quality_retain import QualityRetainer, distillation_sums, retain_loss
 

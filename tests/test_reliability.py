@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, run_cmd
-from runs import TINY, final, link_checkpoint, losses, records, train_run
+from training_runs import TINY, final, link_checkpoint, losses, records, train_run
 
 from mtmoe.parallel.dist import free_port
 

@@ -9,12 +9,12 @@ import yaml
 
 from mtmoe.config import Config, load_config
 from mtmoe.data.shards import load_manifest
-from mtmoe.eval.utilization import layer_shares, load_utilization
 from mtmoe.export.dense import load_trainable
 from mtmoe.model.base import load_tokenizer, resolve_base
 from mtmoe.model.moe_lm import MoELM, build_model
 from mtmoe.train import checkpoint
 from mtmoe.train.checkpoint import latest_tag
+from mtmoe.train.fading import fade_alpha, set_fade_shares
 
 
 def run_config(run_dir: Path) -> Config:
@@ -46,18 +46,16 @@ def load_trained_model(run_dir: Path, tag: str | None = None) -> tuple[Config, M
     model = build_model(cfg, len(tokenizer), len(manifest.tasks))
     if latest_tag(run_dir) is None:
         raise ValueError(f"--run {run_dir}: no checkpoint")
-    weights, _, _ = checkpoint.read(run_dir, tag)
+    weights, _, state = checkpoint.read(run_dir, tag)
     load_trainable(model, weights)
+    if state.get("fade_shares"):  # a faded run: its blocks are where the fading left them
+        set_fade_shares(model.lm, {int(k): v for k, v in state["fade_shares"].items()})
+        model.context.fade_alpha = fade_alpha(cfg, state["step"])
     return cfg, model.eval(), tokenizer
 
 
-def merge_shares(run_dir: Path, weighting: str) -> dict[int, torch.Tensor] | None:
-    """Per-layer expert merge weights: `utilization` (gate mass on held-out data) or `uniform`."""
-    if weighting == "uniform":
-        return None
-    if weighting != "utilization":
-        raise ValueError(f"--weights: unknown value {weighting!r} (utilization|uniform)")
-    path = run_dir / "utilization.json"
-    if not path.exists():
-        raise ValueError(f"--weights utilization: {path} is missing (it is written at the end of training)")
-    return layer_shares(load_utilization(path), "mass")
+def fade_shares(run_dir: Path, tag: str | None = None) -> dict[int, torch.Tensor] | None:
+    """The expert shares a faded run blended toward (None when the run did not fade)."""
+    _, _, state = checkpoint.read(run_dir, tag)
+    shares = state.get("fade_shares")
+    return {int(k): torch.tensor(v, dtype=torch.float64) for k, v in shares.items()} if shares else None

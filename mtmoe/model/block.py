@@ -4,6 +4,10 @@ For SwiGLU with experts W_e = W + ΔW_e:
     sum_e g_e (W2 + ΔW2_e) h_e = W2 (sum_e g_e h_e) + sum_e g_e ΔW2_e h_e,
 so W1 and W3 run once on x and W2 once on the gate-weighted sum: one dense FFN plus K small LoRA paths.
 
+Router fading (`moe.fade_fraction`) blends the block toward its merged expert, the FFN with
+W + Σ_e u_e ΔW_e (u = each expert's measured share): out = α·MoE(x) + (1−α)·merged(x), α → 0. At α = 0
+the block is exactly the dense FFN that the export folds to.
+
 Under expert parallelism the LoRA paths of an assignment run on the rank that owns its expert: the rank
 sends the row [x, W1 x, W3 x] and gets back [h_e, ΔW2_e h_e] (see `mtmoe.parallel.expert_parallel`).
 
@@ -36,6 +40,7 @@ class RoutingContext:
         aux_losses: Auxiliary losses appended by the blocks during the current forward.
         routed: Assignments of real tokens since the last reset (training forwards only).
         dropped: Of those, how many were over capacity.
+        fade_alpha: Router fading: the blocks compute α·(routed MoE) + (1−α)·(merged expert); 1 = off.
     """
 
     valid_T: torch.Tensor | None = None
@@ -45,6 +50,7 @@ class RoutingContext:
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     routed: int = 0
     dropped: int = 0
+    fade_alpha: float = 1.0
 
 
 class MoELoRAFFN(nn.Module):
@@ -75,6 +81,8 @@ class MoELoRAFFN(nn.Module):
         self.placement = placement or ExpertPlacement(router.num_experts)
         self.capacity_factor = capacity_factor
         E = router.num_experts
+        # Router fading's constant gates (each expert's measured share); set when fading starts.
+        self.register_buffer("fade_shares_E", torch.full((E,), 1.0 / E), persistent=False)
         self.register_buffer(
             "util_tokens_XE", torch.zeros(context.num_tasks, E, dtype=torch.float64), persistent=False
         )
@@ -109,7 +117,17 @@ class MoELoRAFFN(nn.Module):
         if d.dropped_weight_T is not None:  # dropped assignments (and padding) keep the frozen FFN
             h_TF = h_TF + self.base.act_fn(gate_TF) * up_TF * d.dropped_weight_T[:, None].to(h_TF.dtype)
         out_TD = self.base.down_proj(h_TF) + combine(down_ND * w_N1, d, T)
+        alpha = ctx.fade_alpha
+        if alpha < 1.0:
+            out_TD = alpha * out_TD + (1.0 - alpha) * self._merged_expert(x_TD, gate_TF, up_TF)
         return out_TD.reshape(B, S, D)
+
+    def _merged_expert(self, x_TD: torch.Tensor, gate_TF: torch.Tensor, up_TF: torch.Tensor) -> torch.Tensor:
+        """The FFN with W + Σ_e u_e ΔW_e on every projection: exactly what the export folds to."""
+        ex, u_E = self.experts, self.fade_shares_E
+        gate_TF = gate_TF + ex.merged_delta("gate", x_TD, u_E)
+        h_TF = self.base.act_fn(gate_TF) * (up_TF + ex.merged_delta("up", x_TD, u_E))
+        return self.base.down_proj(h_TF) + ex.merged_delta("down", h_TF, u_E)
 
     def expert_outputs(
         self, x_ND: torch.Tensor, gate_NF: torch.Tensor, up_NF: torch.Tensor, groups: ExpertGroups

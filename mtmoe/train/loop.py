@@ -38,6 +38,7 @@ from mtmoe.parallel.engine import build_engine
 from mtmoe.parallel.expert_parallel import create_placement
 from mtmoe.train import checkpoint, faults
 from mtmoe.train.counters import RunCounters
+from mtmoe.train.fading import fade_alpha, fade_start, set_fade_shares
 from mtmoe.train.guard import NonFiniteGuard
 from mtmoe.train.metrics import MetricsLogger
 from mtmoe.train.preempt import Preemption
@@ -94,10 +95,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
             info.rank,
             info.world_size,
         )
-    start_step, counters = 0, RunCounters.zeros(num_tasks)
+    start_step, counters, fade_shares = 0, RunCounters.zeros(num_tasks), None
     if resume:
         state = checkpoint.load(engine, model, placement, run_dir, cfg)
         start_step, counters = state["step"], RunCounters.from_state(state["counters"])
+        fade_shares = {int(k): v for k, v in state["fade_shares"].items()} if state["fade_shares"] else None
+        if fade_shares is not None:
+            set_fade_shares(model.lm, fade_shares)
         weighter.load_state_dict(state["weighter"])
         if retainer is not None:
             checkpoint.load_quality(run_dir, retainer, placement, state)
@@ -125,6 +129,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     grad_scale = float(info.world_size * cfg.train.grad_accum)
     guard, preemption, bad_in_a_row = NonFiniteGuard(model), Preemption(), 0
     for step in range(start_step + 1, cfg.train.steps + 1):
+        alpha = fade_alpha(cfg, step)
+        if alpha < 1.0 and fade_shares is None:
+            fade_shares = _start_fading(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
+        model.context.fade_alpha = alpha
         t0 = time.perf_counter()
         batches = [
             _micro_batch(sampler, train_shards, cfg.train.micro_batch_size, tokenizer.pad_token_id)
@@ -186,6 +194,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 for k, name in enumerate(known):
                     if present_X[k]:
                         record[f"val_loss/{name}"] = float(val_X[k])
+            if cfg.moe.fade_fraction:
+                record["fade_alpha"] = alpha
             if retainer is not None:
                 record["qr/loss"] = qr_loss
                 record["qr/teachers"] = len(retainer.teachers)
@@ -198,7 +208,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
         preempted = preemption.agreed()
         if preempted or cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
-            state = _loop_state(cfg, counters, weighter, sampler, validation, retainer)
+            state = _loop_state(cfg, counters, weighter, sampler, validation, retainer, fade_shares)
             keep = cfg.train.keep_checkpoints
             folder = checkpoint.save(
                 engine, model, placement, run_dir, step, state, info.is_main, keep, retainer
@@ -216,7 +226,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     guard.remove()
     preemption.close()
-    state = _loop_state(cfg, counters, weighter, sampler, validation, retainer)
+    state = _loop_state(cfg, counters, weighter, sampler, validation, retainer, fade_shares)
     keep = cfg.train.keep_checkpoints
     checkpoint.save(engine, model, placement, run_dir, cfg.train.steps, state, info.is_main, keep, retainer)
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
@@ -279,10 +289,12 @@ def _loop_state(
     sampler: MixingSampler,
     validation: ValidationStream | None,
     retainer: QualityRetainer | None,
+    fade_shares: dict[int, list[float]] | None,
 ) -> dict:
     """Everything besides the tensors that a resumed run needs (JSON; the same on every rank)."""
     return {
         "counters": counters.to_state(),
+        "fade_shares": fade_shares,
         "quality": None if retainer is None else retainer.state_dict(),
         "weighter": weighter.state_dict(),
         "data": {
@@ -291,6 +303,21 @@ def _loop_state(
         },
         "config": to_dict(cfg),
     }
+
+
+def _start_fading(engine, model: MoELM, shards, pad_id: int, cfg: Config, info: DistInfo, device) -> dict:
+    """Measures each expert's gate-mass share on the held-out set (all ranks) and sets the fade shares."""
+    model.set_recording(True)
+    _evaluate(engine, model, shards, pad_id, cfg, info, device)
+    util = gather_utilization(model.lm, [s.name for s in shards])  # a collective: the same on every rank
+    shares = {layer: share_E.tolist() for layer, share_E in layer_shares(util, "mass").items()}
+    set_fade_shares(model.lm, shares)
+    model.set_recording(True)  # the training utilization window starts afresh
+    if info.is_main:
+        print(
+            f"[mtmoe] router fading starts after step {fade_start(cfg)}; experts weighed by held-out use"
+        )
+    return shares
 
 
 def _observe_validation(validation, weighter, retainer, engine, device, step: int):
