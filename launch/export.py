@@ -5,11 +5,12 @@
         [--merge average|task_arithmetic|ties|dare|breadcrumbs [--lam L --density D --drop P ...]] \
         [--peft-rank R]
 
-Each FFN becomes base + merge_e(ΔW_e) (ΔW_e = B_e·A_e). The experts are weighed by their share of
-gate mass on the held-out set, over all tasks or for one `--task` (a run trained with router fading
-uses the shares it faded toward, so the export is exactly the final model); `--prune N` keeps the N experts of
-each layer with the largest share (or N at random) and renormalises over them. Attention LoRA folds
-exactly. The output loads with plain transformers.
+Each FFN becomes base + merge_e(ΔW_e) (ΔW_e = B_e·A_e). The experts are weighed by their share of gate
+mass on the held-out set, over all tasks or for one `--task`; a run trained with router fading uses the
+shares it faded toward, so that the export is exactly the final model. `--prune N` keeps the N experts
+of each layer with the largest share (or N at random) and renormalises over them. `adamerging` learns
+the coefficients of Σ_e λ_e ΔW_e by minimising the prediction entropy on unlabelled held-out inputs.
+Attention LoRA folds exactly. The output loads with plain transformers.
 
 It also writes `<out>/export_report.json`: per task, the held-out loss of the base, the trained MoE and
 the export, and the share of the MoE's gain over the base that the export keeps. `--peft-rank R` also
@@ -44,7 +45,9 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--prune", type=int, default=0, help="keep only N experts per layer (0 = all)")
     parser.add_argument("--prune-by", default="utilization", help="which experts to keep: utilization|random")
-    parser.add_argument("--merge", default="average", help="average|task_arithmetic|ties|dare|breadcrumbs")
+    parser.add_argument(
+        "--merge", default="average", help="average|task_arithmetic|ties|dare|breadcrumbs|adamerging"
+    )
     parser.add_argument(
         "--lam", type=float, default=None, help="λ of the summing methods (default 1/n, TIES 1)"
     )
@@ -53,6 +56,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--beta", type=float, default=0.01, help="breadcrumbs: outlier fraction removed")
     parser.add_argument("--gamma", type=float, default=0.8, help="breadcrumbs: small-entry fraction removed")
     parser.add_argument("--seed", type=int, default=0, help="DARE's masks and random pruning")
+    parser.add_argument(
+        "--ada-granularity", default="layer", help="AdaMerging: λ per layer, or per expert (task)"
+    )
+    parser.add_argument("--ada-steps", type=int, default=50, help="AdaMerging: Adam steps")
+    parser.add_argument("--ada-lr", type=float, default=0.01, help="AdaMerging: learning rate")
+    parser.add_argument("--ada-samples", type=int, default=16, help="AdaMerging: unlabelled inputs per task")
     parser.add_argument(
         "--peft-rank", type=int, default=0, help="also write per-task PEFT adapters of this rank"
     )
@@ -95,7 +104,12 @@ def main(argv: list[str] | None = None) -> Path:
     kept = None
     if args.prune:
         kept = keep_experts(shares or expert_shares(util, task), args.prune, args.prune_by, args.seed)
-    spec = MergeSpec(args.merge, args.lam, args.density, args.drop, args.beta, args.gamma, args.seed)
+    ada = args.merge == "adamerging"
+    if ada and args.peft_rank:
+        raise ValueError("--peft-rank: adapters are not written for --merge adamerging; use another method")
+    spec = MergeSpec(
+        "average" if ada else args.merge, args.lam, args.density, args.drop, args.beta, args.gamma, args.seed
+    )
 
     manifest = load_manifest(Path(cfg.data.tokenized))
     shards = [open_shard(manifest, t.name, "eval") for t in manifest.tasks]
@@ -106,7 +120,35 @@ def main(argv: list[str] | None = None) -> Path:
         for name in ["all", *(s.name for s in shards)]:
             deltas = merged_deltas(model, shares_for(None if name == "all" else name), kept, spec)
             write_adapter(build_base(cfg, len(tokenizer)), deltas, args.peft_rank, base_for_adapters / name)
-    lm = fold_to_dense(model, shares, kept, spec)
+    ada_record = None
+    if ada:
+        import torch
+
+        from mtmoe.export.adamerging import adamerge
+
+        start = (
+            shares
+            if shares is not None
+            else {i: torch.full((E,), 1.0 / E) for i, E in _experts(model).items()}
+        )
+        unlabelled = shards if task is None else [s for s in shards if s.name == task]
+        lm, ada_record = adamerge(
+            model,
+            unlabelled,
+            pad,
+            start,
+            kept,
+            args.ada_granularity,
+            args.ada_steps,
+            args.ada_lr,
+            args.ada_samples,
+        )
+        print(
+            f"[mtmoe] AdaMerging: held-out prediction entropy {ada_record['entropy_before']:.4f} -> "
+            f"{ada_record['entropy_after']:.4f}"
+        )
+    else:
+        lm = fold_to_dense(model, shares, kept, spec)
     save_dense(lm, tokenizer, args.out)
     losses["export"] = heldout_losses(hf_loss_fn(lm.eval()), shards, pad, 8, n)
     losses["base"] = heldout_losses(hf_loss_fn(build_base(cfg, len(tokenizer)).eval()), shards, pad, 8, n)
@@ -119,7 +161,7 @@ def main(argv: list[str] | None = None) -> Path:
         "prune": args.prune,
         "prune_by": args.prune_by if args.prune else None,
         "kept_experts": {str(k): v for k, v in kept.items()} if kept else None,
-        "merge": vars(spec),
+        "merge": {**vars(spec), "method": args.merge} if not ada else {"method": "adamerging", **ada_record},
         "peft_rank": args.peft_rank,
     }
     report = {"options": options, "tasks": {}}
@@ -142,6 +184,13 @@ def main(argv: list[str] | None = None) -> Path:
     (args.out / "mtmoe_export.json").write_text(json.dumps(options, indent=1))
     print(f"[mtmoe] exported a dense {type(lm).__name__} to {args.out}")
     return args.out
+
+
+def _experts(model) -> dict[int, int]:
+    """Experts per MoE layer."""
+    from mtmoe.model.inject import moe_blocks
+
+    return {i: b.router.num_experts for i, b in moe_blocks(model.lm).items()}
 
 
 if __name__ == "__main__":

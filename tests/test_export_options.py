@@ -177,3 +177,9 @@ def test_export_command_reports_the_gain_kept_and_writes_adapters(demo_data, tmp
         "translate",
     ]
     assert (out / "adapters" / "codegen" / "adapter_config.json").exists()
+    ada = tmp_path / "ada"
+    run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", ada, "--merge", "adamerging",
+             "--ada-steps", "3"])  # fmt: skip
+    merge = json.loads((ada / "export_report.json").read_text())["options"]["merge"]
+    assert merge["method"] == "adamerging" and set(merge["lambda"]) == {"0", "1"}
+    assert merge["entropy_after"] <= merge["entropy_before"] + 1e-6

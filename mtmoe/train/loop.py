@@ -314,9 +314,7 @@ def _start_fading(engine, model: MoELM, shards, pad_id: int, cfg: Config, info: 
     set_fade_shares(model.lm, shares)
     model.set_recording(True)  # the training utilization window starts afresh
     if info.is_main:
-        print(
-            f"[mtmoe] router fading starts after step {fade_start(cfg)}; experts weighed by held-out use"
-        )
+        print(f"[mtmoe] router fading starts after step {fade_start(cfg)}; experts weighed by held-out use")
     return shares
 
 
