@@ -49,10 +49,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     losses = {}
-    for kind, model in models.items():
-        losses[kind] = heldout_losses(
-            hf_loss_fn(model), shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples
-        )
+    export_report = args.export / "export_report.json"
+    if export_report.exists():  # export.py already scored the base and the export on the same shards
+        scored = json.loads(export_report.read_text())["tasks"]
+        losses["base"] = {n: {"loss": t["base_loss"]} for n, t in scored.items()}
+        losses["dense"] = {n: {"loss": t["export_loss"]} for n, t in scored.items()}
+    else:
+        for kind, model in models.items():
+            losses[kind] = heldout_losses(
+                hf_loss_fn(model), shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples
+            )
     generations = {}
     for shard in shards:
         generations[shard.name] = []
