@@ -159,6 +159,8 @@ class TrainConfig:
         seed: Seed of initialisation and sampling.
         log_every: Steps between metric records.
         eval_every: Steps between held-out evaluations (0 = only at the end).
+        val_every: Steps between per-task validation batches logged as `val_loss/<task>` (0 = only
+            when CoBa or Quality Retaining needs one, which is then every step).
         save_every: Steps between checkpoints (0 = only at the end).
         keep_checkpoints: Keep only the newest n checkpoints (0 = keep all).
         max_bad_steps: Stop after this many steps in a row with a non-finite loss or gradient (each
@@ -177,6 +179,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
+    val_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 0
     max_bad_steps: int = 5
@@ -271,7 +274,7 @@ class Config:
         _check(t.grad_accum >= 1, "train.grad_accum", ">= 1")
         _check(t.lr > 0, "train.lr", "> 0")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]")
-        for key in ("warmup_steps", "log_every", "eval_every", "save_every", "keep_checkpoints"):
+        for key in ("warmup_steps", "log_every", "eval_every", "val_every", "save_every", "keep_checkpoints"):
             _check(getattr(t, key) >= 0, f"train.{key}", ">= 0")
         _check(t.log_every >= 1, "train.log_every", ">= 1")
         _check(t.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")

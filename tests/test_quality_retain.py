@@ -82,3 +82,9 @@ def test_a_real_run_takes_teachers_distills_and_resumes_bit_exactly(demo_data, t
     for name in ("trainable", "quality"):
         ta, tb = final(full, name), final(resumed, name)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+
+def test_validation_losses_are_logged_every_val_every_steps(demo_data, tmp_path):
+    run = train_run(demo_data, tmp_path / "run", 1, 1, "train.val_every=2", steps=4, save_every=0)
+    logged = [r["step"] for r in records(run) if any(k.startswith("val_loss/") for k in r)]
+    assert logged == [2, 4]

@@ -85,7 +85,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         b = cfg.balance
         retainer = QualityRetainer(model, num_tasks, b.qr_coef, b.qr_ema, b.qr_smooth, b.qr_warmup)
     validation = None
-    if weighter.needs_validation or retainer is not None:
+    needs_validation = weighter.needs_validation or retainer is not None
+    if needs_validation or cfg.train.val_every:
         validation = ValidationStream(
             eval_shards,
             cfg.train.micro_batch_size,
@@ -122,13 +123,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps, start_step)
     val = None  # the newest validation batch's (losses, present), when a validation stream runs
-    if validation is not None and start_step == 0:
+    if needs_validation and start_step == 0:  # CoBa and Quality Retaining start from the untrained losses
         val = _observe_validation(validation, weighter, retainer, engine, device, 0)
 
     model.set_recording(True)
     grad_scale = float(info.world_size * cfg.train.grad_accum)
     guard, preemption, bad_in_a_row = NonFiniteGuard(model), Preemption(), 0
     for step in range(start_step + 1, cfg.train.steps + 1):
+        if step > start_step + 1:
+            val = None  # log only this step's validation batch, if it has one
         alpha = fade_alpha(cfg, step)
         if alpha < 1.0 and fade_shares is None:
             fade_shares = _start_fading(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
@@ -166,7 +169,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             if retainer is not None:
                 retainer.update_ema()
                 retainer.observe_train(task_loss_X, counts_X > 0)
-            if validation is not None:
+            if validation is not None and (needs_validation or step % cfg.train.val_every == 0):
                 val = _observe_validation(validation, weighter, retainer, engine, device, step)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
