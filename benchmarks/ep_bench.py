@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from block_bench import SwiGLU
 from harness import CliDefaults, Table, format_table, machine_info, parse_cli, rotated, write_result
 from torch import nn
 
@@ -52,23 +53,11 @@ STEPS = ("replicated", "ep2")
 PARTS = ("ep2_router", "ep2_dispatch", "ep2_all_to_all")
 
 
-class SwiGLU(nn.Module):
-    """A frozen SwiGLU FFN with HF's attribute names."""
-
-    def __init__(self, dim: int, ffn_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
-        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
-        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
-        self.act_fn = nn.SiLU()
-        self.requires_grad_(False)
-
-
 def build_block(size: dict, placement: ExpertPlacement) -> MoELoRAFFN:
     """The block at the benchmark shape, holding the experts of `placement` (same init on every rank)."""
     torch.manual_seed(0)
     d, f, e = SHAPE["hidden"], SHAPE["ffn"], size["experts"]
-    base = SwiGLU(d, f)
+    base = SwiGLU(d, f).requires_grad_(False)
     router = TopKRouter(d, e, SHAPE["top_k"])
     experts = UpcycledLoRAExperts(e, d, f, size["rank"], 2.0 * size["rank"], placement.local)
     with torch.no_grad():
