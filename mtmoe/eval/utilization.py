@@ -29,13 +29,9 @@ def gather_utilization(lm: nn.Module, task_names: list[str]) -> dict:
 
 def layer_shares(util: dict, key: str = "mass") -> dict[int, torch.Tensor]:
     """Per layer, each expert's share of `key` summed over tasks (sums to 1; uniform when empty)."""
-    shares = {}
-    for layer, counts in util["layers"].items():
-        total_E = torch.tensor(counts[key], dtype=torch.float64).sum(0)
-        shares[int(layer)] = (
-            total_E / total_E.sum() if total_E.sum() > 0 else torch.full_like(total_E, 1.0 / len(total_E))
-        )
-    return shares
+    from mtmoe.export.prune import expert_shares
+
+    return expert_shares(util, None, key)
 
 
 def save_utilization(util: dict, path: Path) -> None:
