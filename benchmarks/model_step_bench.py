@@ -141,7 +141,7 @@ def make_step(terms: LossFn, params: list[nn.Parameter], aux_coef: float) -> Cal
         for p in params:
             p.grad = None
         ce, aux = terms()
-        loss = ce if aux is None else ce + aux_coef * aux
+        loss = ce if aux is None else ce + aux  # the router loss comes weighted
         loss.backward()
         return loss.detach()
 

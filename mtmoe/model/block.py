@@ -17,43 +17,17 @@ N = T*K assignments sorted by expert.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from mtmoe.model.dispatch import ExpertGroups, combine, dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
+from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.router import TopKRouter
 from mtmoe.parallel.expert_parallel import ExpertPlacement, expert_parallel_apply
 
 
-@dataclass
-class RoutingContext:
-    """Per-forward information shared by every block of one model (not global: one per model).
-
-    Attributes:
-        valid_T: Bool mask of real tokens for the current forward (None = all real).
-        task_T: Task id of every token (None when unknown).
-        num_tasks: Rows of the utilization counters.
-        record: When True, blocks add to their utilization counters.
-        aux_losses: Auxiliary losses appended by the blocks during the current forward.
-        routed: Assignments of real tokens since the last reset (training forwards only).
-        dropped: Of those, how many were over capacity.
-        fade_alpha: Router fading: the blocks compute α·(routed MoE) + (1−α)·(merged expert); 1 = off.
-    """
-
-    valid_T: torch.Tensor | None = None
-    task_T: torch.Tensor | None = None
-    num_tasks: int = 1
-    record: bool = False
-    aux_losses: list[torch.Tensor] = field(default_factory=list)
-    routed: int = 0
-    dropped: int = 0
-    fade_alpha: float = 1.0
-
-
-class MoELoRAFFN(nn.Module):
+class MoELoRAFFN(MoEBlock):
     """Replaces one SwiGLU FFN (an HF `*MLP` with gate_proj/up_proj/down_proj/act_fn).
 
     Args:
@@ -75,20 +49,13 @@ class MoELoRAFFN(nn.Module):
         placement: ExpertPlacement | None = None,
         capacity_factor: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(router.num_experts, context)
         self.base, self.router, self.experts = base_mlp, router, experts
-        self.context = context
         self.placement = placement or ExpertPlacement(router.num_experts)
         self.capacity_factor = capacity_factor
         E = router.num_experts
         # Router fading's constant gates (each expert's measured share); set when fading starts.
         self.register_buffer("fade_shares_E", torch.full((E,), 1.0 / E), persistent=False)
-        self.register_buffer(
-            "util_tokens_XE", torch.zeros(context.num_tasks, E, dtype=torch.float64), persistent=False
-        )
-        self.register_buffer(
-            "util_mass_XE", torch.zeros(context.num_tasks, E, dtype=torch.float64), persistent=False
-        )
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Runs the block; appends the router's auxiliary loss to the context."""
@@ -96,14 +63,13 @@ class MoELoRAFFN(nn.Module):
         T = B * S
         x_TD = x_BSD.reshape(T, D)
         ctx = self.context
-        route = self.router(x_TD, ctx.valid_T)
-        ctx.aux_losses.append(route.aux_loss)
+        route = self.router(x_TD, ctx.valid_T, ctx.task_T)
+        ctx.add_route(route)
         capacity = self.capacity_factor if self.training else 0.0
         d = dispatch(route.ids_TK, route.weights_TK, self.router.num_experts, ctx.valid_T, capacity)
-        if self.training:
-            ctx.routed, ctx.dropped = ctx.routed + d.num_routed, ctx.dropped + d.num_dropped
+        ctx.count(d.num_routed, d.num_dropped, self.training)
         if ctx.record:
-            self._record(route.ids_TK, route.weights_TK)
+            self.record(route.ids_TK, route.weights_TK)
 
         gate_TF = self.base.gate_proj(x_TD)
         up_TF = self.base.up_proj(x_TD)
@@ -164,23 +130,3 @@ class MoELoRAFFN(nn.Module):
         out_NC = expert_parallel_apply(rows_NC, counts_E, self.placement, local)
         h_NF, down_ND = out_NC.split([F, D], dim=1)
         return h_NF, down_ND
-
-    @torch.no_grad()
-    def _record(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        ctx = self.context
-        T, K = ids_TK.shape
-        valid_T = (
-            torch.ones(T, dtype=torch.bool, device=ids_TK.device) if ctx.valid_T is None else ctx.valid_T
-        )
-        task_T = torch.zeros(T, dtype=torch.long, device=ids_TK.device) if ctx.task_T is None else ctx.task_T
-        E = self.router.num_experts
-        cell_TK = (task_T[:, None] * E + ids_TK)[valid_T]
-        w_TK = weights_TK.double()[valid_T]
-        size = ctx.num_tasks * E
-        self.util_tokens_XE += torch.bincount(cell_TK.reshape(-1), minlength=size).double().view(-1, E)
-        self.util_mass_XE += torch.bincount(cell_TK.reshape(-1), w_TK.reshape(-1), minlength=size).view(-1, E)
-
-    def reset_utilization(self) -> None:
-        """Zeroes the utilization counters."""
-        self.util_tokens_XE.zero_()
-        self.util_mass_XE.zero_()

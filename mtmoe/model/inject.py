@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from mtmoe.config import MoEConfig
-from mtmoe.model.block import MoELoRAFFN, RoutingContext
+from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.lora import LoRALinear
+from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.router import TopKRouter
 from mtmoe.parallel.expert_parallel import ExpertPlacement, MoEMarker, mark_expert_params
 
@@ -50,7 +51,7 @@ def inject_moe_lora(
     bad = [i for i in chosen if not 0 <= i < len(layers)]
     if bad:
         raise ValueError(f"config key 'moe.layers': {bad} out of range for a model with {len(layers)} layers")
-    context = RoutingContext(num_tasks=num_tasks)
+    context = RoutingContext(num_tasks=num_tasks, aux_coef=cfg.aux_loss_coef)
     for i in chosen:
         mlp = layers[i].mlp
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
@@ -76,11 +77,9 @@ def inject_moe_lora(
     return context
 
 
-def moe_blocks(model: nn.Module) -> dict[int, MoELoRAFFN]:
-    """The injected blocks by layer index."""
-    return {
-        i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, MoELoRAFFN)
-    }
+def moe_blocks(model: nn.Module) -> dict[int, MoEBlock]:
+    """The injected blocks (of any family) by layer index."""
+    return {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, MoEBlock)}
 
 
 def lora_linears(model: nn.Module) -> dict[str, LoRALinear]:

@@ -14,8 +14,8 @@ from transformers import PreTrainedModel
 from mtmoe.balance.task_loss import target_losses_and_logits
 from mtmoe.config import Config
 from mtmoe.model.base import load_base_model, resolve_base, tiny_llama
-from mtmoe.model.block import RoutingContext
 from mtmoe.model.inject import inject_moe_lora, moe_blocks
+from mtmoe.model.moe_base import RoutingContext
 from mtmoe.parallel.expert_parallel import ExpertPlacement
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,8 +43,9 @@ class MoELM(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """Returns (loss_BS, aux_loss), and the target tokens' logits_NV when `return_logits`.
 
-        loss_BS is the next-token loss at every target token (0 elsewhere); aux_loss is the router
-        auxiliary loss averaged over blocks; logits_NV (fp32) are in row-major order of the targets.
+        loss_BS is the next-token loss at every target token (0 elsewhere); aux_loss is the weighted
+        router loss (`moe.aux_loss_coef` · load balance + `moe.z_loss_coef` · z-loss) averaged over
+        blocks; logits_NV (fp32) are in row-major order of the targets.
         """
         ctx = self.context
         ctx.valid_T = attention_mask_BS.reshape(-1).bool()

@@ -25,6 +25,7 @@ class RouterOutput:
     weights_TK: torch.Tensor
     ids_TK: torch.Tensor
     aux_loss: torch.Tensor
+    z_loss: torch.Tensor | None = None
 
 
 class TopKRouter(nn.Module):
@@ -45,12 +46,15 @@ class TopKRouter(nn.Module):
         self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
         self.weight_ED = nn.Parameter(torch.randn(num_experts, dim) * init_std)
 
-    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> RouterOutput:
+    def forward(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, task_T: torch.Tensor | None = None
+    ) -> RouterOutput:
         """Routes tokens.
 
         Args:
             x_TD: Token hidden states.
             valid_T: Bool mask of real (non-padding) tokens; only they count in the auxiliary loss.
+            task_T: Task id of every token (used by task-aware routing).
         """
         # Routing runs in fp32: bf16 logits flip near-tied top-k choices between equivalent runs.
         logits_TE = x_TD.float() @ self.weight_ED.float().t()

@@ -149,7 +149,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
             counts_X,
             weights_X,
             grad_scale,
-            cfg.moe.aux_loss_coef,
             device,
             guard,
             step,
@@ -351,7 +350,6 @@ def _train_step(
     counts_X: torch.Tensor,
     weights_X: torch.Tensor,
     grad_scale: float,
-    aux_coef: float,
     device,
     guard: NonFiniteGuard,
     step: int,
@@ -360,8 +358,9 @@ def _train_step(
     """One optimizer step over the micro-batches.
 
     Returns:
-        (global per-task losses, mean aux loss, skipped, Quality Retaining term): `skipped` is True when
-        a rank saw a non-finite loss or gradient; then no rank changed its weights or optimizer state.
+        (global per-task losses, mean weighted router loss, skipped, Quality Retaining term):
+        `skipped` is True when a rank saw a non-finite loss or gradient; then no rank changed its
+        weights or optimizer state.
     """
     sums_X = torch.zeros_like(counts_X)
     aux_sum, qr_sum, skipped = 0.0, 0.0, False
@@ -378,7 +377,7 @@ def _train_step(
         )
         loss_BS, aux = out[0], out[1]
         mb_sums_X = task_loss_sums(loss_BS, batch.task_ids_B, len(counts_X))
-        loss = balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X) + aux_coef * aux
+        loss = balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X) + aux
         if teachers is not None:
             qr = _retain_term(out[2], batch, teachers, retainer, counts_X, grad_scale)
             loss = loss + qr
@@ -449,7 +448,7 @@ def _train_record(
     present = [k for k in range(len(names)) if counts_X[k] > 0]
     record = {
         "loss": float(task_loss_X[present].mean()) if present else 0.0,
-        "aux_loss": aux,
+        "router_loss": aux,  # aux_loss_coef · load balance + z_loss_coef · z-loss, mean over blocks
         "lr": engine.get_lr()[0],
         "tokens_per_s": tokens_per_s,
     }
