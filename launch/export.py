@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--weights",
         default="auto",
-        help="expert weights: utilization|uniform|fade (auto: fade for a run that faded, else utilization)",
+        help=(
+            "expert weights: utilization|uniform|fade|task_gate (auto: task_gate for a run with "
+            "moe.task_routing=gate, fade for a run that faded, else utilization)"
+        ),
     )
     parser.add_argument("--prune", type=int, default=0, help="keep only N experts per layer (0 = all)")
     parser.add_argument("--prune-by", default="utilization", help="which experts to keep: utilization|random")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> Path:
     from mtmoe.data.shards import load_manifest, open_shard
     from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
     from mtmoe.eval.utilization import load_utilization
-    from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas, save_dense
+    from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas, save_dense, task_gate_shares
     from mtmoe.export.peft_adapters import write_adapter
     from mtmoe.export.prune import expert_shares, keep_experts
     from mtmoe.export.run import fade_shares, load_trained_model
@@ -85,9 +88,13 @@ def main(argv: list[str] | None = None) -> Path:
     cfg, model, tokenizer = load_trained_model(args.run)
     util_path = args.run / "utilization.json"
     faded = fade_shares(args.run)
-    weights = ("fade" if faded else "utilization") if args.weights == "auto" else args.weights
-    if weights not in ("utilization", "uniform", "fade"):
-        raise ValueError(f"--weights {args.weights!r}: expected auto|utilization|uniform|fade")
+    gated = cfg.moe.task_routing == "gate"
+    auto = "task_gate" if gated else "fade" if faded else "utilization"
+    weights = auto if args.weights == "auto" else args.weights
+    if weights not in ("utilization", "uniform", "fade", "task_gate"):
+        raise ValueError(f"--weights {args.weights!r}: expected auto|utilization|uniform|fade|task_gate")
+    if weights == "task_gate" and not gated:
+        raise ValueError("--weights task_gate needs a run trained with moe.task_routing=gate")
     if weights == "fade" and (faded is None or args.task != "all"):
         raise ValueError("--weights fade needs a run trained with moe.fade_fraction > 0 and --task all")
     if (weights == "utilization" or args.prune) and not util_path.exists():
@@ -95,9 +102,13 @@ def main(argv: list[str] | None = None) -> Path:
     util = load_utilization(util_path) if util_path.exists() else None
     task = None if args.task == "all" else args.task
 
+    task_ids = {t.name: k for k, t in enumerate(load_manifest(Path(cfg.data.tokenized)).tasks)}
+
     def shares_for(t):
         if weights == "fade" and t is None:
             return faded
+        if weights == "task_gate":  # a task's own gate: exactly its model; `all` averages the gates
+            return task_gate_shares(model, None if t is None else task_ids[t])
         return expert_shares(util, t) if weights in ("utilization", "fade") else None
 
     shares = shares_for(task)
@@ -190,7 +201,7 @@ def _experts(model) -> dict[int, int]:
     """Experts per MoE layer."""
     from mtmoe.model.inject import moe_blocks
 
-    return {i: b.router.num_experts for i, b in moe_blocks(model.lm).items()}
+    return {i: b.num_experts for i, b in moe_blocks(model.lm).items()}
 
 
 if __name__ == "__main__":

@@ -37,15 +37,38 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class MoEConfig:
-    """The MoE-LoRA blocks that replace the base model's FFNs (upcycled LoRA experts).
+    """The MoE-LoRA blocks that replace the base model's FFNs.
 
     Attributes:
-        num_experts: Experts per block.
+        family: Where the experts come from: `upcycled` (LoRA experts around each dense FFN),
+            `moefied` (EMTAL: the FFN's neurons split into experts, each slice with its own LoRA) or
+            `native` (the experts of an MoE checkpoint such as Mixtral or Qwen2-MoE, each with LoRA;
+            `num_experts` and `top_k` then come from the checkpoint).
+        num_experts: Experts per block (for `upcycled`, the routed pool open to every task).
         top_k: Experts each token is routed to.
         rank: LoRA rank of every expert (on gate, up and down projections).
         alpha: LoRA alpha; the LoRA delta is scaled by alpha / rank.
         layers: Decoder layers whose FFN becomes an MoE-LoRA block: `all` or a list of indices.
+        router: `topk` (token choice) or, for `moefied`, `soft` (EMTAL's ω = E·softmax(LN(x)·W/τ) over
+            every slice).
+        score: Top-k scores: `softmax` or `sigmoid` (DeepSeek-V3).
+        router_noise: Std of Gaussian noise on the router logits while training (noisy gating).
+        soft_tau: τ of the soft router.
         aux_loss_coef: Weight of the load-balance auxiliary loss (mean over blocks) in the total loss.
+        z_loss_coef: Weight of the router z-loss (mean of logsumexp(logits)², ST-MoE).
+        balance_bias_rate: > 0 turns on auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias
+            added to the scores to choose experts, moved by this much after every optimizer step toward
+            the under-loaded experts. It is checkpointed.
+        task_routing: `none`, `embedding` (a learned task embedding is added to the router's input) or
+            `gate` (MOELoRA: each task mixes all experts with its own learned softmax gate, per
+            projection, so each task exports to an exact dense model; `upcycled` only).
+        shared_experts: Always-on LoRA experts every token uses (MTLoRA's task-agnostic LoRA,
+            DeepSeek's shared expert), `upcycled` only.
+        task_experts: Experts reserved for each task group (MTLoRA's task-specific LoRA, HoME's category
+            experts), added after the `num_experts` open ones; a token chooses among the open experts and
+            its group's. `upcycled` only.
+        task_groups: {group: [task, ...]} for `task_experts`; empty = every task is its own group.
+        native_router_trainable: For `native`: train the checkpoint's router (else it stays frozen).
         capacity_factor: 0 (default) routes dropless. A value > 0 caps the assignments an expert takes
             from one rank's micro-batch at ceil(factor * tokens * top_k / num_experts); assignments past
             it lose their LoRA delta (the frozen FFN still runs) and are counted in `moe/drop_frac`.
@@ -61,12 +84,24 @@ class MoEConfig:
         attn_targets: Attention projections that get LoRA.
     """
 
+    family: str = "upcycled"
     num_experts: int = 4
     top_k: int = 2
     rank: int = 8
     alpha: float = 16.0
     layers: str | list[int] = "all"
+    router: str = "topk"
+    score: str = "softmax"
+    router_noise: float = 0.0
+    soft_tau: float = 5.0
     aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    balance_bias_rate: float = 0.0
+    task_routing: str = "none"
+    shared_experts: int = 0
+    task_experts: int = 0
+    task_groups: dict[str, list[str]] = field(default_factory=dict)
+    native_router_trainable: bool = True
     capacity_factor: float = 0.0
     fade_fraction: float = 0.0
     fade_schedule: str = "linear"
@@ -161,6 +196,10 @@ class TrainConfig:
         eval_every: Steps between held-out evaluations (0 = only at the end).
         val_every: Steps between per-task validation batches logged as `val_loss/<task>` (0 = only
             when CoBa or Quality Retaining needs one, which is then every step).
+        init_from: A finished run whose newest checkpoint gives the starting weights (routers' task
+            rows are matched by task name; a task the run did not know starts with neutral routing).
+        trainable: `all`, or `task_routing`: train only the task-routing tensors (task gates or task
+            embeddings), e.g. to add a task over frozen experts.
         save_every: Steps between checkpoints (0 = only at the end).
         keep_checkpoints: Keep only the newest n checkpoints (0 = keep all).
         max_bad_steps: Stop after this many steps in a row with a non-finite loss or gradient (each
@@ -180,6 +219,8 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     val_every: int = 0
+    init_from: str = ""
+    trainable: str = "all"
     save_every: int = 0
     keep_checkpoints: int = 0
     max_bad_steps: int = 5
@@ -238,8 +279,45 @@ class Config:
         """Checks values that types alone cannot; raises `ValueError` naming the key."""
         m, t, p, d = self.moe, self.train, self.parallel, self.data
         _check(self.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
+        _check(m.family in FAMILIES, "moe.family", "|".join(FAMILIES))
         _check(m.num_experts >= 1, "moe.num_experts", ">= 1")
-        _check(1 <= m.top_k <= m.num_experts, "moe.top_k", f"between 1 and moe.num_experts={m.num_experts}")
+        _check(m.task_experts >= 0, "moe.task_experts", ">= 0")
+        _check(m.shared_experts >= 0, "moe.shared_experts", ">= 0")
+        open_to_a_token = m.num_experts + m.task_experts
+        _check(
+            1 <= m.top_k <= open_to_a_token, "moe.top_k", f"between 1 and {open_to_a_token} (open to a token)"
+        )
+        _check(m.router in ("topk", "soft"), "moe.router", "topk|soft")
+        _check(m.router == "topk" or m.family == "moefied", "moe.router", "topk unless moe.family is moefied")
+        _check(m.score in ("softmax", "sigmoid"), "moe.score", "softmax|sigmoid")
+        _check(m.router_noise >= 0, "moe.router_noise", ">= 0")
+        _check(m.soft_tau > 0, "moe.soft_tau", "> 0")
+        _check(m.z_loss_coef >= 0, "moe.z_loss_coef", ">= 0")
+        _check(m.balance_bias_rate >= 0, "moe.balance_bias_rate", ">= 0")
+        _check(m.task_routing in ("none", "embedding", "gate"), "moe.task_routing", "none|embedding|gate")
+        upcycled_only = {
+            "moe.shared_experts": m.shared_experts,
+            "moe.task_experts": m.task_experts,
+            "moe.task_routing": m.task_routing == "gate",
+        }
+        for key, used in upcycled_only.items():
+            _check(not used or m.family == "upcycled", key, "unused unless moe.family is upcycled")
+        if m.task_routing == "gate":
+            for key, clash in {
+                "moe.task_experts": m.task_experts,
+                "moe.fade_fraction": m.fade_fraction,
+                "parallel.ep_size": p.ep_size > 1,
+            }.items():
+                _check(not clash, key, "0/1 with moe.task_routing=gate (every token mixes every expert)")
+        _check(m.family != "moefied" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=moefied")
+        _check(not m.task_groups or m.task_experts, "moe.task_groups", "empty unless moe.task_experts > 0")
+        _check(t.trainable in ("all", "task_routing"), "train.trainable", "all|task_routing")
+        _check(t.trainable == "all" or t.init_from, "train.trainable", "all unless train.init_from is set")
+        _check(
+            t.trainable == "all" or m.task_routing != "none",
+            "train.trainable",
+            "all unless moe.task_routing is embedding or gate",
+        )
         _check(m.rank >= 1, "moe.rank", ">= 1")
         _check(m.attn_lora_rank >= 0, "moe.attn_lora_rank", ">= 0")
         _check(m.aux_loss_coef >= 0, "moe.aux_loss_coef", ">= 0")
@@ -280,16 +358,20 @@ class Config:
         _check(t.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")
         _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2 (DeepSpeed MoE refuses ZeRO-3)")
         _check(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", "auto|nccl|gloo")
-        _check(
-            p.ep_size >= 1 and m.num_experts % p.ep_size == 0,
-            "parallel.ep_size",
-            f">= 1 and a divisor of moe.num_experts={m.num_experts}",
-        )
+        if m.family != "native":  # a native checkpoint's expert count is checked when it is loaded
+            _check(
+                p.ep_size >= 1 and m.num_experts % p.ep_size == 0,
+                "parallel.ep_size",
+                f">= 1 and a divisor of moe.num_experts={m.num_experts}",
+            )
         _check(
             self.log.wandb_mode in ("offline", "online", "disabled"),
             "log.wandb_mode",
             "offline|online|disabled",
         )
+
+
+FAMILIES = ("upcycled", "moefied", "native")
 
 
 def _check(ok: bool, key: str, expected: str) -> None:
@@ -360,6 +442,11 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         origin = typing.get_origin(option) or option
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin is bool and isinstance(value, bool):

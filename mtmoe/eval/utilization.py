@@ -23,7 +23,7 @@ def gather_utilization(lm: nn.Module, task_names: list[str]) -> dict:
         tokens = all_reduce_sum(block.util_tokens_XE.cpu())
         mass = all_reduce_sum(block.util_mass_XE.cpu())
         layers[str(i)] = {"tokens": tokens.tolist(), "mass": mass.tolist()}
-    num_experts = next(iter(moe_blocks(lm).values())).router.num_experts if layers else 0
+    num_experts = next(iter(moe_blocks(lm).values())).num_experts if layers else 0
     return {"tasks": list(task_names), "num_experts": num_experts, "layers": layers}
 
 

@@ -82,7 +82,7 @@ def merged_deltas(
     lm = model.lm
     deltas = {}
     for i, block in moe_blocks(lm).items():
-        E = block.router.num_experts
+        E = block.num_experts
         w_E = shares[i].double() if shares is not None else torch.full((E,), 1.0 / E, dtype=torch.float64)
         keep = kept[i] if kept is not None else list(range(E))
         total = w_E[keep].sum()
@@ -90,12 +90,26 @@ def merged_deltas(
             w_E[keep] / total if total > 0 else torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64)
         )
         for proj in PROJECTIONS:
-            deltas[f"model.layers.{i}.mlp.{proj}_proj"] = spec.merge(
-                block.experts.weight_delta(proj).double()[keep], u_E
-            )
+            delta_OI = spec.merge(block.experts.weight_delta(proj).double()[keep], u_E)
+            if block.shared is not None:  # always-on experts fold in exactly, whatever the merge
+                delta_OI = delta_OI + block.shared.weight_delta(proj).double().sum(0)
+            deltas[f"model.layers.{i}.mlp.{proj}_proj"] = delta_OI
     for name, lora in lora_linears(lm).items():
         deltas[name] = lora.weight_delta().double()
     return deltas
+
+
+@torch.no_grad()
+def task_gate_shares(model: MoELM, task: int | None) -> dict[int, torch.Tensor]:
+    """Per layer, a task's learned gate (`moe.task_routing: gate`); None averages the tasks' gates.
+
+    Merging with a task's own gate (`average`, nothing pruned) gives exactly that task's model.
+    """
+    shares = {}
+    for i, block in moe_blocks(model.lm).items():
+        gates_XE = block.router.task_logits_XE.double().softmax(dim=-1)
+        shares[i] = gates_XE.mean(0) if task is None else gates_XE[task]
+    return shares
 
 
 @torch.no_grad()
@@ -155,4 +169,4 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(
             f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    model.load_state_dict({n: t for n, t in state.items() if n in own}, strict=False)
+    model.load_state_dict(state, strict=False)  # trainable tensors and the routers' balancing biases

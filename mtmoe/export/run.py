@@ -12,6 +12,7 @@ from mtmoe.data.shards import load_manifest
 from mtmoe.export.dense import load_trainable
 from mtmoe.model.base import load_tokenizer, resolve_base
 from mtmoe.model.moe_lm import MoELM, build_model
+from mtmoe.parallel.expert_parallel import ExpertPlacement
 from mtmoe.train import checkpoint
 from mtmoe.train.checkpoint import latest_tag
 from mtmoe.train.fading import fade_alpha, set_fade_shares
@@ -30,6 +31,13 @@ def run_config(run_dir: Path) -> Config:
     return load_config(None, overrides)
 
 
+def model_experts(model: MoELM) -> int:
+    """Experts per block of a built model."""
+    from mtmoe.model.inject import moe_blocks
+
+    return next(iter(moe_blocks(model.lm).values())).num_experts
+
+
 def load_trained_model(run_dir: Path, tag: str | None = None) -> tuple[Config, MoELM, object]:
     """Rebuilds the MoE model of a run (every expert, one process) and loads a checkpoint's weights.
 
@@ -43,10 +51,20 @@ def load_trained_model(run_dir: Path, tag: str | None = None) -> tuple[Config, M
     cfg = run_config(run_dir)
     manifest = load_manifest(Path(cfg.data.tokenized))
     tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
-    model = build_model(cfg, len(tokenizer), len(manifest.tasks))
+    model = build_model(cfg, len(tokenizer), len(manifest.tasks), None, [t.name for t in manifest.tasks])
     if latest_tag(run_dir) is None:
         raise ValueError(f"--run {run_dir}: no checkpoint")
     weights, _, state = checkpoint.read(run_dir, tag)
+    if cfg.train.trainable != "all":  # only some tensors trained: the rest come from `train.init_from`
+        names = [t.name for t in manifest.tasks]
+        checkpoint.init_from_run(
+            model, Path(cfg.train.init_from), names, ExpertPlacement(model_experts(model))
+        )
+        weights = {**{n: t.detach().clone() for n, t in checkpoint.router_state(model).items()}, **weights}
+        weights = {
+            **{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            **weights,
+        }
     load_trainable(model, weights)
     if state.get("fade_shares"):  # a faded run: its blocks are where the fading left them
         set_fade_shares(model.lm, {int(k): v for k, v in state["fade_shares"].items()})

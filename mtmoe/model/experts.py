@@ -66,16 +66,25 @@ class UpcycledLoRAExperts(nn.Module):
             * self.scaling
         )
 
-    def merged_delta(self, proj: str, x_TI: torch.Tensor, shares_E: torch.Tensor) -> torch.Tensor:
+    def merged_delta(self, proj: str, x_TI: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
         """The rows times (Σ_e u_e ΔW_e)ᵀ, through the stacked low-rank factors (no dense ΔW is formed).
 
         With A = [A_1 … A_E] and B = [u_1 B_1; …; u_E B_E] this is scaling · (x A) B: rank E·R.
+
+        Args:
+            proj: `gate`, `up` or `down`.
+            x_TI: Input rows.
+            shares: u, one weight per expert (E,), or one per row and expert (T, E).
         """
         a_EIR, b_ERO = self.factors(proj)
         E, fan_in, R = a_EIR.shape
         a_IX = a_EIR.to(x_TI.dtype).permute(1, 0, 2).reshape(fan_in, E * R)
-        b_XO = (b_ERO.to(x_TI.dtype) * shares_E.to(x_TI.dtype)[:, None, None]).reshape(E * R, -1)
-        return (x_TI @ a_IX) @ b_XO * self.scaling
+        b_XO = b_ERO.to(x_TI.dtype).reshape(E * R, -1)
+        if shares.dim() == 1:
+            b_XO = (b_ERO.to(x_TI.dtype) * shares.to(x_TI.dtype)[:, None, None]).reshape(E * R, -1)
+            return (x_TI @ a_IX) @ b_XO * self.scaling
+        xa_TER = (x_TI @ a_IX).view(-1, E, R) * shares.to(x_TI.dtype)[:, :, None]
+        return xa_TER.reshape(-1, E * R) @ b_XO * self.scaling
 
     def weight_delta(self, proj: str) -> torch.Tensor:
         """Per-expert ΔW in `nn.Linear` layout (E, out, in): scaling * (A_e @ B_e)^T, in fp32."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mtmoe.config import MoEConfig
@@ -9,7 +10,7 @@ from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.lora import LoRALinear
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
-from mtmoe.model.router import TopKRouter
+from mtmoe.model.router import TaskGateRouter, TopKRouter
 from mtmoe.parallel.expert_parallel import ExpertPlacement, MoEMarker, mark_expert_params
 
 
@@ -25,18 +26,77 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def task_expert_mask(cfg: MoEConfig, task_names: list[str]) -> torch.Tensor | None:
+    """Which experts a token of each task may choose: the open pool plus its group's reserved experts.
+
+    Experts are laid out as [num_experts open ones] + [task_experts per group, groups in order].
+
+    Returns:
+        allowed_XE (bool), or None when no experts are reserved.
+
+    Raises:
+        ValueError: Naming `moe.task_groups` for an unknown task or a task in no or two groups.
+    """
+    if not cfg.task_experts:
+        return None
+    groups = cfg.task_groups or {name: [name] for name in task_names}
+    group_of: dict[str, int] = {}
+    for g, (group, members) in enumerate(groups.items()):
+        for task in members:
+            if task not in task_names:
+                raise ValueError(
+                    f"config key 'moe.task_groups.{group}': unknown task {task!r}; known: {task_names}"
+                )
+            if task in group_of:
+                raise ValueError(f"config key 'moe.task_groups': task {task!r} is in two groups")
+            group_of[task] = g
+    lost = [t for t in task_names if t not in group_of]
+    if lost:
+        raise ValueError(f"config key 'moe.task_groups': tasks {lost} are in no group")
+    E = cfg.num_experts + cfg.task_experts * len(groups)
+    allowed_XE = torch.zeros(len(task_names), E, dtype=torch.bool)
+    allowed_XE[:, : cfg.num_experts] = True
+    for x, task in enumerate(task_names):
+        first = cfg.num_experts + group_of[task] * cfg.task_experts
+        allowed_XE[x, first : first + cfg.task_experts] = True
+    return allowed_XE
+
+
+def build_router(cfg: MoEConfig, dim: int, num_experts: int, num_tasks: int, allowed_XE=None) -> nn.Module:
+    """The router that `cfg` describes, for a block of `num_experts` experts."""
+    if cfg.task_routing == "gate":
+        return TaskGateRouter(num_experts, num_tasks)
+    return TopKRouter(
+        dim,
+        num_experts,
+        cfg.top_k,
+        cfg.normalize_top_k,
+        cfg.router_init_std,
+        score=cfg.score,
+        noise_std=cfg.router_noise,
+        balance_bias=cfg.balance_bias_rate > 0,
+        num_tasks=num_tasks if cfg.task_routing == "embedding" else 0,
+        allowed_XE=allowed_XE,
+    )
+
+
 def inject_moe_lora(
-    model: nn.Module, cfg: MoEConfig, num_tasks: int, placement: ExpertPlacement | None = None
+    model: nn.Module,
+    cfg: MoEConfig,
+    num_tasks: int,
+    placement: ExpertPlacement | None = None,
+    task_names: list[str] | None = None,
 ) -> RoutingContext:
     """Freezes `model` and swaps the chosen FFNs for MoE-LoRA blocks (plus optional attention LoRA).
 
     Args:
         model: An HF causal LM with SwiGLU FFNs (`gate_proj`, `up_proj`, `down_proj`, `act_fn`).
         cfg: The MoE section of the config.
-        num_tasks: Number of tasks (rows of the utilization counters).
+        num_tasks: Number of tasks (rows of the utilization counters and of task-routing tables).
         placement: For training under DeepSpeed: which experts this rank holds. Expert parameters are
             then marked for DeepSpeed's expert groups and each block carries a `MoEMarker`. None builds
             every expert locally, unmarked (export, evaluation, unit tests).
+        task_names: Task names in id order (needed by `moe.task_experts`).
 
     Returns:
         The routing context that every injected block shares.
@@ -51,7 +111,16 @@ def inject_moe_lora(
     bad = [i for i in chosen if not 0 <= i < len(layers)]
     if bad:
         raise ValueError(f"config key 'moe.layers': {bad} out of range for a model with {len(layers)} layers")
-    context = RoutingContext(num_tasks=num_tasks, aux_coef=cfg.aux_loss_coef)
+    if cfg.task_experts and (task_names is None or len(task_names) != num_tasks):
+        raise ValueError("config key 'moe.task_experts': the task names are needed to reserve experts")
+    allowed_XE = task_expert_mask(cfg, task_names or [])
+    num_experts = cfg.num_experts if allowed_XE is None else allowed_XE.shape[1]
+    if placement is not None and num_experts != placement.num_experts:
+        raise ValueError(
+            f"config key 'parallel.ep_size': the blocks have {num_experts} experts with moe.task_experts, "
+            f"placed as {placement.num_experts}"
+        )
+    context = RoutingContext(num_tasks=num_tasks, aux_coef=cfg.aux_loss_coef, z_coef=cfg.z_loss_coef)
     for i in chosen:
         mlp = layers[i].mlp
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
@@ -59,10 +128,13 @@ def inject_moe_lora(
                 f"config key 'moe.layers': layer {i}'s FFN {type(mlp).__name__} is not a SwiGLU FFN"
             )
         dim, ffn_dim = mlp.gate_proj.in_features, mlp.gate_proj.out_features
-        router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.normalize_top_k, cfg.router_init_std)
+        router = build_router(cfg, dim, num_experts, num_tasks, allowed_XE)
         local = placement.local if placement else None
-        experts = UpcycledLoRAExperts(cfg.num_experts, dim, ffn_dim, cfg.rank, cfg.alpha, local)
-        block = MoELoRAFFN(mlp, router, experts, context, placement, cfg.capacity_factor)
+        experts = UpcycledLoRAExperts(num_experts, dim, ffn_dim, cfg.rank, cfg.alpha, local)
+        shared = None
+        if cfg.shared_experts:
+            shared = UpcycledLoRAExperts(cfg.shared_experts, dim, ffn_dim, cfg.rank, cfg.alpha)
+        block = MoELoRAFFN(mlp, router, experts, context, placement, cfg.capacity_factor, shared)
         if placement is not None:
             mark_expert_params(experts, placement)
             block.ds_moe_marker = MoEMarker(placement)

@@ -77,7 +77,11 @@ def build_base(cfg: Config, vocab_size: int, cache_dir: Path | None = None) -> P
 
 
 def build_model(
-    cfg: Config, vocab_size: int, num_tasks: int, placement: ExpertPlacement | None = None
+    cfg: Config,
+    vocab_size: int,
+    num_tasks: int,
+    placement: ExpertPlacement | None = None,
+    task_names: list[str] | None = None,
 ) -> MoELM:
     """The base model with MoE-LoRA injected; the LoRA/router initialisation is seeded by `train.seed`.
 
@@ -86,14 +90,53 @@ def build_model(
         vocab_size: The tokenizer's vocabulary size.
         num_tasks: Tasks in the manifest.
         placement: The experts this rank holds, for training (see `inject_moe_lora`); None = all.
+        task_names: The manifest's task names in id order (needed by `moe.task_experts`).
     """
     lm = build_base(cfg, vocab_size)
     torch.manual_seed(cfg.train.seed + 1)
-    context = inject_moe_lora(lm, cfg.moe, num_tasks, placement)
+    context = inject_moe_lora(lm, cfg.moe, num_tasks, placement, task_names)
     # Fresh LoRA parameters are fp32 masters; compute casts them to the model dtype.
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return MoELM(lm, context)
+
+
+def block_num_experts(cfg: Config, task_names: list[str]) -> int:
+    """Experts per block: the open pool plus the experts reserved for task groups."""
+    m = cfg.moe
+    if not m.task_experts:
+        return m.num_experts
+    return m.num_experts + m.task_experts * len(m.task_groups or task_names)
+
+
+TASK_ROUTING = ("task_logits_XE", "task_emb_XD")
+
+
+def freeze_all_but_task_routing(model: nn.Module) -> list[str]:
+    """`train.trainable=task_routing`: only the task gates / task embeddings stay trainable.
+
+    Returns:
+        The names of the tensors left trainable.
+    """
+    kept = []
+    for name, p in model.named_parameters():
+        keep = p.requires_grad and name.rsplit(".", 1)[-1] in TASK_ROUTING
+        p.requires_grad_(keep)
+        if keep:
+            kept.append(name)
+    if not kept:
+        raise ValueError(
+            "config key 'train.trainable': task_routing, but the model has no task-routing tensors"
+        )
+    for m in list(model.modules()):  # no expert tensor trains: DeepSpeed must not look for MoE groups
+        if hasattr(m, "ds_moe_marker"):
+            del m.ds_moe_marker
+    return kept
+
+
+def balance_bias_routers(model: nn.Module) -> list[nn.Module]:
+    """The routers that keep an auxiliary-loss-free balancing bias."""
+    return [m for m in model.modules() if getattr(m, "balance_bias", False)]
 
 
 def trainable_state_dict(model: MoELM) -> dict[str, torch.Tensor]:

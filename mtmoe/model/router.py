@@ -1,6 +1,17 @@
-"""Token-choice top-k router with the load-balance auxiliary loss.
+"""Routers: token-choice top-k (softmax or sigmoid scores) and the per-task gate of MOELoRA.
 
-Shape legend: T tokens, D hidden size, E experts, K experts per token.
+Token-choice options:
+- scores: `softmax` over experts, or `sigmoid` per expert (DeepSeek-V3); either way the chosen
+  weights can be renormalised to sum to one;
+- noisy gating: Gaussian noise of a fixed std on the logits while training;
+- the load-balance auxiliary loss (Switch) and the z-loss (ST-MoE), both returned for the block to report;
+- auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the scores only to choose
+  experts, nudged after each optimizer step toward the under-loaded experts (`update_balance_biases`);
+- task-aware routing: a learned task embedding added to the router's input;
+- experts reserved for a task or a group of tasks: a (task, expert) mask that hides the other groups'
+  experts from a token.
+
+Shape legend: T tokens, D hidden size, E experts, K experts per token, X tasks.
 """
 
 from __future__ import annotations
@@ -9,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+SCORES = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -20,6 +33,7 @@ class RouterOutput:
         ids_TK: Chosen expert ids.
         aux_loss: Switch/Mixtral load-balance loss, E * sum_e f_e * P_e, over the valid tokens
             (equals 1 when routing is perfectly balanced).
+        z_loss: ST-MoE router z-loss, the mean of logsumexp(logits)² over the valid tokens.
     """
 
     weights_TK: torch.Tensor
@@ -29,7 +43,7 @@ class RouterOutput:
 
 
 class TopKRouter(nn.Module):
-    """Softmax top-k router (token choice, dropless).
+    """Token-choice top-k router (the capacity is applied later, by the dispatch).
 
     Args:
         dim: Hidden size D.
@@ -37,14 +51,54 @@ class TopKRouter(nn.Module):
         top_k: Experts per token K.
         normalize: Renormalise the K chosen weights to sum to one.
         init_std: Standard deviation of the initial router weights.
+        score: `softmax` or `sigmoid`.
+        noise_std: Std of the Gaussian noise added to the logits in training (0 = none).
+        balance_bias: Keep an auxiliary-loss-free balancing bias (a checkpointed buffer, not trained by
+            the optimizer).
+        num_tasks: X > 0 adds a learned task embedding (X, D) to the router input (task-aware routing).
+        allowed_XE: Optional bool mask: the experts a token of each task may choose.
     """
 
     def __init__(
-        self, dim: int, num_experts: int, top_k: int, normalize: bool = True, init_std: float = 0.02
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        normalize: bool = True,
+        init_std: float = 0.02,
+        *,
+        score: str = "softmax",
+        noise_std: float = 0.0,
+        balance_bias: bool = False,
+        num_tasks: int = 0,
+        allowed_XE: torch.Tensor | None = None,
     ):
         super().__init__()
+        if score not in SCORES:
+            raise ValueError(f"config key 'moe.score': expected {'|'.join(SCORES)}, got {score!r}")
         self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
+        self.score, self.noise_std = score, noise_std
         self.weight_ED = nn.Parameter(torch.randn(num_experts, dim) * init_std)
+        self.task_emb_XD = nn.Parameter(torch.zeros(num_tasks, dim)) if num_tasks else None
+        if allowed_XE is not None:
+            if bool((allowed_XE.sum(1) < top_k).any()):
+                raise ValueError("config key 'moe.task_experts': some task may choose < moe.top_k experts")
+            self.register_buffer("allowed_XE", allowed_XE.bool(), persistent=False)
+        else:
+            self.allowed_XE = None
+        self.balance_bias = balance_bias
+        if balance_bias:
+            self.register_buffer("bias_E", torch.zeros(num_experts))
+            self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+
+    def logits(self, x_TD: torch.Tensor, task_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Router logits in fp32 (before noise)."""
+        # Routing runs in fp32: bf16 logits flip near-tied top-k choices between equivalent runs.
+        w_ED = self.weight_ED.float()
+        logits_TE = x_TD.float() @ w_ED.t()
+        if self.task_emb_XD is not None and task_T is not None:
+            logits_TE = logits_TE + (self.task_emb_XD.float() @ w_ED.t())[task_T]
+        return logits_TE
 
     def forward(
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, task_T: torch.Tensor | None = None
@@ -53,17 +107,68 @@ class TopKRouter(nn.Module):
 
         Args:
             x_TD: Token hidden states.
-            valid_T: Bool mask of real (non-padding) tokens; only they count in the auxiliary loss.
-            task_T: Task id of every token (used by task-aware routing).
+            valid_T: Bool mask of real (non-padding) tokens; only they count in the losses and the load.
+            task_T: Task id of every token (for task embeddings and reserved experts).
         """
-        # Routing runs in fp32: bf16 logits flip near-tied top-k choices between equivalent runs.
-        logits_TE = x_TD.float() @ self.weight_ED.float().t()
-        probs_TE = logits_TE.softmax(dim=-1)
-        top_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        logits_TE = self.logits(x_TD, task_T)
+        if self.training and self.noise_std > 0:
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * self.noise_std
+        z_loss = _masked_mean(torch.logsumexp(logits_TE, dim=-1).square(), valid_T)
+        hidden_TE = None
+        if self.allowed_XE is not None and task_T is not None:
+            hidden_TE = ~self.allowed_XE[task_T]
+            logits_TE = logits_TE.masked_fill(hidden_TE, float("-inf"))
+        if self.score == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+            probs_TE = scores_TE
+        else:
+            scores_TE = torch.sigmoid(logits_TE)  # a hidden expert's score is sigmoid(-inf) = 0
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        choose_TE = scores_TE
+        if self.balance_bias:
+            choose_TE = scores_TE + self.bias_E
+            if hidden_TE is not None:
+                choose_TE = choose_TE.masked_fill(hidden_TE, float("-inf"))
+        ids_TK = choose_TE.topk(self.top_k, dim=-1).indices
+        top_TK = scores_TE.gather(1, ids_TK)
         if self.normalize:
-            top_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
+            top_TK = top_TK / top_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.balance_bias and self.training:
+            real_TK = ids_TK if valid_T is None else ids_TK[valid_T]
+            self.load_E += torch.bincount(real_TK.reshape(-1), minlength=self.num_experts).double()
         aux = load_balance_loss(probs_TE, ids_TK, valid_T)
-        return RouterOutput(weights_TK=top_TK.to(x_TD.dtype), ids_TK=ids_TK, aux_loss=aux)
+        return RouterOutput(weights_TK=top_TK.to(x_TD.dtype), ids_TK=ids_TK, aux_loss=aux, z_loss=z_loss)
+
+
+class TaskGateRouter(nn.Module):
+    """MOELoRA's per-task gate: every token of task t mixes all E experts with softmax(g_t).
+
+    The gate does not depend on the token, so the block mixes the experts per projection
+    (W + Σ_e g_{t,e} ΔW_e) and each task has an exact dense model.
+
+    Args:
+        num_experts: E.
+        num_tasks: X.
+    """
+
+    def __init__(self, num_experts: int, num_tasks: int):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, num_experts
+        self.task_logits_XE = nn.Parameter(torch.zeros(num_tasks, num_experts))  # uniform gates at first
+
+    def gates(self, task_T: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
+        """Per token, the softmax gate of its task (task 0 when unknown)."""
+        gates_XE = self.task_logits_XE.float().softmax(dim=-1)
+        if task_T is None:
+            return gates_XE[0].expand(num_tokens, -1)
+        return gates_XE[task_T]
+
+
+def _masked_mean(v_T: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
+    if valid_T is None:
+        return v_T.mean()
+    w_T = valid_T.to(v_T.dtype)
+    return (v_T * w_T).sum() / w_T.sum().clamp_min(1.0)
 
 
 def load_balance_loss(
@@ -83,3 +188,24 @@ def load_balance_loss(
     f_E = (assign_TE * w_T[:, None]).sum(0) / (n * ids_TK.shape[1])
     p_E = (probs_TE * w_T[:, None]).sum(0) / n
     return E * (f_E * p_E).sum()
+
+
+@torch.no_grad()
+def update_balance_biases(routers: list[TopKRouter], rate: float, all_reduce=None) -> None:
+    """Auxiliary-loss-free balancing: b_e += rate · sign(mean load − load_e), then the loads restart.
+
+    Args:
+        routers: Routers with `balance_bias`.
+        rate: The bias update speed u.
+        all_reduce: Sums a tensor over data-parallel ranks (None = one process), so every rank moves its
+            biases identically.
+    """
+    if not routers:
+        return
+    load_LE = torch.stack([r.load_E for r in routers])
+    if all_reduce is not None:
+        load_LE = all_reduce(load_LE)
+    step_LE = torch.sign(load_LE.mean(dim=1, keepdim=True) - load_LE) * rate
+    for r, step_E in zip(routers, step_LE, strict=True):
+        r.bias_E += step_E.to(r.bias_E.dtype)
+        r.load_E.zero_()

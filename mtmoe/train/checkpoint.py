@@ -87,6 +87,15 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State that training changes outside the optimizer: the routers' balancing biases.
+
+    They are buffers, equal on every rank (each rank applies the same all-reduced update), and go into
+    the checkpoint with the trainable tensors.
+    """
+    return {n: b for n, b in model.named_buffers() if n.endswith(".bias_E")}
+
+
 def _to_global(t: torch.Tensor, p: nn.Parameter, placement: ExpertPlacement) -> torch.Tensor:
     """Gathers an expert tensor's slices from the expert-parallel group into global expert order."""
     if placement.ep_size == 1 or not is_expert_param(p):
@@ -122,6 +131,7 @@ def gather_state(engine, model: nn.Module, placement: ExpertPlacement) -> tuple[
         weights[name] = _to_global(w, p, placement).cpu()
         for k in MOMENTS:
             moments[f"{k}/{name}"] = _to_global(m[k], p, placement).cpu()
+    weights.update({n: b.detach().float().cpu().clone() for n, b in router_state(model).items()})
     return weights, moments
 
 
@@ -300,9 +310,9 @@ def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cf
     weights, moments, state = read(run_dir)
     step = int(state["step"])
     adam_steps = int(state.get("optimizer_steps", step))
-    own = _trainable(model)
-    missing = [n for n, _ in own if n not in weights]
-    unexpected = sorted(set(weights) - {n for n, _ in own})
+    own, buffers = _trainable(model), router_state(model)
+    missing = [n for n, _ in own if n not in weights] + [n for n in buffers if n not in weights]
+    unexpected = sorted(set(weights) - {n for n, _ in own} - set(buffers))
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {latest_tag(run_dir)} does not match the model: missing {missing[:3]}, "
@@ -325,11 +335,47 @@ def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cf
                 safe_set_full_optimizer_state(p, m, k)
             else:
                 inner.state[p][k].copy_(m)
+    with torch.no_grad():
+        for name, b in buffers.items():
+            b.copy_(weights[name].to(b.dtype))
     _restore_schedule(engine, cfg, step, int(state.get("scheduler_last_epoch", step)))
     folder = checkpoint_dir(run_dir) / latest_tag(run_dir)
     if state["world_size"] == dist.get_world_size() and (folder / "rng.safetensors").exists():
         _set_rng_state(load_file(folder / "rng.safetensors"), state["rng"], dist.get_rank())
     return state
+
+
+def init_from_run(model: nn.Module, run_dir: Path, task_names: list[str], placement: ExpertPlacement) -> None:
+    """`train.init_from`: starts from a finished run's newest weights (no optimizer state, no counters).
+
+    Task-routing tables (task gates, task embeddings) are matched by task name: a task the run did not
+    know keeps its fresh row (neutral routing). Every other tensor must match in shape.
+
+    Raises:
+        ValueError: Naming the config key, for a run without a checkpoint or a tensor that differs.
+    """
+    if latest_tag(run_dir) is None:
+        raise ValueError(f"config key 'train.init_from': {run_dir} has no checkpoint")
+    weights, _, state = read(run_dir)
+    old_names = state.get("task_names") or []
+    own = dict(_trainable(model)) | router_state(model)
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise ValueError(f"config key 'train.init_from': {run_dir} lacks {missing[:3]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            saved = _to_local(weights[name], p, placement) if isinstance(p, nn.Parameter) else weights[name]
+            if name.rsplit(".", 1)[-1] in ("task_logits_XE", "task_emb_XD"):
+                for x, task in enumerate(task_names):
+                    if task in old_names:
+                        p[x].copy_(saved[old_names.index(task)].to(p.dtype))
+                continue
+            if tuple(saved.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"config key 'train.init_from': tensor {name} has shape {tuple(saved.shape)} in "
+                    f"{run_dir}, the model has {tuple(p.shape)}"
+                )
+            p.copy_(saved.to(p.dtype))
 
 
 def _restore_schedule(engine, cfg, step: int, last_epoch: int) -> None:

@@ -32,7 +32,14 @@ from mtmoe.eval.heatmap import write_heatmaps
 from mtmoe.eval.heldout import heldout_losses
 from mtmoe.eval.utilization import gather_utilization, layer_shares, save_utilization
 from mtmoe.model.base import load_tokenizer, resolve_base
-from mtmoe.model.moe_lm import MoELM, build_model
+from mtmoe.model.moe_lm import (
+    MoELM,
+    balance_bias_routers,
+    block_num_experts,
+    build_model,
+    freeze_all_but_task_routing,
+)
+from mtmoe.model.router import update_balance_biases
 from mtmoe.parallel.dist import DistInfo, device_for, init_distributed
 from mtmoe.parallel.engine import build_engine
 from mtmoe.parallel.expert_parallel import create_placement
@@ -60,7 +67,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         raise ValueError(f"config key 'data.tokenized': {e}") from None
     known, task_names = _select_tasks(cfg, manifest)
     info = init_distributed(cfg.parallel.backend)
-    placement = create_placement(cfg.parallel.ep_size, cfg.moe.num_experts)
+    all_names = [t.name for t in manifest.tasks]
+    placement = create_placement(cfg.parallel.ep_size, block_num_experts(cfg, all_names))
     device = device_for(info)
     run_dir = Path(cfg.train.output_dir)
     train_shards = [open_shard(manifest, name, "train") for name in task_names]
@@ -68,7 +76,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
     num_tasks = len(manifest.tasks)
 
-    model = build_model(cfg, len(tokenizer), num_tasks, placement).to(device)
+    model = build_model(cfg, len(tokenizer), num_tasks, placement, all_names).to(device)
+    if cfg.train.init_from and not resume:
+        checkpoint.init_from_run(model, Path(cfg.train.init_from), all_names, placement)
+    if cfg.train.trainable == "task_routing":
+        freeze_all_but_task_routing(model)
+    routers = balance_bias_routers(model)
     engine = build_engine(model, cfg, info.world_size, placement)
     sampler = MixingSampler(
         [min(len(s), int(cfg.data.caps.get(s.name, len(s)))) for s in train_shards],
@@ -154,6 +167,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             step,
             retainer,
         )
+        update_balance_biases(routers, 0.0 if skipped else cfg.moe.balance_bias_rate, all_reduce_sum)
         counters.add_step(time.perf_counter() - t0, step_tokens, counts_X, skipped)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         if bad_in_a_row >= cfg.train.max_bad_steps:
@@ -304,6 +318,7 @@ def _loop_state(
             "valid": None if validation is None else validation.state_dict(),
         },
         "config": to_dict(cfg),
+        "task_names": [t.name for t in load_manifest(Path(cfg.data.tokenized)).tasks],
     }
 
 
