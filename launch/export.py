@@ -12,6 +12,13 @@ of each layer with the largest share (or N at random) and renormalises over them
 the coefficients of Σ_e λ_e ΔW_e by minimising the prediction entropy on unlabelled held-out inputs.
 Attention LoRA folds exactly. The output loads with plain transformers.
 
+By expert family (`moe.family` of the run):
+- upcycled: as above. A run with MOELoRA task gates (`moe.task_routing: gate`) is weighed by the gate
+  of `--task` (exactly that task's model); shared experts always fold in whole.
+- moefied: the dense FFN with every slice's LoRA folded in (exactly the model after router fading).
+- native: an HF MoE of the same architecture with each expert's LoRA folded in; `--prune N` keeps N
+  experts per layer (by utilization), so a smaller MoE that transformers loads.
+
 It also writes `<out>/export_report.json`: per task, the held-out loss of the base, the trained MoE and
 the export, and the share of the MoE's gain over the base that the export keeps. `--peft-rank R` also
 writes a PEFT LoRA adapter per task (and `all`) under `<out>/adapters/`, for multi-LoRA serving.
@@ -88,8 +95,15 @@ def main(argv: list[str] | None = None) -> Path:
     cfg, model, tokenizer = load_trained_model(args.run)
     util_path = args.run / "utilization.json"
     faded = fade_shares(args.run)
+    family = cfg.moe.family
+    if family != "upcycled" and (args.merge != "average" or args.peft_rank or args.weights != "auto"):
+        raise ValueError(
+            f"--merge/--weights/--peft-rank apply to upcycled experts; this run's moe.family is {family}"
+        )
+    if family == "moefied" and args.prune:
+        raise ValueError("--prune: MoEfied experts are slices of one FFN, which the export writes whole")
     gated = cfg.moe.task_routing == "gate"
-    auto = "task_gate" if gated else "fade" if faded else "utilization"
+    auto = "task_gate" if gated else "fade" if faded else "uniform" if family == "moefied" else "utilization"
     weights = auto if args.weights == "auto" else args.weights
     if weights not in ("utilization", "uniform", "fade", "task_gate"):
         raise ValueError(f"--weights {args.weights!r}: expected auto|utilization|uniform|fade|task_gate")
@@ -158,6 +172,15 @@ def main(argv: list[str] | None = None) -> Path:
             f"[mtmoe] AdaMerging: held-out prediction entropy {ada_record['entropy_before']:.4f} -> "
             f"{ada_record['entropy_after']:.4f}"
         )
+    elif family == "native":  # the same architecture, LoRA folded into every expert, maybe fewer experts
+        from transformers import AutoModelForCausalLM
+
+        from mtmoe.model.native import export_native
+
+        state, config = export_native(model.lm, kept)
+        lm = AutoModelForCausalLM.from_config(config)
+        lm.load_state_dict(state, strict=True)
+        lm.generation_config = model.lm.generation_config
     else:
         lm = fold_to_dense(model, shares, kept, spec)
     save_dense(lm, tokenizer, args.out)
@@ -193,7 +216,8 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"[mtmoe] {s.name}: base {base:.4f}  moe {moe:.4f}  export {export:.4f}  gain kept {kept_txt}")
     (args.out / "export_report.json").write_text(json.dumps(report, indent=1))
     (args.out / "mtmoe_export.json").write_text(json.dumps(options, indent=1))
-    print(f"[mtmoe] exported a dense {type(lm).__name__} to {args.out}")
+    kind = "an MoE" if family == "native" else "a dense"
+    print(f"[mtmoe] exported {kind} {type(lm).__name__} to {args.out}")
     return args.out
 
 

@@ -310,6 +310,16 @@ class Config:
             }.items():
                 _check(not clash, key, "0/1 with moe.task_routing=gate (every token mixes every expert)")
         _check(m.family != "moefied" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=moefied")
+        _check(
+            m.family != "native" or m.fade_fraction == 0,
+            "moe.fade_fraction",
+            "0 with moe.family=native (its experts are distinct FFNs with no dense form to fade to)",
+        )
+        _check(
+            m.family != "moefied" or m.router == "soft" or m.top_k < m.num_experts,
+            "moe.top_k",
+            "< moe.num_experts for a top-k MoEfied router (all slices: use moe.router=soft)",
+        )
         _check(not m.task_groups or m.task_experts, "moe.task_groups", "empty unless moe.task_experts > 0")
         _check(t.trainable in ("all", "task_routing"), "train.trainable", "all|task_routing")
         _check(t.trainable == "all" or t.init_from, "train.trainable", "all unless train.init_from is set")

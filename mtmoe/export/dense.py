@@ -128,8 +128,11 @@ def fold_to_dense(
         The dense HF model (the same object as `model.lm`).
     """
     lm = model.lm
-    deltas = merged_deltas(model, shares, kept, spec)
     layers = decoder_layers(lm)
+    for i, block in moe_blocks(lm).items():
+        if hasattr(block, "to_dense_mlp"):  # MoEfied: the FFN with every slice's LoRA, all gates at 1
+            layers[i].mlp = block.to_dense_mlp()
+    deltas = merged_deltas(model, shares, kept, spec)
     for i, block in moe_blocks(lm).items():
         layers[i].mlp = block.base
     for name, lora in lora_linears(lm).items():

@@ -113,3 +113,37 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
     fields.update(overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(LlamaConfig(**fields))
+
+
+def tiny_moe(kind: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
+    """Builds a tiny random native MoE model, `tiny-mixtral` or `tiny-qwen2-moe` (4 experts, top-2).
+
+    Args:
+        kind: `tiny-mixtral` or `tiny-qwen2-moe`.
+        vocab_size: Vocabulary size; match the tokenizer in use.
+        seed: Seed for the random initialisation.
+        **overrides: Config fields to change.
+    """
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        num_experts_per_tok=2,
+    )
+    if kind == "tiny-mixtral":
+        config = MixtralConfig(**{**fields, "num_local_experts": 4, **overrides})
+    elif kind == "tiny-qwen2-moe":
+        qwen = {"num_experts": 4, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 128}
+        config = Qwen2MoeConfig(**{**fields, **qwen, "norm_topk_prob": True, **overrides})
+    else:
+        raise ValueError(f"model.base: unknown tiny model {kind!r}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+

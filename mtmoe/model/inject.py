@@ -115,30 +115,25 @@ def inject_moe_lora(
         raise ValueError("config key 'moe.task_experts': the task names are needed to reserve experts")
     allowed_XE = task_expert_mask(cfg, task_names or [])
     num_experts = cfg.num_experts if allowed_XE is None else allowed_XE.shape[1]
-    if placement is not None and num_experts != placement.num_experts:
+    if placement is not None and cfg.family != "native" and num_experts != placement.num_experts:
         raise ValueError(
             f"config key 'parallel.ep_size': the blocks have {num_experts} experts with moe.task_experts, "
             f"placed as {placement.num_experts}"
         )
     context = RoutingContext(num_tasks=num_tasks, aux_coef=cfg.aux_loss_coef, z_coef=cfg.z_loss_coef)
-    for i in chosen:
-        mlp = layers[i].mlp
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    if cfg.family == "native":
+        from mtmoe.model.native import inject_native_moe
+
+        args = (cfg.rank, cfg.alpha, context, placement, cfg.capacity_factor, cfg.native_router_trainable)
+        replaced = inject_native_moe(model, *args)
+        if cfg.layers != "all" and sorted(cfg.layers) != replaced:
             raise ValueError(
-                f"config key 'moe.layers': layer {i}'s FFN {type(mlp).__name__} is not a SwiGLU FFN"
+                f"config key 'moe.layers': a native model's MoE layers are {replaced}; use 'all'"
             )
-        dim, ffn_dim = mlp.gate_proj.in_features, mlp.gate_proj.out_features
-        router = build_router(cfg, dim, num_experts, num_tasks, allowed_XE)
-        local = placement.local if placement else None
-        experts = UpcycledLoRAExperts(num_experts, dim, ffn_dim, cfg.rank, cfg.alpha, local)
-        shared = None
-        if cfg.shared_experts:
-            shared = UpcycledLoRAExperts(cfg.shared_experts, dim, ffn_dim, cfg.rank, cfg.alpha)
-        block = MoELoRAFFN(mlp, router, experts, context, placement, cfg.capacity_factor, shared)
-        if placement is not None:
-            mark_expert_params(experts, placement)
-            block.ds_moe_marker = MoEMarker(placement)
-        layers[i].mlp = block
+        chosen = replaced
+    for i in chosen:
+        if cfg.family != "native":
+            layers[i].mlp = _block(layers[i].mlp, i, cfg, context, placement, num_tasks, allowed_XE)
         if cfg.attn_lora_rank:
             attn = layers[i].self_attn
             for name in cfg.attn_targets:
@@ -147,6 +142,45 @@ def inject_moe_lora(
                     raise ValueError(f"config key 'moe.attn_targets': layer {i} has no linear {name!r}")
                 setattr(attn, name, LoRALinear(base, cfg.attn_lora_rank, cfg.attn_lora_alpha))
     return context
+
+
+def _block(
+    mlp: nn.Module,
+    i: int,
+    cfg: MoEConfig,
+    context: RoutingContext,
+    placement: ExpertPlacement | None,
+    num_tasks: int,
+    allowed_XE: torch.Tensor | None,
+) -> MoEBlock:
+    """The MoE block of the configured family (upcycled or MoEfied) that replaces dense FFN `mlp`."""
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        raise ValueError(f"config key 'moe.layers': layer {i}'s FFN {type(mlp).__name__} is not a SwiGLU FFN")
+    dim, ffn_dim = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+    if cfg.family == "moefied":
+        from mtmoe.model.moefied import MoEfiedFFN
+
+        soft = cfg.router == "soft"
+        router = None if soft else build_router(cfg, dim, cfg.num_experts, num_tasks)
+        if ffn_dim % cfg.num_experts:
+            raise ValueError(
+                f"config key 'moe.num_experts': {cfg.num_experts} does not divide FFN width {ffn_dim}"
+            )
+        top_k = 0 if soft else cfg.top_k
+        args = (cfg.rank, cfg.alpha, context, router, cfg.soft_tau, cfg.capacity_factor)
+        return MoEfiedFFN(mlp, cfg.num_experts, top_k, *args)
+    num_experts = cfg.num_experts if allowed_XE is None else allowed_XE.shape[1]
+    router = build_router(cfg, dim, num_experts, num_tasks, allowed_XE)
+    local = placement.local if placement else None
+    experts = UpcycledLoRAExperts(num_experts, dim, ffn_dim, cfg.rank, cfg.alpha, local)
+    shared = None
+    if cfg.shared_experts:
+        shared = UpcycledLoRAExperts(cfg.shared_experts, dim, ffn_dim, cfg.rank, cfg.alpha)
+    block = MoELoRAFFN(mlp, router, experts, context, placement, cfg.capacity_factor, shared)
+    if placement is not None:
+        mark_expert_params(experts, placement)
+        block.ds_moe_marker = MoEMarker(placement)
+    return block
 
 
 def moe_blocks(model: nn.Module) -> dict[int, MoEBlock]:

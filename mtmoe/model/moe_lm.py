@@ -5,6 +5,7 @@ Shape legend: B batch, S sequence, D hidden size.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,11 +14,12 @@ from transformers import PreTrainedModel
 
 from mtmoe.balance.task_loss import target_losses_and_logits
 from mtmoe.config import Config
-from mtmoe.model.base import load_base_model, resolve_base, tiny_llama
+from mtmoe.model.base import load_base_model, resolve_base, tiny_llama, tiny_moe
 from mtmoe.model.inject import inject_moe_lora, moe_blocks
 from mtmoe.model.moe_base import RoutingContext
 from mtmoe.parallel.expert_parallel import ExpertPlacement
 
+TINY_MOE = ("tiny-mixtral", "tiny-qwen2-moe")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -73,6 +75,8 @@ def build_base(cfg: Config, vocab_size: int, cache_dir: Path | None = None) -> P
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.base == "tiny-llama":
         return tiny_llama(vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
+    if cfg.model.base in TINY_MOE:
+        return tiny_moe(cfg.model.base, vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
     return load_base_model(resolve_base(cfg.model.base, cache_dir), dtype=dtype)
 
 
@@ -104,6 +108,11 @@ def build_model(
 def block_num_experts(cfg: Config, task_names: list[str]) -> int:
     """Experts per block: the open pool plus the experts reserved for task groups."""
     m = cfg.moe
+    if m.family == "native":  # the checkpoint decides
+        if cfg.model.base in TINY_MOE:
+            return int(cfg.model.tiny.get("num_local_experts", cfg.model.tiny.get("num_experts", 4)))
+        config = json.loads((resolve_base(cfg.model.base) / "config.json").read_text())
+        return int(config.get("num_local_experts", config.get("num_experts", 0)))
     if not m.task_experts:
         return m.num_experts
     return m.num_experts + m.task_experts * len(m.task_groups or task_names)

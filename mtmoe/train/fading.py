@@ -37,4 +37,6 @@ def fade_alpha(cfg: Config, step: int) -> float:
 def set_fade_shares(lm: torch.nn.Module, shares: dict[int, list[float]]) -> None:
     """Puts each layer's expert shares into its block."""
     for i, block in moe_blocks(lm).items():
+        if not hasattr(block, "fade_shares_E"):  # MoEfied blocks fade every ω to 1: no shares
+            continue
         block.fade_shares_E.copy_(torch.tensor(shares[i], dtype=block.fade_shares_E.dtype))

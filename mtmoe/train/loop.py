@@ -31,6 +31,7 @@ from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.eval.heatmap import write_heatmaps
 from mtmoe.eval.heldout import heldout_losses
 from mtmoe.eval.utilization import gather_utilization, layer_shares, save_utilization
+from mtmoe.export.prune import expert_shares
 from mtmoe.model.base import load_tokenizer, resolve_base
 from mtmoe.model.moe_lm import (
     MoELM,
@@ -479,6 +480,10 @@ def _train_record(
     for layer, share_E in layer_shares(util, "tokens").items():
         for e, share in enumerate(share_E.tolist()):
             record[f"expert_util/L{layer:02d}/e{e}"] = share
+    for k in present:  # per task: which experts its tokens went to in this logging window
+        for layer, share_E in expert_shares(util, names[k], "tokens").items():
+            for e, share in enumerate(share_E.tolist()):
+                record[f"expert_util/{names[k]}/L{layer:02d}/e{e}"] = share
     model.set_recording(True)  # restart the counters for the next logging window
     return record
 
