@@ -70,8 +70,11 @@ class MoEConfig:
         task_groups: {group: [task, ...]} for `task_experts`; empty = every task is its own group.
         native_router_trainable: For `native`: train the checkpoint's router (else it stays frozen).
         capacity_factor: 0 (default) routes dropless. A value > 0 caps the assignments an expert takes
-            from one rank's micro-batch at ceil(factor * tokens * top_k / num_experts); assignments past
-            it lose their LoRA delta (the frozen FFN still runs) and are counted in `moe/drop_frac`.
+            from one rank's micro-batch at ceil(tokens / num_experts * factor * top_k), as DeepSpeed's
+            gating computes it; which assignments stay follows DeepSpeed too (first choices, then earlier
+            tokens; by score for top_k >= 3). Past it, an upcycled assignment loses its LoRA delta (the
+            frozen FFN still runs), a native or MoEfied one contributes nothing; drops are counted in
+            `moe/drop_frac`.
         normalize_top_k: Renormalise the top-k gate weights to sum to one. With it, a freshly injected
             model (LoRA B factors at zero) computes exactly the base model.
         router_init_std: Standard deviation of the router's initial weights.

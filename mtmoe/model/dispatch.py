@@ -58,11 +58,20 @@ class Dispatch:
     num_dropped: int = 0
 
 
-def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
-    """Assignments an expert takes per rank: ceil(factor * tokens * K / E); None means dropless (factor 0)."""
+def expert_capacity(
+    capacity_factor: float, num_tokens: int, top_k: int, num_experts: int, min_capacity: int = 0
+) -> int | None:
+    """Assignments an expert takes per rank; None means dropless (factor 0).
+
+    Follows DeepSpeed's gating (`deepspeed.moe.sharded_moe._capacity` with the factor times k, as its
+    top1/top2/topk gating pass it): max(ceil((tokens / E) * (factor * K)), min_capacity), in DeepSpeed's
+    own float32 arithmetic, so that both drop the same assignments even where the product is a whole
+    number that float rounding lifts past it (e.g. factor 0.1, K 3, 100 tokens, 1 expert: 31, not 30).
+    """
     if capacity_factor <= 0:
         return None
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    factor = torch.tensor(capacity_factor * top_k, dtype=torch.float32)
+    return max(math.ceil(((num_tokens / num_experts) * factor).item()), min_capacity)
 
 
 def dispatch(
@@ -71,11 +80,22 @@ def dispatch(
     num_experts: int,
     valid_T: torch.Tensor | None = None,
     capacity_factor: float = 0.0,
+    *,
+    min_capacity: int = 0,
+    priority_TK: torch.Tensor | None = None,
 ) -> Dispatch:
     """Keeps the assignments that run and groups them by expert, stably.
 
-    Within an expert, first choices come before second choices, and earlier tokens before later ones;
-    with a capacity, the assignments past it are dropped (the GShard/Switch priority).
+    Within an expert, first choices come before second choices, and earlier tokens before later ones.
+    With a capacity, an expert keeps the assignments that DeepSpeed's gating (0.19) keeps:
+    - K <= 2 (its top1/top2gating): the first ones in that order (the GShard/Switch priority). DeepSpeed's
+      top-1 picks among an expert's tokens at random (RTS) or, without RTS, in `torch.topk`'s unspecified
+      tie order; it keeps as many as we do, and we keep the earliest.
+    - K >= 3 (its topkgating, `drop_policy="probs"`): the ones with the largest `priority_TK`, ties in
+      the order above. DeepSpeed ranks by the softmax probability; pass it as `priority_TK` when
+      `weights_TK` is renormalised, which changes the ranking.
+    Unlike DeepSpeed, which renormalises the gates over the kept experts, a dropped assignment keeps its
+    weight and reports it in `dropped_weight_T`; the capacity counts the real tokens only.
 
     Args:
         ids_TK: Chosen experts.
@@ -83,6 +103,8 @@ def dispatch(
         num_experts: E.
         valid_T: Bool mask of real tokens (None = all real); padding tokens are never dispatched.
         capacity_factor: 0 for dropless, else the capacity factor of `expert_capacity`.
+        min_capacity: The least capacity of `expert_capacity`.
+        priority_TK: For K >= 3 with a capacity, what ranks an expert's assignments (None = `weights_TK`).
     """
     T, K = ids_TK.shape
     device = ids_TK.device
@@ -92,22 +114,18 @@ def dispatch(
     real_N = torch.ones_like(ids_N, dtype=torch.bool) if valid_T is None else valid_T.repeat(K)
     num_real = int(real_N.sum()) // K if valid_T is not None else T
     keyed_N = torch.where(real_N, ids_N, num_experts)  # padding sorts after every expert
-    order_N = torch.argsort(keyed_N, stable=True)
-    sorted_ids_N = keyed_N[order_N]
-    counts_E = torch.bincount(sorted_ids_N, minlength=num_experts + 1)[:num_experts]
-    keep_N = sorted_ids_N < num_experts
-    capacity = expert_capacity(capacity_factor, num_real, K, num_experts)
+    capacity = expert_capacity(capacity_factor, num_real, K, num_experts, min_capacity)
     num_dropped = 0
     if capacity is not None:
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        position_N = (
-            torch.arange(len(order_N), device=device) - starts_E[sorted_ids_N.clamp_max(num_experts - 1)]
-        )
-        within_N = keep_N & (position_N < capacity)
-        num_dropped = int(keep_N.sum() - within_N.sum())
-        keep_N = within_N
-        counts_E = counts_E.clamp_max(capacity)
-    kept_N = order_N[keep_N]
+        priority_N = None
+        if K >= 3:
+            priority_N = (weights_TK if priority_TK is None else priority_TK).t().reshape(-1)
+        over_N = real_N & (_rank_within_expert(keyed_N, num_experts, priority_N) >= capacity)
+        num_dropped = int(over_N.sum())
+        keyed_N = keyed_N.masked_fill(over_N, num_experts)  # dropped ones sort with the padding
+    order_N = torch.argsort(keyed_N, stable=True)
+    counts_E = torch.bincount(keyed_N, minlength=num_experts + 1)[:num_experts]
+    kept_N = order_N[: int(counts_E.sum())]
     dropped_weight_T = None
     if num_dropped or valid_T is not None and num_real < T:
         dropped_N = torch.ones_like(ids_N, dtype=torch.bool)
@@ -121,6 +139,22 @@ def dispatch(
         num_routed=num_real * K,
         num_dropped=num_dropped,
     )
+
+
+def _rank_within_expert(
+    keyed_N: torch.Tensor, num_experts: int, priority_N: torch.Tensor | None
+) -> torch.Tensor:
+    """Each assignment's place in its expert's queue: by position, or by descending priority first."""
+    order_N = torch.arange(len(keyed_N), device=keyed_N.device)
+    if priority_N is not None:
+        order_N = torch.argsort(priority_N, descending=True, stable=True)
+    order_N = order_N[torch.argsort(keyed_N[order_N], stable=True)]
+    sorted_ids_N = keyed_N[order_N]
+    counts_E = torch.bincount(sorted_ids_N, minlength=num_experts + 1)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_N = torch.empty_like(order_N)
+    rank_N[order_N] = torch.arange(len(order_N), device=keyed_N.device) - starts_E[sorted_ids_N]
+    return rank_N
 
 
 def sort_by_expert(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int) -> Dispatch:

@@ -265,7 +265,7 @@ class MoEfiedFFN(MoEBlock):
                 omega_TE = omega_TE * ctx.valid_T[:, None].to(omega_TE.dtype)
             return self.dense_forward(x_TD, alpha * omega_TE + (1.0 - alpha)).reshape(shape)
         capacity = self.capacity_factor if self.training else 0.0
-        d = dispatch(route.ids_TK, K * share_TK, E, ctx.valid_T, capacity)
+        d = dispatch(route.ids_TK, K * share_TK, E, ctx.valid_T, capacity, priority_TK=route.scores_TK)
         ctx.count(d.num_routed, d.num_dropped, self.training)
         return self.sparse_forward(x_TD, d).reshape(shape)
 

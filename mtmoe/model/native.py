@@ -127,7 +127,14 @@ class NativeMoELoRA(MoEBlock):
         route = self.router(x_TD, ctx.valid_T, ctx.task_T)
         ctx.add_route(route)
         capacity = self.capacity_factor if self.training else 0.0
-        d = dispatch(route.ids_TK, route.weights_TK, self.num_experts, ctx.valid_T, capacity)
+        d = dispatch(
+            route.ids_TK,
+            route.weights_TK,
+            self.num_experts,
+            ctx.valid_T,
+            capacity,
+            priority_TK=route.scores_TK,
+        )
         ctx.count(d.num_routed, d.num_dropped, self.training)
         if ctx.record:
             self.record(route.ids_TK, route.weights_TK)

@@ -34,12 +34,15 @@ class RouterOutput:
         aux_loss: Switch/Mixtral load-balance loss, E * sum_e f_e * P_e, over the valid tokens
             (equals 1 when routing is perfectly balanced).
         z_loss: ST-MoE router z-loss, the mean of logsumexp(logits)² over the valid tokens.
+        scores_TK: The chosen experts' raw scores (before renormalising): what ranks an expert's
+            assignments under a capacity with K >= 3, as in DeepSpeed's top-k gating.
     """
 
     weights_TK: torch.Tensor
     ids_TK: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor | None = None
+    scores_TK: torch.Tensor | None = None
 
 
 class TopKRouter(nn.Module):
@@ -130,14 +133,16 @@ class TopKRouter(nn.Module):
             if hidden_TE is not None:
                 choose_TE = choose_TE.masked_fill(hidden_TE, float("-inf"))
         ids_TK = choose_TE.topk(self.top_k, dim=-1).indices
-        top_TK = scores_TE.gather(1, ids_TK)
+        top_TK = raw_TK = scores_TE.gather(1, ids_TK)
         if self.normalize:
             top_TK = top_TK / top_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         if self.balance_bias and self.training:
             real_TK = ids_TK if valid_T is None else ids_TK[valid_T]
             self.load_E += torch.bincount(real_TK.reshape(-1), minlength=self.num_experts).double()
         aux = load_balance_loss(probs_TE, ids_TK, valid_T)
-        return RouterOutput(weights_TK=top_TK.to(x_TD.dtype), ids_TK=ids_TK, aux_loss=aux, z_loss=z_loss)
+        return RouterOutput(
+            weights_TK=top_TK.to(x_TD.dtype), ids_TK=ids_TK, aux_loss=aux, z_loss=z_loss, scores_TK=raw_TK
+        )
 
 
 class TaskGateRouter(nn.Module):
