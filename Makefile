@@ -21,7 +21,7 @@ demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} bash launch/demo.sh
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -q tests
+	WANDB_MODE=disabled $(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -59,7 +59,9 @@ class MoELM(nn.Module):
         lm_head = self.lm.get_output_embeddings()
         loss_BS, logits_NV = target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)
         aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else hidden_BSD.new_zeros(())
-        ctx.aux_losses, ctx.valid_T, ctx.task_T = [], None, None
+        # valid_T and task_T stay set: gradient checkpointing re-runs the blocks in backward, and they
+        # must route those tokens as the forward did. The next forward overwrites them.
+        ctx.aux_losses = []
         return (loss_BS, aux, logits_NV) if return_logits else (loss_BS, aux)
 
     def set_recording(self, on: bool) -> None:

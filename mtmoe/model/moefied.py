@@ -67,6 +67,8 @@ def balanced_kmeans(
     if x_FC.dtype != torch.float64:
         x_FC = x_FC.float()
     sq_F = x_FC.pow(2).sum(1)
+    if x_FC.is_meta:  # shapes only (e.g. launch/plan.py): no clustering without weights
+        return torch.arange(F, device="meta") // (F // E)
     centers_EC = _kmeans_pp(x_FC, sq_F, E, torch.Generator(device="cpu").manual_seed(seed))
     assign_F = None
     for _ in range(max(iters, 1)):

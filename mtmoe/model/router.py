@@ -84,7 +84,7 @@ class TopKRouter(nn.Module):
         self.weight_ED = nn.Parameter(torch.randn(num_experts, dim) * init_std)
         self.task_emb_XD = nn.Parameter(torch.zeros(num_tasks, dim)) if num_tasks else None
         if allowed_XE is not None:
-            if bool((allowed_XE.sum(1) < top_k).any()):
+            if not allowed_XE.is_meta and bool((allowed_XE.sum(1) < top_k).any()):
                 raise ValueError("config key 'moe.task_experts': some task may choose < moe.top_k experts")
             self.register_buffer("allowed_XE", allowed_XE.bool(), persistent=False)
         else:
