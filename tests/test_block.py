@@ -52,8 +52,12 @@ def slow_reference(block, x_BSD):
     return torch.stack(out).reshape(x_BSD.shape)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu_fused", "grouped_composition"])
 @pytest.mark.parametrize("d,f,e,k,r", [(16, 32, 4, 2, 8), (6, 10, 3, 1, 3), (16, 32, 8, 3, 4)])
-def test_fast_block_equals_slow_reference_forward_and_backward(d, f, e, k, r):
+def test_fast_block_equals_slow_reference_forward_and_backward(d, f, e, k, r, fused, monkeypatch):
+    """Both fast paths: the cache-blocked CPU one and the grouped-matmul composition GPUs take."""
+    if not fused:
+        monkeypatch.setattr("mtmoe.model.block.SILU_TYPES", ())
     block = make_block(d, f, e, k, r)
     x = torch.randn(2, 5, d, dtype=torch.float32)
     grad_out = torch.randn(2, 5, d, dtype=torch.float32)

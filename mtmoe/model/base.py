@@ -146,4 +146,3 @@ def tiny_moe(kind: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrain
         raise ValueError(f"model.base: unknown tiny model {kind!r}")
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
-

@@ -26,11 +26,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtmoe.model.dispatch import ExpertGroups, combine, dispatch
+from mtmoe.model.dispatch import Dispatch, ExpertGroups, combine, dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.router import RouterOutput, TaskGateRouter, TopKRouter
 from mtmoe.parallel.expert_parallel import ExpertPlacement, expert_parallel_apply
+
+try:  # what HF's ACT2FN["silu"] is in recent transformers (nn.SiLU in older ones)
+    from transformers.activations import SiLUActivation
+except ImportError:  # pragma: no cover
+    SiLUActivation = nn.SiLU
+SILU_TYPES = (nn.SiLU, SiLUActivation)
 
 
 class MoELoRAFFN(MoEBlock):
@@ -80,25 +86,79 @@ class MoELoRAFFN(MoEBlock):
         route = self.router(x_TD, ctx.valid_T, ctx.task_T)
         ctx.add_route(route)
         capacity = self.capacity_factor if self.training else 0.0
-        d = dispatch(route.ids_TK, route.weights_TK, self.router.num_experts, ctx.valid_T, capacity)
+        d = dispatch(
+            route.ids_TK,
+            route.weights_TK,
+            self.router.num_experts,
+            ctx.valid_T,
+            capacity,
+            priority_TK=route.scores_TK,
+        )
         ctx.count(d.num_routed, d.num_dropped, self.training)
         if ctx.record:
             self.record(route.ids_TK, route.weights_TK)
 
-        x_ND, gate_NF, up_NF = x_TD[d.token_N], gate_TF[d.token_N], up_TF[d.token_N]
-        if self.placement.ep_size == 1:
-            h_NF, down_ND = self.expert_outputs(x_ND, gate_NF, up_NF, d.groups)
-        else:
-            h_NF, down_ND = self._remote_expert_outputs(x_ND, gate_NF, up_NF, d.groups.counts_E)
-        w_N1 = d.weight_N[:, None]
-        h_TF = combine(h_NF * w_N1, d, T)
+        # The cache-blocked CPU path loops over row blocks in Python: right for CPU caches, too many small
+        # kernels for a GPU, which takes the grouped-matmul composition.
+        fused = x_TD.device.type == "cpu" and isinstance(self.base.act_fn, SILU_TYPES)
+        if self.placement.ep_size == 1 and fused:
+            h_TF, down_TD = self._local_experts(x_TD, gate_TF, up_TF, d)
+        else:  # the readable composition: GPU, expert parallelism, or an activation other than SiLU
+            x_ND, gate_NF, up_NF = (t.index_select(0, d.token_N) for t in (x_TD, gate_TF, up_TF))
+            if self.placement.ep_size == 1:
+                h_NF, down_ND = self.expert_outputs(x_ND, gate_NF, up_NF, d.groups)
+            else:
+                h_NF, down_ND = self._remote_expert_outputs(x_ND, gate_NF, up_NF, d.groups.counts_E)
+            w_N1 = d.weight_N[:, None]
+            h_TF, down_TD = combine(h_NF * w_N1, d, T), combine(down_ND * w_N1, d, T)
         if d.dropped_weight_T is not None:  # dropped assignments (and padding) keep the frozen FFN
             h_TF = h_TF + self.base.act_fn(gate_TF) * up_TF * d.dropped_weight_T[:, None].to(h_TF.dtype)
-        out_TD = self._down(h_TF) + combine(down_ND * w_N1, d, T)
+        out_TD = self._down(h_TF) + down_TD
         alpha = ctx.fade_alpha
         if alpha < 1.0:
             out_TD = alpha * out_TD + (1.0 - alpha) * self._merged_expert(x_TD, gate_TF, up_TF)
         return out_TD.reshape(B, S, D)
+
+    def _local_experts(
+        self, x_TD: torch.Tensor, gate_TF: torch.Tensor, up_TF: torch.Tensor, d: Dispatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `expert_outputs` and two combines compute, for SiLU with every expert on this rank.
+
+        The rank-R rows go where they are cheapest (X = T·E rows, one per (token, expert)):
+        - x A_e of every expert for gate and up in one dense matmul over the T tokens, then each
+          assignment's row picked from it, instead of N gathered rows of x in a grouped matmul;
+        - the N×F work (gather, ΔW1/ΔW3, SiLU, gate weight, combine, and A_e of ΔW2) in `_ExpertSwiGLU`,
+          cache-blocked, with a hand-written backward;
+        - ΔW2's rank-R rows put at their (token, expert) and multiplied by every B_e in one dense matmul,
+          instead of N×D rows combined.
+
+        Returns:
+            (h_TF, down_TD): Σ_n g_n h_n and Σ_n g_n ΔW2_e h_n per token.
+        """
+        ex, token_N = self.experts, d.token_N
+        T, D = x_TD.shape
+        E, R, dt = ex.num_local, ex.gate_a.shape[2], x_TD.dtype
+        counts = d.groups.counts_E.tolist()
+        expert_N = torch.repeat_interleave(
+            torch.arange(E, device=x_TD.device), d.groups.counts_E, output_size=token_N.shape[0]
+        )
+        row_N = token_N * E + expert_N  # the (token, expert) row of a (T·E, ·) layout
+        xa_XR2 = (x_TD @ ex.stacked_a(("gate", "up"), dt)).view(T * E, 2 * R)
+        xa_NR2 = xa_XR2.index_select(0, row_N) * ex.scaling
+        down_aT_ERF = ex.down_a.to(dt).transpose(1, 2).contiguous()
+        h_TF, ha_NR = _ExpertSwiGLU.apply(
+            gate_TF,
+            up_TF,
+            xa_NR2,
+            ex.gate_b.to(dt),
+            ex.up_b.to(dt),
+            down_aT_ERF,
+            d.weight_N.to(dt),
+            token_N,
+            expert_chunks(counts, chunk_rows(gate_TF)),
+        )
+        ha_XR = ha_NR.new_zeros(T * E, R).index_add(0, row_N, ha_NR * ex.scaling)
+        return h_TF, ha_XR.view(T, E * R) @ ex.down_b.to(dt).view(E * R, D)
 
     def _merged_expert(self, x_TD: torch.Tensor, gate_TF: torch.Tensor, up_TF: torch.Tensor) -> torch.Tensor:
         """The FFN with W + Σ_e u_e ΔW_e on every projection: exactly what the export folds to."""
@@ -164,3 +224,101 @@ class MoELoRAFFN(MoEBlock):
         out_NC = expert_parallel_apply(rows_NC, counts_E, self.placement, local)
         h_NF, down_ND = out_NC.split([F, D], dim=1)
         return h_NF, down_ND
+
+
+CHUNK_BYTES = 3 << 18  # 768 KiB: one row block of each of the few N×F buffers stays in L2 at a time
+
+
+def chunk_rows(like_TF: torch.Tensor) -> int:
+    """Rows per cache block of `_ExpertSwiGLU` for rows like `like_TF` (128 for fp32 rows of 1536)."""
+    return max(16, CHUNK_BYTES // (like_TF.shape[1] * like_TF.element_size()))
+
+
+def expert_chunks(counts_E: list[int], rows: int) -> list[tuple[int, int, int]]:
+    """Splits rows grouped by expert into blocks of at most `rows` rows that each hold one expert.
+
+    Returns:
+        (expert, start, end) per block, in row order.
+    """
+    out, start = [], 0
+    for e, count in enumerate(counts_E):
+        out += [(e, n, min(n + rows, start + count)) for n in range(start, start + count, rows)]
+        start += count
+    return out
+
+
+class _ExpertSwiGLU(torch.autograd.Function):
+    """The N×F part of the upcycled experts with SiLU, one row block (one expert) at a time.
+
+    For assignment n of token t, expert e, gate weight w (xa: its scaled rank-R rows of x for ΔW1, ΔW3):
+        g = gate_TF[t] + xa_g B1_e,   u = up_TF[t] + xa_u B3_e,   hw = w · silu(g) · u,
+        h_TF[t] += hw,                ha_n = hw A2_e.
+    Composed from torch ops (`expert_outputs`), autograd keeps half a dozen N×F tensors and makes a
+    dozen passes over N×F memory each way; here a block's rows stay in cache from the gather to the
+    combine, nothing N×F is kept for the backward (it recomputes g, u and silu(g) from the kept T×F
+    `gate_TF` and `up_TF`), and the weight grads accumulate block by block. The blocks loop in Python:
+    about N / `chunk_rows` + E of them.
+
+    Inputs: gate_TF, up_TF (T, F); xa_NR2 (N, 2R); gate_b_ERF, up_b_ERF (E, R, F); down_aT_ERF (E, R, F),
+    A2 transposed; weight_N (N,); token_N (N,); chunks from `expert_chunks`. Outputs: h_TF (T, F) and
+    ha_NR (N, R).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_TF, up_TF, xa_NR2, gate_b_ERF, up_b_ERF, down_aT_ERF, weight_N, token_N, chunks):
+        ctx.save_for_backward(gate_TF, up_TF, xa_NR2, gate_b_ERF, up_b_ERF, down_aT_ERF, weight_N, token_N)
+        ctx.chunks = chunks
+        R = gate_b_ERF.shape[1]
+        h_TF = torch.zeros_like(gate_TF)
+        haT_RN = gate_TF.new_empty(R, token_N.shape[0])
+        g_CF, u_CF, sg_CF = _buffers(gate_TF, chunks, 3)
+        for e, n0, n1 in chunks:
+            g, u = _gate_up(gate_TF, up_TF, xa_NR2, gate_b_ERF, up_b_ERF, token_N, e, n0, n1, g_CF, u_CF)
+            sg = torch.ops.aten.silu.out(g, out=sg_CF[: n1 - n0])
+            hw = u.mul_(sg).mul_(weight_N[n0:n1, None])
+            h_TF.index_add_(0, token_N[n0:n1], hw)
+            haT_RN[:, n0:n1] = down_aT_ERF[e] @ hw.t()  # (R×F)(F×c): the fast layout for a thin product
+        return h_TF, haT_RN.t()
+
+    @staticmethod
+    def backward(ctx, dh_TF, dha_NR):
+        gate_TF, up_TF, xa_NR2, gate_b_ERF, up_b_ERF, down_aT_ERF, weight_N, token_N = ctx.saved_tensors
+        R = gate_b_ERF.shape[1]
+        dgate_TF, dup_TF = torch.zeros_like(dh_TF), torch.zeros_like(dh_TF)
+        dxaT_RN = xa_NR2.new_empty(2 * R, xa_NR2.shape[0])
+        dgate_b, dup_b, ddown_aT = (torch.zeros_like(t) for t in (gate_b_ERF, up_b_ERF, down_aT_ERF))
+        dweight_N = torch.empty_like(weight_N)
+        g_CF, u_CF, sg_CF, grad_CF, tmp_CF = _buffers(dh_TF, ctx.chunks, 5)
+        for e, n0, n1 in ctx.chunks:
+            c, tok, w = n1 - n0, token_N[n0:n1], weight_N[n0:n1, None]
+            g, u = _gate_up(gate_TF, up_TF, xa_NR2, gate_b_ERF, up_b_ERF, token_N, e, n0, n1, g_CF, u_CF)
+            sg = torch.ops.aten.silu.out(g, out=sg_CF[:c])
+            dha = dha_NR[n0:n1]
+            grad = torch.index_select(dh_TF, 0, tok, out=grad_CF[:c]).addmm_(dha, down_aT_ERF[e])  # d(hw)
+            h = torch.mul(sg, u, out=tmp_CF[:c])
+            ddown_aT[e].addmm_((dha * w).t(), h)
+            torch.sum(h.mul_(grad), 1, out=dweight_N[n0:n1])
+            grad.mul_(w)  # d(silu(g) · u)
+            du = torch.mul(grad, sg, out=tmp_CF[:c])
+            dup_TF.index_add_(0, tok, du)
+            dxaT_RN[R:, n0:n1] = up_b_ERF[e] @ du.t()
+            dup_b[e].addmm_(xa_NR2[n0:n1, R:].t(), du)
+            dg = torch.ops.aten.silu_backward.grad_input(grad.mul_(u), g, grad_input=tmp_CF[:c])
+            dgate_TF.index_add_(0, tok, dg)
+            dxaT_RN[:R, n0:n1] = gate_b_ERF[e] @ dg.t()
+            dgate_b[e].addmm_(xa_NR2[n0:n1, :R].t(), dg)
+        return dgate_TF, dup_TF, dxaT_RN.t(), dgate_b, dup_b, ddown_aT, dweight_N, None, None
+
+
+def _buffers(like_TF: torch.Tensor, chunks: list[tuple[int, int, int]], count: int) -> list[torch.Tensor]:
+    """`count` scratch row blocks as tall as the largest chunk."""
+    rows = max((n1 - n0 for _, n0, n1 in chunks), default=0)
+    return [like_TF.new_empty(rows, like_TF.shape[1]) for _ in range(count)]
+
+
+def _gate_up(gate_TF, up_TF, xa_NR2, gate_b_ERF, up_b_ERF, token_N, e, n0, n1, g_CF, u_CF):
+    """One block's g = gate_TF[t] + xa_g B1_e and u = up_TF[t] + xa_u B3_e, written into the scratch."""
+    R, c, tok = gate_b_ERF.shape[1], n1 - n0, token_N[n0:n1]
+    g = torch.index_select(gate_TF, 0, tok, out=g_CF[:c]).addmm_(xa_NR2[n0:n1, :R], gate_b_ERF[e])
+    u = torch.index_select(up_TF, 0, tok, out=u_CF[:c]).addmm_(xa_NR2[n0:n1, R:], up_b_ERF[e])
+    return g, u

@@ -61,10 +61,21 @@ class UpcycledLoRAExperts(nn.Module):
     def delta(self, proj: str, x_NI: torch.Tensor, d: ExpertGroups) -> torch.Tensor:
         """Scaling * x @ A_e @ B_e for each assignment row, grouped by expert."""
         a_EIR, b_ERO = self.factors(proj)
-        return (
-            grouped_linear(grouped_linear(x_NI, a_EIR.to(x_NI.dtype), d), b_ERO.to(x_NI.dtype), d)
-            * self.scaling
-        )
+        # A as a column-major view (a copy of a small factor): a wide-by-thin grouped_mm runs about twice
+        # as fast on CPU with it. The scaling goes on the R columns of x A, not on the O of the output.
+        a_EIR = a_EIR.to(x_NI.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        xa_NR = grouped_linear(x_NI, a_EIR, d) * self.scaling
+        return grouped_linear(xa_NR, b_ERO.to(x_NI.dtype), d)
+
+    def stacked_a(self, projs: tuple[str, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The A factors of `projs` (same fan-in) side by side, expert-major: (I, L·P·R), P = len(projs).
+
+        Column block (e, p) holds A_e of projection p, so `x @ stacked_a(...)` viewed as (T, L, P·R) gives
+        every expert's rank-R rows of every projection in one dense matmul.
+        """
+        a_EIPR = torch.stack([self.factors(proj)[0] for proj in projs], dim=2)
+        E, fan_in, P, R = a_EIPR.shape
+        return a_EIPR.to(dtype).transpose(0, 1).reshape(fan_in, E * P * R)
 
     def merged_delta(self, proj: str, x_TI: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
         """The rows times (Σ_e u_e ΔW_e)ᵀ, through the stacked low-rank factors (no dense ΔW is formed).
