@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
     from mtmoe.eval.utilization import load_utilization
     from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas, save_dense, task_gate_shares
     from mtmoe.export.peft_adapters import write_adapter
-    from mtmoe.export.prune import expert_shares, keep_experts
+    from mtmoe.export.prune import expert_shares, keep_experts, renormalise
     from mtmoe.export.run import fade_shares, load_trained_model
     from mtmoe.model.moe_lm import build_base
 
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> Path:
             if shares is not None
             else {i: torch.full((E,), 1.0 / E) for i, E in _experts(model).items()}
         )
+        if kept is not None:  # start where every other method starts: the kept shares summing to one
+            start = renormalise(start, kept)
         unlabelled = shards if task is None else [s for s in shards if s.name == task]
         lm, ada_record = adamerge(
             model,
