@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint bench clean-demo
 
 setup: $(STAMP)
 
@@ -22,6 +22,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q --durations=15 tests
+
+# Every benchmark, one after another (about 45 min on 2 cores); each writes benchmarks/results/*.json.
+# export_comparison needs a finished demo run (make demo) in runs/demo.
+bench: $(STAMP)
+	$(PY) benchmarks/block_bench.py
+	$(PY) benchmarks/family_bench.py
+	$(PY) benchmarks/model_step_bench.py
+	$(PY) benchmarks/ep_bench.py
+	$(PY) benchmarks/export_comparison.py --run runs/demo
 
 lint: $(STAMP)
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
