@@ -27,6 +27,9 @@ Run from the repository root:
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/export_comparison.py --run runs/demo
     ... --quick     # ~6 min: 2 samples per task, 2 AdaMerging steps, 3 rounds; prints only
     ... --render benchmarks/results/export_comparison.json   # only print the README table of a JSON
+    ... --only adamerging --update benchmarks/results/export_comparison.json
+        # re-runs only these methods' rows with the JSON's settings and replaces them in it (in place;
+        # the reference losses, timing and load check are kept; a `rerun` entry says what and when)
 A full run on the demo (12 samples per task, 20 AdaMerging steps on 2 unlabelled inputs per task, 12
 rounds) takes about 19 minutes on one core of a 2-core VM and writes
 `benchmarks/results/export_comparison.json`. Most of it is the 20 held-out passes (~25 s each), the
@@ -46,6 +49,7 @@ import textwrap
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -206,13 +210,18 @@ def score(loaded: Loaded, lm: PreTrainedModel, record: dict, ref: Mapping[str, M
 
 
 def grid(
-    loaded: Loaded, ref: Mapping[str, Mapping], s: Settings, keep: Callable[[PreTrainedModel], None]
+    loaded: Loaded,
+    ref: Mapping[str, Mapping],
+    s: Settings,
+    keep: Callable[[PreTrainedModel], None],
+    exact: bool = True,
 ) -> list[dict]:
     """Exports and scores every row of the comparison, the exact faded export first (if the run faded).
 
     The first row's export is handed to `keep` (which saves it for the timing and the load check).
+    `exact=False` leaves out the exact faded row.
     """
-    combos = [("average", 0, "fade")] if loaded.fade_shares is not None else []
+    combos = [("average", 0, "fade")] if exact and loaded.fade_shares is not None else []
     combos += [(m, p, "utilization") for m in s.methods for p in s.prune]
     rows = []
     for k, (method, prune, weights) in enumerate(combos):
@@ -366,6 +375,44 @@ def settings_record(loaded: Loaded, s: Settings, base_scored: Mapping[str, Mappi
     }
 
 
+def rerun_methods(path: Path, methods: tuple[str, ...], run: Path) -> dict[str, Any]:
+    """Re-runs only `methods`' rows of the result JSON at `path` with its settings; replaces them in place.
+
+    The reference losses (base, MoE), the timing and the load check of the JSON are kept; a `rerun` entry
+    records which rows were re-run and when.
+    """
+    result = json.loads(path.read_text())
+    stored = result["settings"]
+    if Path(stored["run"]) != run:
+        raise ValueError(f"--run {run}, but {path} was measured on {stored['run']}")
+    fields = {f.name: stored[f.name] for f in dataclasses.fields(Settings)}
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    s = dataclasses.replace(s, methods=methods)
+    torch.set_num_threads(1)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    loaded = load_run(run)
+    ref = {"base": result["base"], "moe": result["moe"]}
+    new = grid(loaded, ref, s, keep=lambda lm: None, exact=False)
+    index = {(r["method"], r["weights"], r["prune"]): i for i, r in enumerate(result["rows"])}
+    for row in new:
+        key = (row["method"], row["weights"], row["prune"])
+        if key not in index:
+            raise ValueError(f"{path} has no row {key} to replace")
+        result["rows"][index[key]] = row
+    result.setdefault("rerun", []).append(
+        {
+            "methods": list(methods),
+            "rows": [{"method": r["method"], "weights": r["weights"], "prune": r["prune"]} for r in new],
+            "at": at,
+            "wall_s": time.perf_counter() - wall0,
+            "cpu_s": time.process_time() - cpu0,
+            "machine": machine_info(),
+        }
+    )
+    return result
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -434,7 +481,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ada-steps", type=int, default=None, help="AdaMerging's Adam steps")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     parser.add_argument("--render", type=Path, default=None, help="only print the markdown of this JSON")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--only", default=None, help="METHOD[,METHOD...]: re-run only these methods' rows (with --update)"
+    )
+    parser.add_argument(
+        "--update", type=Path, default=None, help="the result JSON whose --only rows are replaced in place"
+    )
+    args = parser.parse_args(argv)
+    if (args.only is None) != (args.update is None):
+        parser.error("--only and --update go together")
+    if args.only is not None:
+        args.only = tuple(m.strip() for m in args.only.split(",") if m.strip())
+        unknown = [m for m in args.only if m not in METHODS]
+        if unknown or not args.only:
+            parser.error(f"--only: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -442,6 +503,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.render is not None:
         result = json.loads(args.render.read_text())
         print(render_markdown(result))
+        return result
+    if args.only is not None:
+        result = rerun_methods(args.update, args.only, args.run)
+        print(render_markdown(result))
+        print(f"re-ran {', '.join(args.only)}: {result['rerun'][-1]['wall_s'] / 60:.1f} min wall")
+        write_result(result, args.update)
         return result
     s = QUICK if args.quick else Settings()
     overrides = {"samples": args.samples, "ada_steps": args.ada_steps, "rounds": args.rounds}
