@@ -15,6 +15,10 @@ Variants:
     mtmoe_moe_lora_full_head: the same model (the same module object), but the full-vocabulary logits
         from `model.lm(...)` and `mtmoe.balance.task_loss.token_losses`: what the target-only LM head
         saves.
+    loop_moe_lora: the same model and parameters, each MoE block computed the way most LoRA-MoE code
+        runs today (MixLoRA-style, HF's per-expert loop): per expert, gather its tokens, run the frozen
+        gate/up/down on them plus that expert's LoRA paths, weight and scatter back. Each token pays the
+        frozen FFN once per chosen expert; mtmoe pays it once.
 
 Before timing, the script checks that the three variants compute the same objective: with the freshly
 initialised adapters (LoRA B factors at zero) every model is the base model, so the three cross-entropy
@@ -38,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from harness import CliDefaults, Table, cli_main, machine_info, summarize, time_rounds, timing_settings
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -45,6 +50,7 @@ from torch import nn
 from mtmoe.balance.task_loss import token_losses
 from mtmoe.config import load_config
 from mtmoe.model.base import ensure_smollm2, load_base_model
+from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.moe_lm import MoELM, build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +65,7 @@ SETUP = {
     "recipe": "launch/recipes/demo.yaml",
 }
 BASELINE = "peft_lora_r16"
-VARIANTS = (BASELINE, "mtmoe_moe_lora", "mtmoe_moe_lora_full_head")
+VARIANTS = (BASELINE, "mtmoe_moe_lora", "mtmoe_moe_lora_full_head", "loop_moe_lora")
 CLI = CliDefaults(rounds=5, iters=1, warmup=1, quick=(1, 1, 1), iter_name="steps", out=DEFAULT_OUT)
 TABLE = Table(
     VARIANTS,
@@ -127,7 +133,53 @@ def loss_fns(peft_model: nn.Module, moe: MoELM, batch: dict[str, torch.Tensor]) 
         ctx.aux_losses, ctx.valid_T, ctx.task_T = [], None, None
         return loss_BS.sum() / n_targets, aux
 
-    return dict(zip(VARIANTS, (peft_terms, moe_terms, moe_full_head_terms), strict=True))
+    def loop_terms() -> tuple[torch.Tensor, torch.Tensor]:
+        layers = moe.lm.model.layers
+        blocks = {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, MoELoRAFFN)}
+        for i, block in blocks.items():
+            layers[i].mlp = LoopMoELoRAFFN(block)
+        try:
+            return moe_terms()
+        finally:  # autograd keeps what it needs; the model goes back to mtmoe's blocks
+            for i, block in blocks.items():
+                layers[i].mlp = block
+
+    return dict(zip(VARIANTS, (peft_terms, moe_terms, moe_full_head_terms, loop_terms), strict=True))
+
+
+class LoopMoELoRAFFN(nn.Module):
+    """An `MoELoRAFFN`'s function, computed with a Python loop over experts (the usual LoRA-MoE code).
+
+    Shares the block's router, frozen FFN and LoRA factors; reports the router loss to the same context.
+    """
+
+    def __init__(self, block: MoELoRAFFN):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Per expert: its tokens through W x + s·(x A_e) B_e on gate, up and down, weighted, summed."""
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        blk = self.block
+        ctx, base, ex = blk.context, blk.base, blk.experts
+        route = blk.router(x_TD, ctx.valid_T, ctx.task_T)
+        ctx.add_route(route)
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(blk.num_experts):
+            tok_M, slot_M = (route.ids_TK == e).nonzero(as_tuple=True)
+            if tok_M.numel() == 0:
+                continue
+            x_MD = x_TD.index_select(0, tok_M)
+
+            def lora(proj: str, v: torch.Tensor, e: int = e) -> torch.Tensor:
+                a, b = ex.factors(proj)
+                return (v @ a[e]) @ b[e] * ex.scaling
+
+            h_MF = F.silu(base.gate_proj(x_MD) + lora("gate", x_MD)) * (base.up_proj(x_MD) + lora("up", x_MD))
+            y_MD = (base.down_proj(h_MF) + lora("down", h_MF)) * route.weights_TK[tok_M, slot_M, None]
+            out_TD = out_TD.index_add(0, tok_M, y_MD)
+        return out_TD.reshape(B, S, D)
 
 
 def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -182,6 +234,10 @@ def check_objective(
     torch.testing.assert_close(loss_t, loss_f, atol=1e-5, rtol=1e-5)
     for k in params:
         torch.testing.assert_close(g_t[k], g_f[k], atol=1e-5, rtol=1e-3, msg=k)
+    loss_l, g_l = runs["loop_moe_lora"]
+    torch.testing.assert_close(loss_l, loss_t, atol=1e-5, rtol=1e-5)
+    for k in params:
+        torch.testing.assert_close(g_l[k], g_t[k], atol=1e-5, rtol=1e-3, msg=k)
     return {
         "init_cross_entropy": ce_init,
         "adapted_loss_target_head_vs_full_head": [loss_t.item(), loss_f.item()],
