@@ -100,7 +100,13 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
         seed: Seed for the random initialisation.
         **overrides: LlamaConfig fields to change.
     """
-    fields = dict(
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**{**_tiny_fields(vocab_size), **overrides}))
+
+
+def _tiny_fields(vocab_size: int) -> dict:
+    """The shape every tiny test model shares: 2 layers, hidden 64, FFN 128, 4 heads (2 KV)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -110,9 +116,6 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     )
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**fields))
 
 
 def tiny_moe(kind: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
@@ -126,17 +129,7 @@ def tiny_moe(kind: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrain
     """
     from transformers import MixtralConfig, Qwen2MoeConfig
 
-    fields = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        num_experts_per_tok=2,
-    )
+    fields = {**_tiny_fields(vocab_size), "num_experts_per_tok": 2}
     if kind == "tiny-mixtral":
         config = MixtralConfig(**{**fields, "num_local_experts": 4, **overrides})
     elif kind == "tiny-qwen2-moe":
