@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtmoe.model.dispatch import Dispatch, ExpertGroups, combine, dispatch
+from mtmoe.model.dispatch import Dispatch, ExpertGroups, combine
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.router import RouterOutput, TaskGateRouter, TopKRouter
@@ -83,20 +83,8 @@ class MoELoRAFFN(MoEBlock):
             up_TF = up_TF + self._shared_delta("up", x_TD)
         if isinstance(self.router, TaskGateRouter):
             return self._task_gated(x_TD, gate_TF, up_TF).reshape(B, S, D)
-        route = self.router(x_TD, ctx.valid_T, ctx.task_T)
-        ctx.add_route(route)
-        capacity = self.capacity_factor if self.training else 0.0
-        d = dispatch(
-            route.ids_TK,
-            route.weights_TK,
-            self.router.num_experts,
-            ctx.valid_T,
-            capacity,
-            priority_TK=route.scores_TK,
-        )
-        ctx.count(d.num_routed, d.num_dropped, self.training)
-        if ctx.record:
-            self.record(route.ids_TK, route.weights_TK)
+        route = self.route(x_TD)
+        d = self.dispatch_route(route, route.weights_TK, self.capacity_factor)
 
         # The cache-blocked CPU path loops over row blocks in Python: right for CPU caches, too many small
         # kernels for a GPU, which takes the grouped-matmul composition.

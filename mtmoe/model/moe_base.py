@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mtmoe.model.dispatch import Dispatch, dispatch
+
 
 @dataclass
 class RoutingContext:
@@ -73,6 +75,45 @@ class MoEBlock(nn.Module):
         zeros_XE = torch.zeros(context.num_tasks, num_experts, dtype=torch.float64)
         self.register_buffer("util_tokens_XE", zeros_XE, persistent=False)
         self.register_buffer("util_mass_XE", zeros_XE.clone(), persistent=False)
+
+    def route(self, x_TD: torch.Tensor):
+        """Runs `self.router` on the tokens and adds its weighted losses to the context.
+
+        Returns:
+            The router's `RouterOutput`.
+        """
+        ctx = self.context
+        route = self.router(x_TD, ctx.valid_T, ctx.task_T)
+        ctx.add_route(route)
+        return route
+
+    def dispatch_route(
+        self,
+        route,
+        weights_TK: torch.Tensor,
+        capacity_factor: float,
+        record_weights_TK: torch.Tensor | None = None,
+    ) -> Dispatch:
+        """Groups a route's assignments by expert, counts them and records utilization.
+
+        Args:
+            route: The router's output (its ids and, for k >= 3 capacity priority, its scores).
+            weights_TK: Gate weight of every assignment.
+            capacity_factor: Applied in training only; evaluation routes dropless.
+            record_weights_TK: The weights that go into the utilization counters (default: `weights_TK`).
+
+        Returns:
+            The `Dispatch` of the real tokens' assignments.
+        """
+        ctx = self.context
+        capacity = capacity_factor if self.training else 0.0
+        d = dispatch(
+            route.ids_TK, weights_TK, self.num_experts, ctx.valid_T, capacity, priority_TK=route.scores_TK
+        )
+        ctx.count(d.num_routed, d.num_dropped, self.training)
+        if ctx.record:
+            self.record(route.ids_TK, weights_TK if record_weights_TK is None else record_weights_TK)
+        return d
 
     @torch.no_grad()
     def record(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:

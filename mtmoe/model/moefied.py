@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from mtmoe.model.dispatch import Dispatch, combine, dispatch, grouped_linear
+from mtmoe.model.dispatch import Dispatch, combine, grouped_linear
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.router import RouterOutput
@@ -245,8 +245,7 @@ class MoEfiedFFN(MoEBlock):
         shape, D = x_BSD.shape, x_BSD.shape[-1]
         x_TD = x_BSD.reshape(-1, D)
         ctx, E = self.context, self.num_experts
-        route = self.router(x_TD, ctx.valid_T, ctx.task_T)
-        ctx.add_route(route)
+        route = self.route(x_TD)
         num_valid = x_TD.shape[0] if ctx.valid_T is None else int(ctx.valid_T.sum())
         alpha = ctx.fade_alpha
         if self.soft:
@@ -258,17 +257,15 @@ class MoEfiedFFN(MoEBlock):
 
         K = self.top_k
         share_TK = route.weights_TK / route.weights_TK.sum(dim=-1, keepdim=True)
-        if ctx.record:
-            self.record(route.ids_TK, share_TK)
         if alpha < 1.0:  # fading: the unchosen slices have ω = 0, so every slice runs
+            if ctx.record:
+                self.record(route.ids_TK, share_TK)
             ctx.count(num_valid * K, 0, self.training)
             omega_TE = share_TK.new_zeros(x_TD.shape[0], E).scatter(1, route.ids_TK, K * share_TK)
             if ctx.valid_T is not None:
                 omega_TE = omega_TE * ctx.valid_T[:, None].to(omega_TE.dtype)
             return self.dense_forward(x_TD, alpha * omega_TE + (1.0 - alpha)).reshape(shape)
-        capacity = self.capacity_factor if self.training else 0.0
-        d = dispatch(route.ids_TK, K * share_TK, E, ctx.valid_T, capacity, priority_TK=route.scores_TK)
-        ctx.count(d.num_routed, d.num_dropped, self.training)
+        d = self.dispatch_route(route, K * share_TK, self.capacity_factor, record_weights_TK=share_TK)
         return self.sparse_forward(x_TD, d).reshape(shape)
 
     def sparse_forward(self, x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from mtmoe.model.dispatch import ExpertGroups, combine, dispatch, grouped_linear
+from mtmoe.model.dispatch import ExpertGroups, combine, grouped_linear
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.inject import decoder_layers, lora_linears
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
@@ -123,21 +123,8 @@ class NativeMoELoRA(MoEBlock):
         x_TD = x_BSD.reshape(T, D)
         if self.training and self.jitter_noise > 0:  # Mixtral's multiplicative jitter, on router and experts
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        ctx = self.context
-        route = self.router(x_TD, ctx.valid_T, ctx.task_T)
-        ctx.add_route(route)
-        capacity = self.capacity_factor if self.training else 0.0
-        d = dispatch(
-            route.ids_TK,
-            route.weights_TK,
-            self.num_experts,
-            ctx.valid_T,
-            capacity,
-            priority_TK=route.scores_TK,
-        )
-        ctx.count(d.num_routed, d.num_dropped, self.training)
-        if ctx.record:
-            self.record(route.ids_TK, route.weights_TK)
+        route = self.route(x_TD)
+        d = self.dispatch_route(route, route.weights_TK, self.capacity_factor)
 
         x_ND = x_TD[d.token_N]
         if self.placement.ep_size == 1:
