@@ -128,6 +128,10 @@ class DataConfig:
         eval_max_samples: Held-out samples per task used by evaluation (0 = all).
         caps: {task: n}: train on at most the first n samples of the task's training shard.
         upsample: {task: factor}: count the task as `factor` times its size when mixing.
+        packing: Pack each training micro-batch's samples into as few rows as fit `pack_length`
+            (first-fit decreasing). Samples keep their own positions and attend only within themselves,
+            so the loss is the unpacked one; only padding is saved. Evaluation stays unpacked.
+        pack_length: Tokens per packed row; 0 = the longest sample of the micro-batch.
     """
 
     tokenized: str = "data/demo/tokenized"
@@ -137,6 +141,8 @@ class DataConfig:
     eval_max_samples: int = 0
     caps: dict[str, int] = field(default_factory=dict)
     upsample: dict[str, float] = field(default_factory=dict)
+    packing: bool = False
+    pack_length: int = 0
 
 
 @dataclass(kw_only=True)
@@ -324,6 +330,12 @@ class Config:
             "< moe.num_experts for a top-k MoEfied router (all slices: use moe.router=soft)",
         )
         _check(not m.task_groups or m.task_experts, "moe.task_groups", "empty unless moe.task_experts > 0")
+        _check(d.pack_length >= 0, "data.pack_length", ">= 0")
+        _check(
+            not (d.packing and self.balance.quality_retain),
+            "data.packing",
+            "false with balance.quality_retain (its teachers run on whole rows of one task)",
+        )
         _check(t.trainable in ("all", "task_routing"), "train.trainable", "all|task_routing")
         _check(t.trainable == "all" or t.init_from, "train.trainable", "all unless train.init_from is set")
         _check(

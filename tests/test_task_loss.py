@@ -99,11 +99,11 @@ def _grads_on_ranks(rank, world):
     init_distributed("gloo")
     engine = build_engine(_make_model(cfg), cfg, world)
     batches = _samples(rank)
-    counts = all_reduce_sum(sum(task_token_counts(b.loss_mask_BS, b.task_ids_B, 3) for b in batches))
+    counts = all_reduce_sum(sum(task_token_counts(b.loss_mask_BS, b.task_ids, 3) for b in batches))
     shown = torch.zeros(3, dtype=torch.float64)
     for i, b in enumerate(batches):
-        loss_BS, _ = engine(b.input_ids_BS, b.attention_mask_BS, b.loss_mask_BS, b.task_ids_B)
-        sums = task_loss_sums(loss_BS, b.task_ids_B, 3)
+        loss_BS, _ = engine(b.input_ids_BS, b.attention_mask_BS, b.loss_mask_BS, b.task_ids)
+        sums = task_loss_sums(loss_BS, b.task_ids, 3)
         engine.backward(balanced_loss(sums, counts, grad_scale=world * 2))
         shown += sums.detach().double()
         if i == 0:
@@ -122,7 +122,7 @@ def test_loss_and_gradients_across_two_ranks_equal_single_process_reference():
         # The reference takes the full-vocabulary logits path, not the trainer's target-only path.
         logits = model.lm(input_ids=b.input_ids_BS, attention_mask=b.attention_mask_BS).logits
         loss_BS = token_losses(logits, b.input_ids_BS, b.loss_mask_BS)
-        for row, task in enumerate(b.task_ids_B.tolist()):
+        for row, task in enumerate(b.task_ids.tolist()):
             sums[task] = sums[task] + loss_BS[row].sum()
             counts[task] += b.loss_mask_BS[row, 1:].sum()
     ref_loss = (sums / counts).mean()

@@ -75,10 +75,19 @@ def target_mask(loss_mask_BS: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def task_token_counts(loss_mask_BS: torch.Tensor, task_ids_B: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Loss-carrying tokens per task in a micro-batch, as float64 (X,)."""
-    per_seq_B = target_mask(loss_mask_BS).sum(1).double()
-    return torch.zeros(num_tasks, dtype=torch.float64).index_add(0, task_ids_B.cpu(), per_seq_B.cpu())
+def task_token_counts(loss_mask_BS: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Loss-carrying tokens per task in a micro-batch, as float64 (X,).
+
+    Args:
+        loss_mask_BS: 1 at prediction targets.
+        task_ids: The task of every row, (B,), or of every token, (B, S) (packed rows).
+        num_tasks: X.
+    """
+    is_target_BS = target_mask(loss_mask_BS).cpu()
+    if task_ids.dim() == 1:
+        per_row_B = is_target_BS.sum(1).double()
+        return torch.zeros(num_tasks, dtype=torch.float64).index_add(0, task_ids.cpu(), per_row_B)
+    return torch.bincount(task_ids.cpu()[is_target_BS], minlength=num_tasks).double()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -92,9 +101,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
-def task_loss_sums(loss_BS: torch.Tensor, task_ids_B: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Per-task sums of token losses, (X,), differentiable."""
-    return loss_BS.new_zeros(num_tasks).index_add(0, task_ids_B, loss_BS.sum(1))
+def task_loss_sums(loss_BS: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Per-task sums of token losses, (X,), differentiable.
+
+    Args:
+        loss_BS: Token losses (0 off the targets).
+        task_ids: The task of every row, (B,), or of every token, (B, S) (packed rows).
+        num_tasks: X.
+    """
+    if task_ids.dim() == 1:
+        return loss_BS.new_zeros(num_tasks).index_add(0, task_ids, loss_BS.sum(1))
+    return loss_BS.new_zeros(num_tasks).index_add(0, task_ids.reshape(-1), loss_BS.reshape(-1))
 
 
 def balanced_loss(

@@ -44,13 +44,13 @@ class ValidationStream:
         was_training, recording = module.training, module.context.record
         module.eval()
         module.context.record = False
-        loss_BS, _ = module(batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B)
+        loss_BS, _ = module(batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids)
         module.train(was_training)
         module.context.record = recording
         local = torch.stack(
             [
-                task_loss_sums(loss_BS, batch.task_ids_B, self.num_tasks).double().cpu(),
-                task_token_counts(batch.loss_mask_BS.cpu(), batch.task_ids_B.cpu(), self.num_tasks),
+                task_loss_sums(loss_BS, batch.task_ids, self.num_tasks).double().cpu(),
+                task_token_counts(batch.loss_mask_BS.cpu(), batch.task_ids.cpu(), self.num_tasks),
             ]
         )
         sums, counts = all_reduce_sum(local)

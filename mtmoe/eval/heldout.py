@@ -13,7 +13,7 @@ import torch
 from mtmoe.balance.task_loss import all_reduce_sum, target_mask, target_token_losses
 from mtmoe.data.collate import collate
 
-# (input_ids_BS, attention_mask_BS, loss_mask_BS, task_ids_B) -> loss_BS
+# (input_ids_BS, attention_mask_BS, loss_mask_BS, task_ids) -> loss_BS
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -41,7 +41,7 @@ def heldout_losses(
     """Mean token loss per task over its held-out shard.
 
     Args:
-        loss_fn: Maps (input_ids_BS, attention_mask_BS, loss_mask_BS, task_ids_B) to loss_BS.
+        loss_fn: Maps (input_ids_BS, attention_mask_BS, loss_mask_BS, task_ids) to loss_BS.
         shards: One `TaskShard` per task (its `task_id` is what the model sees).
         pad_id: Padding token.
         batch_size: Rows per forward.
@@ -67,9 +67,7 @@ def heldout_losses(
             batch = collate([shard[i] for i in rows], [shard.task_id] * len(rows), pad_id)
             if device is not None:
                 batch = batch.to(device)
-            loss_BS = loss_fn(
-                batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids_B
-            )
+            loss_BS = loss_fn(batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids)
             if not filler:
                 sums[k, 0] += loss_BS.sum().double().cpu()
                 sums[k, 1] += target_mask(batch.loss_mask_BS).sum().double().cpu()

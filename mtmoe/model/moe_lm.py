@@ -40,22 +40,40 @@ class MoELM(nn.Module):
         input_ids_BS: torch.Tensor,
         attention_mask_BS: torch.Tensor,
         loss_mask_BS: torch.Tensor,
-        task_ids_B: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
         return_logits: bool = False,
+        position_ids_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Returns (loss_BS, aux_loss), and the target tokens' logits_NV when `return_logits`.
 
         loss_BS is the next-token loss at every target token (0 elsewhere); aux_loss is the weighted
         router loss (`moe.aux_loss_coef` · load balance + `moe.z_loss_coef` · z-loss) averaged over
         blocks; logits_NV (fp32) are in row-major order of the targets.
+
+        `task_ids` holds a task per row, (B,), or per token, (B, S). Packed rows (see
+        `mtmoe.data.collate.pack`) pass `position_ids_BS`, which restart at 0 with every sample: the
+        model then attends only within each sample, and `attention_mask_BS` only marks the padding
+        that routing skips.
         """
         ctx = self.context
         ctx.valid_T = attention_mask_BS.reshape(-1).bool()
-        ctx.task_T = None if task_ids_B is None else task_ids_B[:, None].expand_as(input_ids_BS).reshape(-1)
+        if task_ids is None:
+            ctx.task_T = None
+        else:
+            ctx.task_T = (
+                (task_ids[:, None] if task_ids.dim() == 1 else task_ids).expand_as(input_ids_BS).reshape(-1)
+            )
         ctx.aux_losses = []
-        hidden_BSD = self.lm.base_model(
-            input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False
-        )[0]
+        if position_ids_BS is None:
+            hidden_BSD = self.lm.base_model(
+                input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False
+            )[0]
+        else:
+            # With no attention mask, HF finds the samples from where the positions restart and builds a
+            # block-diagonal causal mask (or varlen attention): samples do not see each other.
+            hidden_BSD = self.lm.base_model(
+                input_ids=input_ids_BS, position_ids=position_ids_BS, use_cache=False
+            )[0]
         lm_head = self.lm.get_output_embeddings()
         loss_BS, logits_NV = target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)
         aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else hidden_BSD.new_zeros(())

@@ -24,8 +24,8 @@ from mtmoe.balance.task_loss import (
 )
 from mtmoe.balance.validation import ValidationStream
 from mtmoe.balance.weighters import build_weighter
-from mtmoe.config import Config, to_dict
-from mtmoe.data.collate import Batch, collate
+from mtmoe.config import Config, DataConfig, to_dict
+from mtmoe.data.collate import Batch, collate, pack
 from mtmoe.data.sampler import MixingSampler
 from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.eval.heatmap import write_heatmaps
@@ -152,10 +152,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         model.context.fade_alpha = alpha
         t0 = time.perf_counter()
         batches = [
-            _micro_batch(sampler, train_shards, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+            _micro_batch(sampler, train_shards, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.data)
             for _ in range(cfg.train.grad_accum)
         ]
-        counts_X, step_tokens = _global_counts(batches, num_tasks)
+        counts_X, step_tokens, step_positions = _global_counts(batches, num_tasks)
         weights_X = weighter.weights(counts_X)
         task_loss_X, aux, skipped, qr_loss = _train_step(
             engine,
@@ -199,6 +199,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             )
             counters.dropped_assignments += record["moe/dropped"]
             record["tokens_seen"] = counters.tokens
+            record["pad_frac"] = 1.0 - step_tokens / step_positions  # computed positions that are padding
             record["moe/dropped_total"] = counters.dropped_assignments
             record["skipped_steps"] = counters.skipped_steps  # non-finite loss or gradient, all ranks skipped
             for k, name in enumerate(known):
@@ -345,19 +346,27 @@ def _observe_validation(validation, weighter, retainer, engine, device, step: in
     return losses_X, present_X
 
 
-def _micro_batch(sampler: MixingSampler, shards: list, size: int, pad_id: int) -> Batch:
+def _micro_batch(sampler: MixingSampler, shards: list, size: int, pad_id: int, data: DataConfig) -> Batch:
     draws = sampler.draw_batch(size)
-    return collate([shards[d.task][d.index] for d in draws], [shards[d.task].task_id for d in draws], pad_id)
+    samples = [shards[d.task][d.index] for d in draws]
+    task_ids = [shards[d.task].task_id for d in draws]
+    if data.packing:
+        return pack(samples, task_ids, pad_id, data.pack_length)
+    return collate(samples, task_ids, pad_id)
 
 
-def _global_counts(batches: list[Batch], num_tasks: int) -> tuple[torch.Tensor, int]:
-    """Per-task target tokens over the whole global batch, and its real tokens, summed over ranks."""
-    local = torch.zeros(num_tasks + 1, dtype=torch.float64)
+def _global_counts(batches: list[Batch], num_tasks: int) -> tuple[torch.Tensor, int, int]:
+    """Per-task target tokens, real tokens and computed positions (real plus padding), summed over ranks.
+
+    Everything is over the whole global batch.
+    """
+    local = torch.zeros(num_tasks + 2, dtype=torch.float64)
     for b in batches:
-        local[:num_tasks] += task_token_counts(b.loss_mask_BS, b.task_ids_B, num_tasks)
+        local[:num_tasks] += task_token_counts(b.loss_mask_BS, b.task_ids, num_tasks)
         local[num_tasks] += b.num_tokens()
+        local[num_tasks + 1] += b.input_ids_BS.numel()
     total = all_reduce_sum(local)
-    return total[:num_tasks], int(total[num_tasks])
+    return total[:num_tasks], int(total[num_tasks]), int(total[num_tasks + 1])
 
 
 def _train_step(
@@ -388,11 +397,12 @@ def _train_step(
             batch.input_ids_BS,
             batch.attention_mask_BS,
             batch.loss_mask_BS,
-            batch.task_ids_B,
+            batch.task_ids,
             return_logits=teachers is not None,
+            position_ids_BS=batch.position_ids_BS,
         )
         loss_BS, aux = out[0], out[1]
-        mb_sums_X = task_loss_sums(loss_BS, batch.task_ids_B, len(counts_X))
+        mb_sums_X = task_loss_sums(loss_BS, batch.task_ids, len(counts_X))
         loss = balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X) + aux
         if teachers is not None:
             qr = _retain_term(out[2], batch, teachers, retainer, counts_X, grad_scale)
@@ -425,14 +435,14 @@ def _teacher_logits(module: MoELM, batch: Batch, retainer: QualityRetainer) -> d
     module.eval()  # dropless, like evaluation
     module.context.record = False
     for task in sorted(retainer.teachers):
-        rows_B = (batch.task_ids_B == task).nonzero(as_tuple=True)[0]
+        rows_B = (batch.task_ids == task).nonzero(as_tuple=True)[0]
         sub = rows_B if len(rows_B) else torch.zeros(1, dtype=torch.long, device=rows_B.device)
         with retainer.teacher_weights(task):
             logits_NV = module(
                 batch.input_ids_BS[sub],
                 batch.attention_mask_BS[sub],
                 batch.loss_mask_BS[sub],
-                batch.task_ids_B[sub],
+                batch.task_ids[sub],
                 return_logits=True,
             )[2]
         if len(rows_B):
@@ -447,7 +457,7 @@ def _retain_term(
 ) -> torch.Tensor:
     """This micro-batch's Quality Retaining loss (see `mtmoe.balance.quality_retain`)."""
     target_bi, _ = target_mask(batch.loss_mask_BS).nonzero(as_tuple=True)
-    task_N = batch.task_ids_B[target_bi]
+    task_N = batch.task_ids[target_bi]
     kl_sums_X = student_logits_NV.new_zeros(retainer.num_tasks)
     for task, teacher_NV in teachers.items():
         mine_N = task_N == task  # the student's targets in this task's rows, in the teacher's order
