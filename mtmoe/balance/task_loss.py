@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mtmoe.model.fused_ce import fused_cross_entropy
+
 
 def token_losses(
     logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, loss_mask_BS: torch.Tensor
@@ -44,10 +46,24 @@ def target_token_losses(
     Only a fraction of tokens carry loss (assistant tokens), and the vocabulary projection plus its
     softmax is a large share of a small model's compute, so this skips most of it.
 
+    A frozen, bias-free head (every mtmoe run's) takes the fused, chunked cross-entropy
+    (`mtmoe.model.fused_ce`), which never holds all the targets' logits at once.
+
     Returns:
         loss_BS: Per-target-token loss aligned with the target tokens (0 elsewhere).
     """
-    return target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)[0]
+    weight = getattr(lm_head, "weight", None)
+    fusable = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and not weight.requires_grad
+    if not fusable:
+        return target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)[0]
+    is_target_BS = target_mask(loss_mask_BS)
+    target_bi, target_si = is_target_BS.nonzero(as_tuple=True)
+    ce_N = fused_cross_entropy(
+        hidden_BSD[target_bi, target_si - 1], weight, input_ids_BS[target_bi, target_si]
+    )
+    return torch.zeros(is_target_BS.shape, dtype=ce_N.dtype, device=ce_N.device).index_put(
+        (target_bi, target_si), ce_N
+    )
 
 
 def target_losses_and_logits(

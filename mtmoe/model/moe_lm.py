@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mtmoe.balance.task_loss import target_losses_and_logits
+from mtmoe.balance.task_loss import target_losses_and_logits, target_token_losses
 from mtmoe.config import Config
 from mtmoe.model.base import load_base_model, resolve_base, tiny_llama, tiny_moe
 from mtmoe.model.inject import inject_moe_lora, moe_blocks
@@ -75,7 +75,10 @@ class MoELM(nn.Module):
                 input_ids=input_ids_BS, position_ids=position_ids_BS, use_cache=False
             )[0]
         lm_head = self.lm.get_output_embeddings()
-        loss_BS, logits_NV = target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)
+        if return_logits:
+            loss_BS, logits_NV = target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)
+        else:  # the fused, chunked loss: no N×V logits kept
+            loss_BS, logits_NV = target_token_losses(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS), None
         aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else hidden_BSD.new_zeros(())
         # valid_T and task_T stay set: gradient checkpointing re-runs the blocks in backward, and they
         # must route those tokens as the forward did. The next forward overwrites them.

@@ -1,0 +1,162 @@
+"""Sequence packing on the demo data: one mtmoe training step of SmolLM2-135M, packed against padded.
+
+The real demo recipe (4 experts, top-2, rank 8 on all 30 FFNs) and real micro-batches of the demo's
+tokenized tasks, drawn by the training loop's own `MixingSampler` (proportional mixing, seed 0). Each
+round takes the next micro-batch and times one forward + backward of it twice: right-padded rows
+(`collate`, the default) and packed rows (`pack`, `data.packing: true` with `data.pack_length` 0, so no
+row is longer than the longest sample). Before timing, every micro-batch is checked to give the same
+per-task loss sums and the same gradients both ways. fp32, one CPU thread, CPU time, interleaved
+(order alternating each round), medians and the median of per-round ratios.
+
+Run (from the repository root; needs the demo data, `make demo` writes it):
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/packing_bench.py          # writes JSON
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/packing_bench.py --quick  # prints only
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import CliDefaults, machine_info, parse_cli, timing_settings, write_result
+from md_tables import paragraph, table
+
+from mtmoe.balance.task_loss import task_loss_sums
+from mtmoe.config import load_config
+from mtmoe.data.collate import Batch, collate, pack
+from mtmoe.data.sampler import MixingSampler
+from mtmoe.data.shards import load_manifest, open_shard
+from mtmoe.model.moe_lm import MoELM, build_model
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
+DATA = REPO / "data" / "demo" / "tokenized"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "packing_bench.json"
+SAMPLES = 8  # per micro-batch
+CLI = CliDefaults(rounds=8, iters=1, warmup=1, quick=(2, 1, 1), iter_name="steps", out=DEFAULT_OUT)
+VARIANTS = ("padded", "packed")
+
+
+def micro_batches(n: int) -> tuple[list[tuple[Batch, Batch]], int]:
+    """N micro-batches of the demo data, each as (padded, packed); and the number of tasks."""
+    manifest = load_manifest(DATA)
+    names = [t.name for t in manifest.tasks]
+    shards = [open_shard(manifest, name, "train") for name in names]
+    sampler = MixingSampler([len(s) for s in shards], "proportional", 2.0, seed=0, rank=0, world=1)
+    out = []
+    for _ in range(n):
+        draws = sampler.draw_batch(SAMPLES)
+        samples = [shards[d.task][d.index] for d in draws]
+        tasks = [shards[d.task].task_id for d in draws]
+        out.append((collate(samples, tasks, 0), pack(samples, tasks, 0)))
+    return out, len(names)
+
+
+def objective(model: MoELM, batch: Batch, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of the summed target loss plus the router loss; returns (per-task sums, loss)."""
+    for p in model.parameters():
+        p.grad = None
+    loss_BS, aux = model(batch.input_ids_BS, batch.attention_mask_BS, batch.loss_mask_BS, batch.task_ids,
+                         position_ids_BS=batch.position_ids_BS)  # fmt: skip
+    sums_X = task_loss_sums(loss_BS, batch.task_ids, num_tasks)
+    loss = sums_X.sum() / max(int((batch.loss_mask_BS[:, 1:] > 0).sum()), 1) + aux
+    loss.backward()
+    return sums_X.detach(), loss.detach()
+
+
+def check_equal(model: MoELM, padded: Batch, packed: Batch, num_tasks: int) -> float:
+    """Asserts equal per-task loss sums and gradients; returns the largest relative gradient difference."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sums_a, _ = objective(model, padded, num_tasks)
+    grads_a = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    sums_b, _ = objective(model, packed, num_tasks)
+    torch.testing.assert_close(sums_b, sums_a, rtol=1e-4, atol=1e-3)
+    worst = 0.0
+    for n, g in grads_a.items():
+        torch.testing.assert_close(params[n].grad, g, rtol=1e-3, atol=1e-6, msg=n)
+        worst = max(worst, float((params[n].grad - g).norm() / g.norm().clamp_min(1e-12)))
+    return worst
+
+
+def positions(batch: Batch) -> dict[str, int]:
+    return {
+        "rows": batch.input_ids_BS.shape[0],
+        "positions": batch.input_ids_BS.numel(),
+        "tokens": batch.num_tokens(),
+    }
+
+
+def run(rounds: int, warmup: int) -> dict[str, Any]:
+    cfg = load_config(RECIPE, [f"data.tokenized={DATA}"])
+    batches, num_tasks = micro_batches(rounds + warmup)
+    torch.manual_seed(0)
+    model = build_model(cfg, 49152, num_tasks, None, [t.name for t in load_manifest(DATA).tasks])
+    with torch.no_grad():  # LoRA B starts at zero; make the experts matter for the gradient check
+        for name, p in model.named_parameters():
+            if p.requires_grad and name.endswith("_b"):
+                p.normal_(0, 0.02)
+    model.train()
+    worst = max(check_equal(model, a, b, num_tasks) for a, b in batches[:2])
+    per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r, pair in enumerate(batches):
+        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        for name in order:
+            batch = pair[VARIANTS.index(name)]
+            t0 = time.process_time()
+            objective(model, batch, num_tasks)
+            if r >= warmup:
+                per_round[name].append(time.process_time() - t0)
+    shape = [{v: positions(pair[i]) for i, v in enumerate(VARIANTS)} for pair in batches[warmup:]]
+    pos = {v: sum(s[v]["positions"] for s in shape) for v in VARIANTS}
+    tokens = sum(s["padded"]["tokens"] for s in shape)
+    return {
+        "benchmark": "packing_bench",
+        "setup": {"recipe": "launch/recipes/demo.yaml", "samples_per_micro_batch": SAMPLES, "pack_length": 0},
+        "timing": timing_settings(rounds, 1, warmup)
+        | {"order": "alternating each round, one micro-batch per round"},
+        "machine": machine_info(),
+        "max_relative_grad_diff": worst,
+        "median_s": {v: statistics.median(per_round[v]) for v in VARIANTS},
+        "median_per_round_ratio": statistics.median(
+            b / a for a, b in zip(per_round["padded"], per_round["packed"], strict=True)
+        ),
+        "pad_frac": {v: 1 - tokens / pos[v] for v in VARIANTS},
+        "positions_ratio": pos["packed"] / pos["padded"],
+        "per_round_s": per_round,
+        "micro_batches": shape,
+    }
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The README table of a result JSON."""
+    med = result["median_s"]
+    rows = [
+        [v, f"{result['pad_frac'][v]:.1%}", f"{med[v]:.2f}", f"{med[v] / med['padded']:.2f}"]
+        for v in VARIANTS
+    ]
+    text = table(["micro-batch rows", "padding", "s/step", "× padded"], rows, align="lrrr")
+    s = result["setup"]
+    n = len(result["micro_batches"])
+    note = (
+        f"{s['samples_per_micro_batch']} demo samples per micro-batch, {n} micro-batches; packed rows "
+        f"compute {result['positions_ratio']:.2f}× the positions of padded rows; median per-round "
+        f"time ratio {result['median_per_round_ratio']:.2f}; per-task losses and gradients equal "
+        f"(largest relative gradient difference {result['max_relative_grad_diff']:.1e})."
+    )
+    return text + "\n\n" + paragraph(note)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_cli(__doc__.splitlines()[0], argv, CLI)
+    result = run(args.rounds, args.warmup)
+    result["quick"] = args.quick
+    print(render_markdown(result))
+    write_result(result, args.out if args.out is not None else (None if args.quick else CLI.out))
+    return result
+
+
+if __name__ == "__main__":
+    main()
