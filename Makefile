@@ -23,14 +23,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q --durations=15 tests
 
-# Every benchmark, one after another (about 45 min on 2 cores); each writes benchmarks/results/*.json.
-# export_comparison needs a finished demo run (make demo) in runs/demo.
+# Every benchmark, one after another (about 75 min on 2 cores); each writes benchmarks/results/*.json,
+# then the README's tables are regenerated from the JSON. export_comparison needs a finished demo run
+# (make demo) in runs/demo; the balancing study (40 min) runs on its own: see the README.
+BENCHES := block_bench family_bench model_step_bench loss_bench packing_bench memory_bench inference_bench \
+	mfu_bench profile_step ep_bench
 bench: $(STAMP)
-	$(PY) benchmarks/block_bench.py
-	$(PY) benchmarks/family_bench.py
-	$(PY) benchmarks/model_step_bench.py
-	$(PY) benchmarks/ep_bench.py
+	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) benchmarks/$$b.py; done
 	$(PY) benchmarks/export_comparison.py --run runs/demo
+	$(PY) benchmarks/render_readme.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -2,11 +2,11 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/balance_study.py [--steps 50] [--nproc 2]
 
-The demo mix is imbalanced by itself: docstring has 2,942 training samples, codegen 145 (about 20×).
+The demo mix is imbalanced by itself: docstring has 2,901 training samples, codegen 139 (about 20×).
 Each scheme trains SmolLM2-135M with the demo recipe (2 processes, DeepSpeed ZeRO-2) for the same
 number of steps and reports the held-out token loss per task and the worst task's loss. Quality
 Retaining, added to the data-balanced loss, is the sixth scheme. Results go to
-benchmarks/results/balance_study.json and are printed as a Markdown table.
+benchmarks/results/balance_study.json and are printed as the README's Markdown table (`render_markdown`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from md_tables import bold_if, paragraph, table
 
 ROOT = Path(__file__).resolve().parents[1]
 PROPORTIONAL = ["data.mixing=proportional"]
@@ -61,15 +63,40 @@ def run_scheme(key: str, overrides: list[str], steps: int, nproc: int, out: Path
     return {"overrides": overrides, "wall_s": time.perf_counter() - start, "tasks": result["tasks"]}
 
 
-def table(results: dict) -> str:
-    """A Markdown table: per-task held-out loss, the worst task and the mean."""
-    tasks = list(next(iter(results.values()))["tasks"])
-    lines = ["| scheme | " + " | ".join(tasks) + " | worst | mean |", "|---" * (len(tasks) + 3) + "|"]
-    for key, r in results.items():
-        losses = [r["tasks"][t]["loss"] for t in tasks]
-        cells = " | ".join(f"{x:.3f}" for x in losses)
-        lines.append(f"| {SCHEMES[key][0]} | {cells} | {max(losses):.3f} | {sum(losses) / len(losses):.3f} |")
-    return "\n".join(lines)
+def render_markdown(result: dict) -> str:
+    """The README's balancing-study caption and table, from the study's JSON.
+
+    Pure: no I/O. Every number comes from `result`; the best (lowest) value of each column is bold.
+
+    Args:
+        result: The summary `main` writes (`steps`, `nproc` and per scheme its held-out `tasks`).
+
+    Returns:
+        A caption (steps, processes, time taken) and the table: per scheme, the held-out token loss of each
+        task, of the worst task and their mean.
+    """
+    schemes = result["schemes"]
+    tasks = list(next(iter(schemes.values()))["tasks"])
+    cells = {key: [f"{x:.3f}" for x in _losses(scheme, tasks)] for key, scheme in schemes.items()}
+    best = [min(column, key=float) for column in zip(*cells.values(), strict=True)]  # as shown
+    rows = [
+        [SCHEMES[key][0] if key in SCHEMES else key]
+        + [bold_if(cell, cell == b) for cell, b in zip(row, best, strict=True)]
+        for key, row in cells.items()
+    ]
+    minutes = sum(scheme["wall_s"] for scheme in schemes.values()) / 60
+    caption = paragraph(
+        f"Mean held-out token loss per task after {result['steps']} steps per scheme on {result['nproc']} "
+        f"processes (the {len(schemes)} schemes took {minutes:.0f} minutes in all); the best value of each "
+        "column is in bold:"
+    )
+    return caption + "\n\n" + table(["scheme", *tasks, "worst", "mean"], rows, "l" * (len(tasks) + 3))
+
+
+def _losses(scheme: dict, tasks: list[str]) -> list[float]:
+    """One scheme's per-task losses, then the worst and the mean."""
+    losses = [scheme["tasks"][t]["loss"] for t in tasks]
+    return [*losses, max(losses), sum(losses) / len(losses)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"steps": args.steps, "nproc": args.nproc, "schemes": results}
     path = ROOT / "benchmarks" / "results" / "balance_study.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(table(results))
+    print(render_markdown(summary))
     return summary
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from harness import CliDefaults, Table, cli_main, machine_info, summarize, time_rounds, timing_settings
+from md_tables import bold_if, paragraph, table
 from torch import nn
 
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
@@ -55,6 +56,14 @@ TABLE = Table(
     header=f"{'variant':<18}{'median ms':>11}{'x dense':>9}{'trainable':>11}",
     row="{name:<18}{median_ms:>11.1f}{ratio_to_dense:>9.2f}{trainable_params:>11,}",
 )
+# The README's row labels (formatted with the shapes); the mtmoe row's ratio is bold.
+README_LABELS = {
+    "dense": "dense frozen SwiGLU FFN (baseline)",
+    "peft_style_lora": "plain LoRA r{lora_rank} on gate/up/down",
+    "mtmoe_block": "**mtmoe MoE-LoRA block** (shared base, cache-blocked SwiGLU kernel)",
+    "naive_moe": "naive MoE-LoRA (a full FFN with W+ΔW per expert)",
+}
+README_BOLD = "mtmoe_block"
 
 
 class SwiGLU(nn.Module):
@@ -226,6 +235,35 @@ def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
         **summarize(per_round_ms, "dense", "ms"),
         "per_round_ms": per_round_ms,
     }
+
+
+def render_markdown(result: dict) -> str:
+    """The README's "One FFN block" caption and table, from a result record.
+
+    Pure: no I/O and no timing. Every number comes from `result`.
+
+    Args:
+        result: The record `run` returns (as written to `results/block_bench.json`).
+
+    Returns:
+        The caption paragraph and the table: per variant, the median ms and the ratio to `dense`.
+    """
+    s, ms, ratio = result["shapes"], result["median_ms"], result["ratio_to_dense"]
+    caption = paragraph(
+        "**One FFN block** (`benchmarks/block_bench.py` → `benchmarks/results/block_bench.json`). "
+        f"The shape is SmolLM2's FFN (D={s['hidden']}, F={s['ffn']}, {s['batch']} × {s['seq']} tokens), "
+        f"with {s['experts']} experts, top-{s['top_k']} and rank {s['moe_rank']}; medians of "
+        f"{result['timing']['rounds']} interleaved rounds:"
+    )
+    rows = [
+        [
+            README_LABELS[name].format(**s),
+            f"{ms[name]:.1f}",
+            bold_if(f"{ratio[name]:.2f}", name == README_BOLD),
+        ]
+        for name in VARIANTS
+    ]
+    return caption + "\n\n" + table(["variant", "ms", "× dense FFN"], rows, "lrr")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from block_bench import SwiGLU
 from harness import CliDefaults, Table, format_table, machine_info, parse_cli, rotated, write_result
+from md_tables import paragraph, table
 from torch import nn
 
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
@@ -224,6 +225,78 @@ def flat_rows(result: dict) -> dict:
             ratio[key] = f"{r['ratio_to_replicated'][v]:.2f}" if v in STEPS else ""
             share[key] = f"{r['share_of_ep2_step'][v]:.1%}" if v in PARTS else ""
     return {"ms": ms, "ratio": ratio, "share": share}
+
+
+README_NOTES = {"small": " (the demo's)"}  # after a size's row label
+BYTES_PER_PARAM = 4  # fp32 gradients
+
+
+def render_markdown(result: dict) -> str:
+    """The README's expert-parallel caption, table and gradient-size line, from a result record.
+
+    Pure: no I/O and no timing. Every number comes from `result`.
+
+    Args:
+        result: The record `run` returns (as written to `results/ep_bench.json`).
+
+    Returns:
+        The caption; per expert size, the expert parameters per rank, both layouts' median ms, the ratio
+        ep 2 ÷ replicated (of medians, and the median per-round ratio) and the parts' shares of the ep 2
+        step; and the size of the expert gradients the replicated layout all-reduces.
+    """
+    s, sizes, timing = result["shape"], result["sizes"], result["timing"]
+    caption = paragraph(
+        f"**Expert parallelism on {result['world']} processes** (`benchmarks/ep_bench.py` → "
+        "`benchmarks/results/ep_bench.json`). One block's forward and backward plus its gradient "
+        f"reduction, at SmolLM2's FFN shape (D={s['hidden']}, F={s['ffn']}) with {s['batch']} × {s['seq']} "
+        f"tokens per rank and top-{s['top_k']}, on {result['world']} {result['backend']} processes. Times "
+        f"are wall clock, the slower rank, with medians over {timing['rounds']} interleaved rounds:"
+    )
+    header = [
+        "experts",
+        "expert params per rank (replicated → ep 2)",
+        "replicated ms",
+        "ep_size 2 ms",
+        "ep 2 ÷ replicated (per-round median)",
+        "router + dispatch + all-to-all, share of the ep 2 step",
+    ]
+    rows = [_size_row(name, size) for name, size in sizes.items()]
+    return "\n\n".join([caption, table(header, rows, "llrrrr"), _gradients_line(sizes)])
+
+
+def _size_row(name: str, size: dict) -> list[str]:
+    params, ms, share = size["expert_params_per_rank"], size["median_ms"], size["share_of_ep2_step"]
+    of_medians = size["ratio_to_replicated"]["ep2"]
+    per_round = size["median_per_round_ratio_to_replicated"]["ep2"]
+    return [
+        f"{name}: {size['experts']} × rank {size['rank']}{README_NOTES.get(name, '')}",
+        f"{_millions(params['replicated'])} → {_millions(params['ep2'])}",
+        f"{ms['replicated']:.1f}",
+        f"{ms['ep2']:.1f}",
+        f"{of_medians:.2f} ({per_round:.2f})",
+        " + ".join(f"{share[part]:.1%}" for part in PARTS),
+    ]
+
+
+def _gradients_line(sizes: dict) -> str:
+    """What the replicated layout all-reduces per step: its expert gradients, per expert size."""
+    amounts = [
+        f"{_megabytes(size['expert_params_per_rank']['replicated'])} with the {name} experts"
+        for name, size in sizes.items()
+    ]
+    return paragraph(
+        f"Per step, the replicated layout all-reduces fp32 expert gradients of {' and '.join(amounts)}."
+    )
+
+
+def _millions(n: int) -> str:
+    m = n / 1e6
+    return f"{m:.2f}M" if m < 1 else f"{m:.1f}M"
+
+
+def _megabytes(params: int) -> str:
+    mb = params * BYTES_PER_PARAM / 1e6
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
 def main(argv: list[str] | None = None) -> dict:

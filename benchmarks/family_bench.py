@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from block_bench import NaiveMoELoRAFFN, PlainLoRAFFN, SwiGLU, check_equivalence, trainable_params
 from harness import CliDefaults, Table, cli_main, machine_info, summarize, time_rounds, timing_settings
+from md_tables import paragraph, table
 from torch import nn
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -109,6 +110,23 @@ TABLE = Table(
     row="{name:<30}{median_ms:>11.1f}{ratio_to_dense_lora_kr:>11.2f}{ratio_to_dense_ffn:>9.2f}"
     "{trainable_params:>11,}",
 )
+# The README's variant rows, in order (labels formatted with the shapes); the names in bold are mtmoe's.
+README_VARIANTS = {
+    "dense_ffn": "dense frozen FFN",
+    "dense_lora_kr": "dense FFN + LoRA rank k·r = {lora_rank} (baseline of the MoE-LoRA blocks)",
+    "upcycled": "**upcycled**, top-{top_k}",
+    "moefied_soft": "**MoEfied**, soft router (every slice)",
+    "moefied_top1": "**MoEfied**, top-1 of {experts} slices",
+    "native": "**native** Mixtral block ({experts} experts of width F, top-{native_top_k}) with LoRA",
+    "native_hf_frozen": "HF `MixtralSparseMoeBlock`, frozen",
+    "native_hf_lora_loop": "HF's per-expert loop with LoRA added",
+}
+README_TARGETS = {
+    "upcycled_vs_dense_lora_kr": "upcycled ÷ dense LoRA r{lora_rank}",
+    "moefied_top1_vs_dense_ffn": "MoEfied top-1 of {experts} ÷ dense FFN",
+    "upcycled_router_dispatch_share": "router + dispatch, share of the upcycled block",
+    "moefied_top1_router_dispatch_share": "router + dispatch, share of the MoEfied top-1 block",
+}
 
 
 def randomize_lora_b(*modules: nn.Module, std: float = 0.02) -> None:
@@ -424,6 +442,68 @@ def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
         **{k: v for k, v in summarize(per_round_ms, "native_hf_frozen", "ms").items() if k != "median_ms"},
         "per_round_ms": per_round_ms,
     }
+
+
+def render_markdown(result: dict) -> str:
+    """The README's "Expert families" caption, its two tables and the native line, from a result record.
+
+    Pure: no I/O and no timing. Every number comes from `result`.
+
+    Args:
+        result: The record `run` returns (as written to `results/family_bench.json`).
+
+    Returns:
+        The caption; the variants' median ms with their ratios to `dense_lora_kr` and `dense_ffn`; the
+        targets' paired ratios, bounds and whether each is met; the native block's ratios to HF's.
+    """
+    return "\n\n".join(
+        [_readme_caption(result), _variants_table(result), _targets_table(result), _native_line(result)]
+    )
+
+
+def _readme_caption(result: dict) -> str:
+    s, load = result["shapes"], result["machine"]
+    pairs = sorted({t["paired_pairs"] for t in result["targets"].values()})
+    return paragraph(
+        "**Expert families** (`benchmarks/family_bench.py` → `benchmarks/results/family_bench.json`). "
+        f"One block of each family at SmolLM2's FFN shape (D={s['hidden']}, F={s['ffn']}, {s['batch']} × "
+        f"{s['seq']} tokens), {s['experts']} experts, rank {s['rank']} per expert, "
+        f"{result['timing']['rounds']} interleaved rounds; each target is then timed on its own, its variant "
+        f"and its baseline alternating one step each ({'/'.join(map(str, pairs))} pairs), because on a "
+        "shared machine a variant drifts by up to ±20% between its turns in a round. The 1-minute load "
+        f"average was {load['loadavg_before'][0]:.2f} before the run and {load['loadavg_after'][0]:.2f} "
+        "after it."
+    )
+
+
+def _variants_table(result: dict) -> str:
+    s, ms = result["shapes"], result["median_ms"]
+    to_lora, to_dense = result["ratio_to_dense_lora_kr"], result["ratio_to_dense_ffn"]
+    rows = [
+        [label.format(**s), f"{ms[name]:.1f}", f"{to_lora[name]:.2f}", f"{to_dense[name]:.2f}"]
+        for name, label in README_VARIANTS.items()
+    ]
+    header = ["variant", "ms", f"× dense LoRA r{s['lora_rank']}", "× dense FFN"]
+    return table(header, rows, "lrrr")
+
+
+def _targets_table(result: dict) -> str:
+    s, rows = result["shapes"], []
+    for name, target in result["targets"].items():
+        label = README_TARGETS.get(name, f"{target['variant']} ÷ {target['baseline']}").format(**s)
+        share = name.endswith("_share")
+        value = f"{target['ratio']:.1%}" if share else f"{target['ratio']:.3f}"
+        bound = f"{target['max_ratio']:.0%}" if share else f"{target['max_ratio']:g}"
+        rows.append([label, value, f"≤ {bound}", "yes" if result["met"][name] else "no"])
+    return table(["target (issue #4)", "paired ratio", "bound", "met"], rows, "lrrl")
+
+
+def _native_line(result: dict) -> str:
+    to_hf = result["median_per_round_ratio_to_native_hf_frozen"]
+    return paragraph(
+        f"Against HF's frozen `MixtralSparseMoeBlock`, the native block costs {to_hf['native']:.2f}× and "
+        f"HF's loop with LoRA added {to_hf['native_hf_lora_loop']:.2f}× (medians of the per-round ratios)."
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
