@@ -90,11 +90,13 @@ def test_faded_moefied_run_exports_exactly_the_trained_model(demo_data, tmp_path
     assert config["model_type"] == "llama"
 
 
-@pytest.mark.parametrize("family", ["upcycled", "native"])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
-    """The recomputed forward must route the padded, multitask batch exactly as the first one did."""
+@pytest.mark.parametrize("family", ["upcycled", "native", "moefied"])
+def test_gradient_checkpointing_gives_the_same_loss_gradients_and_counts(family):
+    """The recomputed forward must route the padded, multitask batch exactly as the first one did, and
+    the re-run in the backward must neither count its tokens again nor keep its own router losses (whose
+    graph would hold every recomputed activation until the next forward)."""
     base = "tiny-mixtral" if family == "native" else "tiny-llama"
-    grads = []
+    grads, counts = [], []
     for ckpt in (False, True):
         cfg = load_config(
             ROOT / "launch" / "recipes" / "tiny.yaml",
@@ -102,18 +104,26 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
                 f"model.base={base}",
                 f"moe.family={family}",
                 f"model.gradient_checkpointing={str(ckpt).lower()}",
+                "moe.capacity_factor=1.0",  # some assignments are dropped: those are counted too
             ],
         )
         model = build_model(cfg, 100, len(TASKS), None, TASKS).train()
         for name, p in model.named_parameters():  # make the LoRA experts differ from the base
             if p.requires_grad and name.endswith("_b"):
                 torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        model.set_recording(True)
         ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         mask[1, 6:] = 0  # padding
         loss_BS, aux = model(ids, mask, mask, torch.tensor([0, 2]))
         (loss_BS.sum() + aux).backward()
+        assert model.context.aux_losses == []
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        util = {i: b.util_tokens_XE.clone() for i, b in moe_blocks(model.lm).items()}
+        counts.append((model.context.routed, model.context.dropped, util))
     assert set(grads[0]) == set(grads[1]) and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+    (routed, dropped, util), (routed_ckpt, dropped_ckpt, util_ckpt) = counts
+    assert routed > 0 and (routed_ckpt, dropped_ckpt) == (routed, dropped)
+    assert set(util) == set(util_ckpt) and all(torch.equal(util_ckpt[i], util[i]) for i in util)

@@ -33,6 +33,10 @@ class RoutingContext:
         routed: Assignments of real tokens since the last reset (training forwards only).
         dropped: Of those, how many were over capacity.
         fade_alpha: Router fading: the blocks blend from the routed MoE (1) to their faded form (0).
+        replaying: True from the end of a model forward to the start of the next. Blocks run then only
+            when gradient checkpointing re-runs them in the backward: they route as the forward did,
+            but add no losses (a re-run's losses would keep the re-run's graph, every recomputed
+            activation, alive until the next forward) and count nothing twice.
     """
 
     valid_T: torch.Tensor | None = None
@@ -45,9 +49,12 @@ class RoutingContext:
     routed: int = 0
     dropped: int = 0
     fade_alpha: float = 1.0
+    replaying: bool = False
 
     def add_route(self, route) -> None:
         """Adds a router's weighted auxiliary losses (a `RouterOutput`) to this forward's total."""
+        if self.replaying:
+            return
         loss = self.aux_coef * route.aux_loss
         if route.z_loss is not None and self.z_coef:
             loss = loss + self.z_coef * route.z_loss
@@ -55,7 +62,7 @@ class RoutingContext:
 
     def count(self, num_routed: int, num_dropped: int, training: bool) -> None:
         """Counts routed and capacity-dropped assignments of a training forward."""
-        if training:
+        if training and not self.replaying:
             self.routed += num_routed
             self.dropped += num_dropped
 
@@ -119,6 +126,8 @@ class MoEBlock(nn.Module):
     def record(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
         """Adds tokens and gate mass per (task, expert) of the real tokens to the counters."""
         ctx = self.context
+        if ctx.replaying:
+            return
         T = ids_TK.shape[0]
         valid_T = (
             torch.ones(T, dtype=torch.bool, device=ids_TK.device) if ctx.valid_T is None else ctx.valid_T

@@ -56,6 +56,7 @@ class MoELM(nn.Module):
         that routing skips.
         """
         ctx = self.context
+        ctx.replaying = False
         ctx.valid_T = attention_mask_BS.reshape(-1).bool()
         if task_ids is None:
             ctx.task_T = None
@@ -83,6 +84,7 @@ class MoELM(nn.Module):
         # valid_T and task_T stay set: gradient checkpointing re-runs the blocks in backward, and they
         # must route those tokens as the forward did. The next forward overwrites them.
         ctx.aux_losses = []
+        ctx.replaying = True
         return (loss_BS, aux, logits_NV) if return_logits else (loss_BS, aux)
 
     def set_recording(self, on: bool) -> None:

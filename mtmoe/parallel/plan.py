@@ -47,6 +47,7 @@ from mtmoe.config import Config, MoEConfig
 from mtmoe.model.base import SMOLLM2_ALIAS
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.experts import UpcycledLoRAExperts
+from mtmoe.model.fused_ce import chunk_rows
 from mtmoe.model.inject import build_router, decoder_layers, inject_moe_lora, moe_blocks
 from mtmoe.model.lora import LoRALinear
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
@@ -586,11 +587,15 @@ def layer_activations(
 
 
 def head_activations(d: Dims, X: int) -> dict[str, float]:
-    """Saved bytes outside the layers: final norm, target indices, log-softmax, rotary tables."""
+    """Saved bytes outside the layers: final norm, target indices, the fused loss's gradient, rotary tables.
+
+    The fused, chunked cross-entropy (`mtmoe.model.fused_ce`) keeps the X×D gradient to the targets'
+    hidden states, not their X×V log-probabilities.
+    """
     T, b = d.T, d.b
     out = {
         "final_norm": T * d.D * 4 + T * 4,
-        "log_softmax": X * d.V * 4,
+        "fused_ce_grad": X * d.D * b,
         "target_index": 32 * X,
         "rotary": 2 * d.S * d.h * b,
     }
@@ -630,7 +635,10 @@ def activation_plan(
     per_layer = [sum(p.values()) for p in layers]
     # Checkpointing keeps each layer's input (and the rotary tables, which the recomputation reuses).
     stored = len(specs) * T * d.D * d.b + sum(head.values())
-    workspace = X * d.V * (4 + (d.b if d.b != 4 else 0))  # the LM head's logits and their fp32 copy
+    # One chunk of the fused loss: its fp32 logits, and in bf16 the matmul's output and the probabilities'
+    # cast back for the gradient.
+    chunk = min(X, chunk_rows(d.V))
+    workspace = chunk * d.V * (4 + (2 * d.b if d.b != 4 else 0))
     return {
         "micro_batch": B,
         "seq_len": d.S,
@@ -1010,7 +1018,7 @@ def format_plan(p: dict[str, Any]) -> str:
         row("ZeRO reduce bucket (backward)", opt["bucket"])
     row("activations, no checkpointing" + ("" if gc else " *"), acts["no_checkpointing"])
     row("activations, checkpointing" + (" *" if gc else ""), acts["checkpointing"]["total"])
-    row("LM-head logits (transient)", acts["workspace"])
+    row("LM-head logits, one chunk (transient)", acts["workspace"])
     if opt["step_grads_fp32"] or opt["step_workspace"]:
         row("step: fp32 grads, AdamW temporaries", opt["step_grads_fp32"] + opt["step_workspace"])
     lines.append(f"  {'-' * 63}")
