@@ -9,7 +9,7 @@ from conftest import ROOT
 # The generated regions this work put in README.md; others may be added, none may silently disappear.
 EXPECTED = {
     "block_bench", "family_bench", "ep_bench", "balance_study", "export_comparison", "model_step_bench",
-    "mfu_bench", "profile_step", "loss_bench", "packing_bench",
+    "mfu_bench", "profile_step", "loss_bench", "packing_bench", "memory_bench", "inference_bench",
 }  # fmt: skip
 
 
