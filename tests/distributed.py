@@ -19,8 +19,16 @@ def _entry(rank, world, port, fn, args, queue):
     import torch
 
     torch.set_num_threads(1)
+    result = fn(rank, world, *args)
     # Plain pickle: tensors sent through a multiprocessing queue would point at the dead worker's memory.
-    queue.put((rank, pickle.dumps(fn(rank, world, *args))))
+    queue.put((rank, pickle.dumps(result)))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Left to interpreter exit, gloo's threads are sometimes torn down while still joinable, and the
+        # worker aborts ("terminate called without an active exception") after its result was sent.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ranks(fn, world: int, *args):
