@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # harness and the other benchmark scripts
 
-from harness import machine_info, rotated  # noqa: E402
+from harness import machine_info, random_batch, rotated, write_result  # noqa: E402
 from mfu_bench import EXTRA_FLOP_FORMULAS  # noqa: E402
 from model_step_bench import frozen_floor_loss, make_step, trainable  # noqa: E402
 
@@ -109,18 +109,8 @@ GPU_CONFIGS = ("smollm2_135m_shape", "llama_1b")
 
 
 def make_batch(shape: ModelShape, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
-    """Random tokens, no padding, a fixed random loss mask (~25%, never position 0), one task."""
-    gen = torch.Generator().manual_seed(seed)
-    ids_BS = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen)
-    mask_BS = (torch.rand(shape.batch, shape.seq, generator=gen) < LOSS_FRACTION).long()
-    mask_BS[:, 0] = 0
-    batch = {
-        "input_ids": ids_BS,
-        "attention_mask": torch.ones_like(ids_BS),
-        "loss_mask": mask_BS,
-        "labels": torch.where(mask_BS.bool(), ids_BS, torch.full_like(ids_BS, -100)),
-        "task_ids": torch.zeros(shape.batch, dtype=torch.long),
-    }
+    """`harness.random_batch` for the shape, on the device."""
+    batch = random_batch(shape.batch, shape.seq, shape.vocab, LOSS_FRACTION, seed)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -324,8 +314,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up; prints only")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     configs = (
         args.configs.split(",") if args.configs else list(GPU_CONFIGS if device.type == "cuda" else ["tiny"])
@@ -335,11 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds, warmup = (2, 1) if args.quick else (args.rounds, args.warmup)
     result = run(configs, dtype, device, rounds, warmup)
     print(render_markdown(result))
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+    write_result(result, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
     return result
 
 

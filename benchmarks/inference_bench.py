@@ -377,11 +377,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {**run(settings_from(args)), "quick": args.quick}
     print(render_markdown(result))
     print(f"{result['wall_s'] / 60:.1f} min wall")
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+    from harness import write_result  # imports torch: only now
+
+    write_result(result, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
     return result
 
 

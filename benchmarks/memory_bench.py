@@ -167,19 +167,9 @@ def import_stack() -> None:
 
 def make_batch(batch: int, seq: int, seed: int) -> dict[str, Any]:
     """Seeded random tokens, no padding, a fixed random loss mask (~25%, never position 0), one task."""
-    import torch
+    from harness import random_batch  # the child runs from this folder; harness imports torch
 
-    gen = torch.Generator().manual_seed(seed)
-    input_ids_BS = torch.randint(0, VOCAB, (batch, seq), generator=gen)
-    loss_mask_BS = (torch.rand(batch, seq, generator=gen) < LOSS_FRACTION).long()
-    loss_mask_BS[:, 0] = 0
-    return {
-        "input_ids": input_ids_BS,
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-        "loss_mask": loss_mask_BS,
-        "labels": torch.where(loss_mask_BS.bool(), input_ids_BS, torch.full_like(input_ids_BS, -100)),
-        "task_ids": torch.zeros(batch, dtype=torch.long),
-    }
+    return random_batch(batch, seq, VOCAB, LOSS_FRACTION, seed)
 
 
 @dataclass
@@ -609,11 +599,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     result = {**run(args.shapes, args.repeats, args.seed, args.child_env), "quick": args.quick}
     print(render_markdown(result))
     print(f"{result['wall_s'] / 60:.1f} min wall")
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+    from harness import write_result  # imports torch: only now
+
+    write_result(result, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
     return result
 
 

@@ -58,7 +58,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from harness import CliDefaults, Table, cli_main, machine_info, summarize, time_rounds, timing_settings
+from harness import (
+    CliDefaults,
+    Table,
+    cli_main,
+    machine_info,
+    random_batch,
+    summarize,
+    time_rounds,
+    timing_settings,
+)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -104,18 +113,7 @@ LossFn = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
 
 def make_batch(seed: int) -> dict[str, torch.Tensor]:
     """Random tokens, no padding, a fixed random loss mask (~25%, never position 0), one task."""
-    B, S = SETUP["batch"], SETUP["seq"]
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (B, S), generator=gen)
-    loss_mask = (torch.rand(B, S, generator=gen) < SETUP["loss_fraction"]).long()
-    loss_mask[:, 0] = 0
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones(B, S, dtype=torch.long),
-        "loss_mask": loss_mask,
-        "labels": torch.where(loss_mask.bool(), input_ids, torch.full_like(input_ids, -100)),
-        "task_ids": torch.zeros(B, dtype=torch.long),
-    }
+    return random_batch(SETUP["batch"], SETUP["seq"], VOCAB, SETUP["loss_fraction"], seed)
 
 
 def build_peft() -> nn.Module:
