@@ -26,12 +26,17 @@ class ModelConfig:
             `tiny-llama` (a tiny random Llama built from `tiny`, for tests), or an HF model folder.
         tiny: LlamaConfig overrides for `tiny-llama` (its vocabulary always follows the tokenizer).
         dtype: Compute dtype of the model: `float32` or `bfloat16`.
+        frozen_dtype: Storage dtype of the frozen base's Linear and Embedding weights: empty (the same
+            as `dtype`) or `bfloat16` under `dtype: float32`, which halves the base's memory while
+            activations, LoRA and routers stay fp32 (each matmul casts the stored weight). Upcycled
+            experts only. Export and evaluation reload the base in full precision.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
     """
 
     base: str = "smollm2-135m-instruct"
     tiny: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
+    frozen_dtype: str = ""
     gradient_checkpointing: bool = False
 
 
@@ -288,6 +293,10 @@ class Config:
         """Checks values that types alone cannot; raises `ValueError` naming the key."""
         m, t, p, d = self.moe, self.train, self.parallel, self.data
         _check(self.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
+        frozen = self.model.frozen_dtype
+        _check(frozen in ("", self.model.dtype, "bfloat16"), "model.frozen_dtype", "empty or bfloat16")
+        if frozen not in ("", self.model.dtype):
+            _check(m.family == "upcycled", "model.frozen_dtype", "empty unless moe.family is upcycled")
         _check(m.family in FAMILIES, "moe.family", "|".join(FAMILIES))
         _check(m.num_experts >= 1, "moe.num_experts", ">= 1")
         _check(m.task_experts >= 0, "moe.task_experts", ">= 0")

@@ -68,3 +68,21 @@ def test_target_token_losses_takes_the_fused_path_and_matches_the_logits_path():
     (g_plain,) = torch.autograd.grad(plain_BS.sum(), hidden_BSD)
     torch.testing.assert_close(fused_BS, plain_BS, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cast_rows", [7, 128, 8192])
+def test_a_bf16_head_under_fp32_hidden_states_equals_the_fp32_loss_of_its_rounded_weights(cast_rows):
+    """`model.frozen_dtype: bfloat16`: the head is cast slice by slice of the vocabulary, exactly."""
+    torch.manual_seed(0)
+    N, D, V = 37, 16, 300
+    weight_VD = torch.randn(V, D).bfloat16()
+    hidden_ND = torch.randn(N, D, requires_grad=True)
+    targets_N = torch.randint(0, V, (N,))
+    grad_N = torch.rand(N)
+    with mock.patch("mtmoe.model.fused_ce.CAST_ROWS", cast_rows):
+        ce_N = fused_cross_entropy(hidden_ND, weight_VD, targets_N, 10)
+    ce_N.backward(grad_N)
+    want_ce_N, want_grad_ND = _reference(hidden_ND, weight_VD.float(), targets_N, grad_N)
+    assert ce_N.dtype == hidden_ND.grad.dtype == torch.float32
+    torch.testing.assert_close(ce_N, want_ce_N, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden_ND.grad, want_grad_ND, rtol=1e-5, atol=1e-6)

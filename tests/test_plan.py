@@ -33,11 +33,21 @@ def test_tiny_recipe_plan_matches_a_measured_step():
     assert planned["total"] == pytest.approx(measured["total"], rel=0.02)  # what we actually get
 
 
+def test_bf16_stored_base_plans_and_measures_half_the_frozen_linear_bytes():
+    planned, measured = _check("tiny.yaml", ["model.frozen_dtype=bfloat16"], seq_len=128, vocab=VOCAB)
+    full, _ = _check("tiny.yaml", [], seq_len=128, vocab=VOCAB)
+    assert planned["frozen"] == measured["frozen"]
+    # Only the RMSNorm weights (hidden size 64: 2 per layer and the final one) stay fp32.
+    norms = (2 * 2 + 1) * 64 * 4
+    assert planned["frozen"] == (full["frozen"] - norms) // 2 + norms
+
+
 FAMILIES = {
     "bf16, no attention LoRA": ("tiny.yaml", ["model.dtype=bfloat16", "moe.attn_lora_rank=0"]),
     "o_proj LoRA only": ("tiny.yaml", ["moe.attn_targets=[o_proj]"]),
     "capacity factor": ("tiny.yaml", ["moe.capacity_factor=1.0"]),
     "gradient checkpointing": ("tiny.yaml", ["model.gradient_checkpointing=true"]),
+    "bf16-stored frozen base": ("tiny.yaml", ["model.frozen_dtype=bfloat16"]),
     "native Mixtral, bf16, jitter": (
         "native_tiny.yaml",
         ["model.dtype=bfloat16", "model.tiny={router_jitter_noise: 0.1}"],

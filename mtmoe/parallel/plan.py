@@ -47,6 +47,7 @@ from mtmoe.config import Config, MoEConfig
 from mtmoe.model.base import SMOLLM2_ALIAS
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.experts import UpcycledLoRAExperts
+from mtmoe.model.frozen_store import store_frozen_
 from mtmoe.model.fused_ce import chunk_rows
 from mtmoe.model.inject import build_router, decoder_layers, inject_moe_lora, moe_blocks
 from mtmoe.model.lora import LoRALinear
@@ -180,6 +181,8 @@ def meta_model(cfg: Config, vocab_size: int, task_names: list[str], world: int =
             for layer in decoder_layers(lm):
                 if isinstance(layer.mlp, MoELoRAFFN):
                     layer.mlp = MoEfiedShapes(layer.mlp.base, cfg.moe, context, len(task_names))
+    if cfg.model.frozen_dtype:
+        store_frozen_(lm, DTYPES[cfg.model.frozen_dtype], DTYPES[cfg.model.dtype])
     return MoELM(lm, context)
 
 
@@ -189,14 +192,16 @@ def meta_model(cfg: Config, vocab_size: int, task_names: list[str], world: int =
 def count_parameters(model: nn.Module, dtype: torch.dtype) -> dict[str, dict[str, int]]:
     """Elements and bytes of this rank's parameters, frozen/trainable × dense/expert, and of its buffers.
 
-    Floating parameters count in `dtype`: DeepSpeed casts every parameter to bf16 under bf16.
+    Floating parameters count in `dtype` (DeepSpeed casts every parameter to bf16 under bf16), or in
+    their own dtype where that is narrower (a frozen base stored in bf16 under fp32, `model.frozen_dtype`).
     """
     out = {f"{a}_{b}": {"numel": 0, "bytes": 0} for a in ("frozen", "trainable") for b in ("dense", "expert")}
     size = torch.empty((), dtype=dtype, device="meta").element_size()
     for p in model.parameters():
         key = f"{'trainable' if p.requires_grad else 'frozen'}_{'expert' if is_expert_param(p) else 'dense'}"
         out[key]["numel"] += p.numel()
-        out[key]["bytes"] += p.numel() * (size if p.is_floating_point() else p.element_size())
+        stored = min(size, p.element_size()) if p.is_floating_point() else p.element_size()
+        out[key]["bytes"] += p.numel() * stored
     buffers = {"numel": 0, "bytes": 0}
     for t in model.buffers():
         buffers["numel"] += t.numel()
@@ -859,7 +864,8 @@ def measure(
     dtype = DTYPES[cfg.model.dtype]
     placement = placement or ExpertPlacement(block_num_experts(cfg, task_names))
     model = build_model(cfg, vocab_size, len(task_names), placement, task_names)
-    cast_params_(model, dtype)
+    if dtype != torch.float32:  # DeepSpeed casts under bf16 only; an fp32 run keeps a narrower frozen base
+        cast_params_(model, dtype)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
