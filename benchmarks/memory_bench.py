@@ -21,6 +21,9 @@ Variants:
         trainable parameters.
     mtmoe_grad_ckpt: the same with `model.gradient_checkpointing=true`, which `build_model` (the training
         loop's path) turns into HF's non-reentrant gradient checkpointing.
+    mtmoe_bf16_base_grad_ckpt: the same with `model.frozen_dtype=bfloat16`: the frozen base's Linear and
+        Embedding weights stored in bf16 (loaded tensor by tensor from the fp32 file), activations,
+        LoRA, routers and AdamW in fp32. Its base is the fp32 base rounded to bf16.
     peft_lora_r16: PEFT `LoraConfig(r=16, lora_alpha=32)` on gate/up/down, HF loss via `labels`, AdamW
         on the LoRA factors. For reference.
     idle: imports and the loaded base model, every weight read once (the weights are mapped from the
@@ -75,10 +78,11 @@ VARIANTS = (
     "full_ft_grad_ckpt",
     "mtmoe",
     "mtmoe_grad_ckpt",
+    "mtmoe_bf16_base_grad_ckpt",
     "peft_lora_r16",
     "idle",
 )
-TARGET_VARIANTS, TARGET_RATIO = ("mtmoe", "mtmoe_grad_ckpt"), 0.35
+TARGET_VARIANTS, TARGET_RATIO = ("mtmoe", "mtmoe_grad_ckpt", "mtmoe_bf16_base_grad_ckpt"), 0.35
 CHILD_TAG = "MEMORY_BENCH_RESULT "
 MIB = 1024 * 1024
 LABELS = {
@@ -86,6 +90,7 @@ LABELS = {
     "full_ft_grad_ckpt": "full fine-tuning with gradient checkpointing",
     "mtmoe": "**mtmoe** 4 experts, top-2, r8 (LM head only at targets)",
     "mtmoe_grad_ckpt": "**mtmoe with gradient checkpointing**",
+    "mtmoe_bf16_base_grad_ckpt": "**mtmoe, checkpointing, frozen base stored in bf16** (fp32 compute)",
     "peft_lora_r16": "PEFT LoRA r16 on gate/up/down",
     "idle": "idle: imports + base model loaded and paged in, no step",
 }
@@ -121,9 +126,21 @@ class Shape:
 MMAP_1MIB = (("MALLOC_MMAP_THRESHOLD_", str(1 << 20)),)
 SHAPES = (
     Shape(4, 128, VARIANTS),
-    Shape(4, 128, (BASELINE, "mtmoe", "mtmoe_grad_ckpt", "peft_lora_r16"), MMAP_1MIB, "malloc_mmap_1MiB"),
-    Shape(8, 512, (BASELINE, "full_ft_grad_ckpt", "mtmoe", "mtmoe_grad_ckpt")),
-    Shape(8, 512, (BASELINE, "full_ft_grad_ckpt", "mtmoe_grad_ckpt"), MMAP_1MIB, "malloc_mmap_1MiB"),
+    Shape(
+        4,
+        128,
+        (BASELINE, "mtmoe", "mtmoe_grad_ckpt", "mtmoe_bf16_base_grad_ckpt", "peft_lora_r16"),
+        MMAP_1MIB,
+        "malloc_mmap_1MiB",
+    ),
+    Shape(8, 512, (BASELINE, "full_ft_grad_ckpt", "mtmoe", "mtmoe_grad_ckpt", "mtmoe_bf16_base_grad_ckpt")),
+    Shape(
+        8,
+        512,
+        (BASELINE, "full_ft_grad_ckpt", "mtmoe_grad_ckpt", "mtmoe_bf16_base_grad_ckpt"),
+        MMAP_1MIB,
+        "malloc_mmap_1MiB",
+    ),
 )
 
 
@@ -225,12 +242,13 @@ def build_peft() -> Trainee:
     return Trainee(model, hf_loss(model))
 
 
-def build_mtmoe(grad_ckpt: bool) -> Trainee:
-    """The demo recipe's mtmoe model; `grad_ckpt` sets `model.gradient_checkpointing` as a recipe would."""
+def build_mtmoe(grad_ckpt: bool, frozen_dtype: str = "float32") -> Trainee:
+    """The demo recipe's mtmoe model; `grad_ckpt` and `frozen_dtype` set the recipe's keys of those names."""
     from mtmoe.config import load_config
     from mtmoe.model.moe_lm import build_model
 
-    cfg = load_config(RECIPE, [f"model.gradient_checkpointing={str(grad_ckpt).lower()}"])
+    ckpt = str(grad_ckpt).lower()
+    cfg = load_config(RECIPE, [f"model.gradient_checkpointing={ckpt}", f"model.frozen_dtype={frozen_dtype}"])
     model = build_model(cfg, VOCAB, num_tasks=1).train()
 
     def loss(b: dict[str, Any]) -> Any:
@@ -245,6 +263,7 @@ BUILDERS: dict[str, Callable[[], Trainee]] = {
     "full_ft_grad_ckpt": lambda: build_full_ft(grad_ckpt=True),
     "mtmoe": lambda: build_mtmoe(grad_ckpt=False),
     "mtmoe_grad_ckpt": lambda: build_mtmoe(grad_ckpt=True),
+    "mtmoe_bf16_base_grad_ckpt": lambda: build_mtmoe(grad_ckpt=True, frozen_dtype="bfloat16"),
     "peft_lora_r16": build_peft,
     "idle": build_full_ft,
 }
