@@ -3,7 +3,7 @@
 It must compute exactly what an fp32 model whose base weights were rounded to bf16 computes (bf16 -> fp32
 is exact), keep tied weights tied, load from a real safetensors folder tensor by tensor into the same
 weights `from_pretrained` gives, name the file and key of a tensor it cannot place, train under the real
-DeepSpeed engine, and hand the export a full-precision base.
+DeepSpeed engine (expert-parallel exactly as replicated), and hand the export a full-precision base.
 """
 
 import pytest
@@ -153,13 +153,21 @@ def test_bad_frozen_dtype_names_the_key(overrides):
         load_config(TINY, overrides)
 
 
-def test_deepspeed_trains_a_bf16_stored_base_and_export_reloads_it_in_full(demo_data, tmp_path):
-    run = train_run(demo_data, tmp_path / "run", 1, 1, "model.frozen_dtype=bfloat16", steps=3, save_every=3)
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses(run).values()) and len(losses(run)) == 3
-    cfg, model, _ = load_trained_model(run)
+def test_bf16_stored_base_trains_with_ep2_as_replicated_and_reloads_in_full(demo_data, tmp_path):
+    """Two gloo ranks on the DeepSpeed engine: expert parallelism equals replication, and the run's reload
+    for export has an fp32 base and the trained tensors."""
+    extra = ["model.frozen_dtype=bfloat16", "moe.capacity_factor=1.5"]
+    rep = train_run(demo_data, tmp_path / "rep", 2, 1, *extra, steps=3, save_every=3)
+    ep2 = train_run(demo_data, tmp_path / "ep2", 2, 2, *extra, steps=3, save_every=3)
+    a, b = losses(rep), losses(ep2)
+    assert len(a) == 3 and all(b[s] == pytest.approx(a[s], rel=1e-6) for s in a), (a, b)
+    wa, wb = final(rep, step=3), final(ep2, step=3)
+    assert set(wa) == set(wb) and wa
+    for k in wa:  # the tolerance of test_ep_training: the CPU fused path against EP's grouped one, via AdamW
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    cfg, model, _ = load_trained_model(ep2)
     assert cfg.model.frozen_dtype == "bfloat16"  # the run's config, unchanged
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not any(isinstance(m, (StoredLinear, StoredEmbedding)) for m in model.modules())
-    trained = final(run, step=3)
     params = dict(model.named_parameters())
-    assert trained and all(torch.equal(params[n].detach(), t) for n, t in trained.items())
+    assert all(torch.equal(params[n].detach(), t) for n, t in wb.items())
