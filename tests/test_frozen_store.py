@@ -130,16 +130,24 @@ def test_streamed_load_gives_from_pretrained_weights_rounded_once(tmp_path):
     torch.testing.assert_close(streamed(input_ids=ids).logits, full(input_ids=ids).logits)
 
 
-def test_streamed_load_names_the_file_and_key_of_a_stray_or_missing_tensor(tmp_path):
+def test_streamed_load_names_the_file_and_key_of_a_stray_missing_misshapen_or_cut_tensor(tmp_path):
     folder = _save_tiny(tmp_path / "tiny")
     weights = folder / "model.safetensors"
     state = load_file(weights)
+    good = dict(state)
     save_file({**state, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, weights)
     with pytest.raises(ValueError, match=r"model\.safetensors.*model\.layers\.0\.mlp\.extra\.weight"):
         load_base_model(folder, torch.float32, torch.bfloat16)
     del state["model.norm.weight"]
     save_file(state, weights)
     with pytest.raises(ValueError, match=r"do not provide.*model\.norm\.weight"):
+        load_base_model(folder, torch.float32, torch.bfloat16)
+    save_file({**state, "model.norm.weight": torch.zeros(3)}, weights)
+    with pytest.raises(ValueError, match=r"model\.safetensors.*model\.norm\.weight.*shape \(3,\)"):
+        load_base_model(folder, torch.float32, torch.bfloat16)
+    save_file(good, weights)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: the file ends inside tensor"):
         load_base_model(folder, torch.float32, torch.bfloat16)
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -122,14 +123,15 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [single]
 
 
-def read_safetensors(path: Path):
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (name, tensor) from a safetensors file, one tensor at a time, read (not memory-mapped).
 
     Reading rather than mapping keeps only the tensor being converted resident: the pages of a mapped
     file stay in the process's memory until the whole mapping goes.
 
     Raises:
-        ValueError: Naming the file and tensor, for a dtype this reader does not handle.
+        ValueError: Naming the file and tensor, for a dtype this reader does not handle or a tensor the
+            file ends before.
     """
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
@@ -142,7 +144,8 @@ def read_safetensors(path: Path):
             begin, end = meta["data_offsets"]
             buf = bytearray(end - begin)
             f.seek(start + begin)
-            f.readinto(buf)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{path}: the file ends inside tensor {name!r}")
             flat = torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[meta["dtype"]]) if buf else None
             shape = meta["shape"]
             yield name, (flat.view(shape) if flat is not None else torch.empty(shape))
@@ -152,10 +155,12 @@ def load_streamed(folder: Path, dtype: torch.dtype, frozen_dtype: torch.dtype) -
     """Builds the model with empty weights and fills them from the files, casting one tensor at a time.
 
     Linear and Embedding weights get `frozen_dtype`; every other parameter (norms, biases) gets `dtype`.
+    The files' keys must be the model's parameter names, as in folders that transformers saves for
+    Llama, Mistral or Qwen2.
 
     Raises:
-        ValueError: Naming the file and key of a tensor the model does not have, or the parameters no
-            file provides.
+        ValueError: Naming the file and key of a tensor the model does not have or whose shape differs,
+            or the parameters no file provides.
     """
     from accelerate import init_empty_weights
 
@@ -173,6 +178,9 @@ def load_streamed(folder: Path, dtype: torch.dtype, frozen_dtype: torch.dtype) -
                 module = None
             if module is None or attr not in module._parameters:
                 raise ValueError(f"{path}: tensor {key!r} is not a parameter of the model")
+            if tuple(tensor.shape) != tuple(module._parameters[attr].shape):
+                want = tuple(module._parameters[attr].shape)
+                raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model {want}")
             target = frozen_dtype if key in narrow else dtype
             grad = tensor.is_floating_point()
             module._parameters[attr] = nn.Parameter(tensor.to(target), requires_grad=grad)
