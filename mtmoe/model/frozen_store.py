@@ -17,6 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_WORKSPACES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` cast to `dtype`, written into one workspace per (dtype, device), grown to the largest weight.
+
+    The result is valid only until the next call: use it in one product and drop it. Reusing one buffer
+    keeps the casts out of the allocator: a fresh copy per matmul, freed between activations of other
+    sizes, fragments the CPU heap and raises the peak RSS. The buffer is as large as the largest frozen
+    weight (or head slice), the same as the transient that a fresh cast would need.
+    """
+    key = (dtype, weight.device)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < weight.numel():
+        buf = _WORKSPACES[key] = torch.empty(weight.numel(), dtype=dtype, device=weight.device)
+    return buf[: weight.numel()].view(weight.shape).copy_(weight)
+
 
 class _StoredWeightLinear(torch.autograd.Function):
     """`F.linear` with a frozen weight cast to the input's dtype; backward recasts instead of saving it."""
@@ -25,12 +42,12 @@ class _StoredWeightLinear(torch.autograd.Function):
     def forward(ctx, x_LI: torch.Tensor, weight_OI: torch.Tensor, bias_O: torch.Tensor | None):
         ctx.save_for_backward(weight_OI)
         bias = None if bias_O is None else bias_O.to(x_LI.dtype)
-        return F.linear(x_LI, weight_OI.to(x_LI.dtype), bias)
+        return F.linear(x_LI, widened(weight_OI, x_LI.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_LO: torch.Tensor):
         (weight_OI,) = ctx.saved_tensors
-        grad_LI = grad_LO @ weight_OI.to(grad_LO.dtype) if ctx.needs_input_grad[0] else None
+        grad_LI = grad_LO @ widened(weight_OI, grad_LO.dtype) if ctx.needs_input_grad[0] else None
         return grad_LI, None, None
 
 

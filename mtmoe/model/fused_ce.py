@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from mtmoe.model.frozen_store import widened
+
 CHUNK_BYTES = 64 << 20  # one chunk's fp32 logits: 341 rows at V = 49152
 CAST_ROWS = 8192  # vocabulary rows of a narrow head cast at a time: 18 MiB in fp32 at D = 576
 
@@ -33,7 +35,7 @@ def _head_logits(hidden_CD: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tens
         return hidden_CD @ weight_VD.t()
     logits_CV = hidden_CD.new_empty(hidden_CD.shape[0], weight_VD.shape[0])
     for v0 in range(0, weight_VD.shape[0], CAST_ROWS):
-        w_UD = weight_VD[v0 : v0 + CAST_ROWS].to(hidden_CD.dtype)
+        w_UD = widened(weight_VD[v0 : v0 + CAST_ROWS], hidden_CD.dtype)
         torch.matmul(hidden_CD, w_UD.t(), out=logits_CV[:, v0 : v0 + CAST_ROWS])
     return logits_CV
 
@@ -44,7 +46,7 @@ def _head_input_grad(prob_CV: torch.Tensor, weight_VD: torch.Tensor, dtype: torc
         return prob_CV.to(dtype) @ weight_VD
     grad_CD = prob_CV.new_zeros(prob_CV.shape[0], weight_VD.shape[1], dtype=dtype)
     for v0 in range(0, weight_VD.shape[0], CAST_ROWS):
-        w_UD = weight_VD[v0 : v0 + CAST_ROWS].to(dtype)
+        w_UD = widened(weight_VD[v0 : v0 + CAST_ROWS], dtype)
         grad_CD.addmm_(prob_CV[:, v0 : v0 + CAST_ROWS].to(dtype), w_UD)
     return grad_CD
 
