@@ -179,3 +179,14 @@ def test_bf16_stored_base_trains_with_ep2_as_replicated_and_reloads_in_full(demo
     assert not any(isinstance(m, (StoredLinear, StoredEmbedding)) for m in model.modules())
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n].detach(), t) for n, t in wb.items())
+
+
+def test_widened_casts_into_one_reused_workspace():
+    from mtmoe.model.frozen_store import widened
+
+    big, small = torch.randn(6, 5).bfloat16(), torch.randn(2, 3).bfloat16()
+    a = widened(big, torch.float32)
+    assert a.dtype == torch.float32 and torch.equal(a, big.float())
+    ptr = a.data_ptr()
+    b = widened(small, torch.float32)  # fits in the same buffer: no new allocation
+    assert b.data_ptr() == ptr and b.shape == (2, 3) and torch.equal(b, small.float())
