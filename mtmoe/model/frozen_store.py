@@ -25,8 +25,9 @@ def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     The result is valid only until the next call: use it in one product and drop it. Reusing one buffer
     keeps the casts out of the allocator: a fresh copy per matmul, freed between activations of other
-    sizes, fragments the CPU heap and raises the peak RSS. The buffer is as large as the largest frozen
-    weight (or head slice), the same as the transient that a fresh cast would need.
+    sizes, fragments the CPU heap and raises the peak RSS. The buffer is as large as the largest weight
+    cast whole, the transient a fresh cast would need: a decoder layer's largest projection, or a slice of
+    the LM head in the fused loss, or the whole head once Quality Retaining asks for full logits.
     """
     key = (dtype, weight.device)
     buf = _WORKSPACES.get(key)
