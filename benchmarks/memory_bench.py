@@ -90,7 +90,7 @@ LABELS = {
     "full_ft_grad_ckpt": "full fine-tuning with gradient checkpointing",
     "mtmoe": "**mtmoe** 4 experts, top-2, r8 (LM head only at targets)",
     "mtmoe_grad_ckpt": "**mtmoe with gradient checkpointing**",
-    "mtmoe_bf16_base_grad_ckpt": "**mtmoe, checkpointing, frozen base stored in bf16** (fp32 compute)",
+    "mtmoe_bf16_base_grad_ckpt": "**mtmoe with checkpointing, frozen base stored in bf16** (fp32 compute)",
     "peft_lora_r16": "PEFT LoRA r16 on gate/up/down",
     "idle": "idle: imports + base model loaded and paged in, no step",
 }
@@ -556,7 +556,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             best = t["best_variant"]
             verdict = "met" if t["met"] else "not met"
             items.append(
-                f"{name}: {t['ratio']:.2f} ({LABELS.get(best, best).strip('*')}; step memory "
+                f"{name}: {t['ratio']:.2f} ({LABELS.get(best, best).replace('**', '')}; step memory "
                 f"{t['step_mib_ratio'][best]:.2f}): **{verdict}**"
             )
         parts.append(
