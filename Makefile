@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q --durations=15 tests
 
-# Every benchmark, one after another (about 2 h on 2 cores, memory_bench alone about 75 min); each writes
+# Every benchmark, one after another (about 2 h on 2 cores, memory_bench alone about 55 min); each writes
 # benchmarks/results/*.json, then the README's tables are regenerated from the JSON. export_comparison needs a finished demo run
 # (make demo) in runs/demo; the balancing study (40 min) runs on its own: see the README.
 BENCHES := block_bench family_bench model_step_bench loss_bench packing_bench memory_bench inference_bench \
