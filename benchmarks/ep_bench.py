@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_cli import result_path, write_result
 from block_bench import SwiGLU
-from harness import CliDefaults, Table, format_table, machine_info, parse_cli, rotated, write_result
+from harness import CliDefaults, Table, format_table, machine_info, parse_cli, rotated
 from md_tables import paragraph, table
 from torch import nn
 
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args.rounds, args.iters, args.warmup)
     result["quick"] = args.quick
     print(format_table(flat_rows(result), TABLE))
-    write_result(result, args.out if args.out is not None else (None if args.quick else CLI.out))
+    write_result(result, result_path(args.out, args.quick, CLI.out))
     return result
 
 

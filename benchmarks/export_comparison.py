@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import machine_info, summarize, time_rounds, timing_settings, write_result
+from bench_cli import print_rendered, result_path, write_result
+from harness import machine_info, summarize, time_rounds, timing_settings
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mtmoe.config import Config
@@ -501,9 +502,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        print(render_markdown(result))
-        return result
+        return print_rendered(args.render, render_markdown)
     if args.only is not None:
         result = rerun_methods(args.update, args.only, args.run)
         print(render_markdown(result))
@@ -516,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {**run_comparison(args.run, s), "quick": args.quick}
     print(render_markdown(result))
     print(f"load check: {result['load_check']}; {result['wall_s'] / 60:.1f} min wall")
-    write_result(result, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
+    write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))
     return result
 
 

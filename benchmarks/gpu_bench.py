@@ -44,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # harness and the other benchmark scripts
 
-from harness import machine_info, random_batch, rotated, write_result  # noqa: E402
+from bench_cli import result_path, write_result  # noqa: E402
+from harness import machine_info, random_batch, rotated  # noqa: E402
 from mfu_bench import EXTRA_FLOP_FORMULAS  # noqa: E402
 from model_step_bench import frozen_floor_loss, make_step, trainable  # noqa: E402
 
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds, warmup = (2, 1) if args.quick else (args.rounds, args.warmup)
     result = run(configs, dtype, device, rounds, warmup)
     print(render_markdown(result))
-    write_result(result, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
+    write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))
     return result
 
 

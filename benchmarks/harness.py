@@ -16,11 +16,9 @@ The folder is not a package: a script run as `python benchmarks/<name>.py` has i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_cli import result_path, warn_unless_one_thread, write_result
 
 CLOCK = "time.process_time"
 ORDER = "interleaved, rotated each round"
@@ -257,22 +256,8 @@ def parse_cli(description: str, argv: list[str] | None, cli: CliDefaults) -> arg
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.iters, args.warmup = cli.quick
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        print("note: run with OMP_NUM_THREADS=1 for comparable numbers", file=sys.stderr)
+    warn_unless_one_thread()
     return args
-
-
-def write_result(result: Mapping[str, Any], out: Path | None) -> None:
-    """Writes `result` as indented JSON to `out` (creating its folder) and says so; None writes nothing.
-
-    Args:
-        result: The result record.
-        out: The JSON path, or None.
-    """
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
 
 
 def cli_main(
@@ -304,5 +289,5 @@ def cli_main(
     result["quick"] = args.quick
     print(format_table(result, table))
     print(checks_line(result))
-    write_result(result, args.out if args.out is not None else (None if args.quick else cli.out))
+    write_result(result, result_path(args.out, args.quick, cli.out))
     return result

@@ -32,8 +32,6 @@ Importing this module is cheap (standard library only); torch and the models loa
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -42,6 +40,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bench_cli import print_rendered, result_path, warn_unless_one_thread, write_result
 
 if TYPE_CHECKING:
     import torch
@@ -367,19 +367,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        print(render_markdown(result))
-        return result
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        print("note: run with OMP_NUM_THREADS=1 for comparable numbers", file=sys.stderr)
+        return print_rendered(args.render, render_markdown)
+    warn_unless_one_thread()
     if str(HERE) not in sys.path:  # harness and the other scripts live next to this one
         sys.path.insert(0, str(HERE))
     result = {**run(settings_from(args)), "quick": args.quick}
     print(render_markdown(result))
     print(f"{result['wall_s'] / 60:.1f} min wall")
-    from harness import write_result  # imports torch: only now
-
-    write_result(result, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
+    write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))
     return result
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_cli import result_path, write_result
 from harness import (
     CliDefaults,
     machine_info,
@@ -29,7 +30,6 @@ from harness import (
     summarize,
     time_rounds,
     timing_settings,
-    write_result,
 )
 from md_tables import table
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
     }
     print(render_markdown(result))
-    write_result(result, args.out if args.out is not None else (None if args.quick else CLI.out))
+    write_result(result, result_path(args.out, args.quick, CLI.out))
     return result
 
 

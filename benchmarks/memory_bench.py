@@ -64,6 +64,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench_cli import print_rendered, result_path, warn_unless_one_thread, write_result
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "memory_bench.json"
@@ -610,17 +612,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(CHILD_TAG + json.dumps(measure(args.child, args.batch, args.seq, args.seed)))
         return None
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        print(render_markdown(result))
-        return result
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        print("note: run with OMP_NUM_THREADS=1 for comparable numbers", file=sys.stderr)
+        return print_rendered(args.render, render_markdown)
+    warn_unless_one_thread()
     result = {**run(args.shapes, args.repeats, args.seed, args.child_env), "quick": args.quick}
     print(render_markdown(result))
     print(f"{result['wall_s'] / 60:.1f} min wall")
-    from harness import write_result  # imports torch: only now
-
-    write_result(result, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
+    write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))
     return result
 
 

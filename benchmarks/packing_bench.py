@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import CliDefaults, machine_info, parse_cli, timing_settings, write_result
+from bench_cli import result_path, write_result
+from harness import CliDefaults, machine_info, parse_cli, timing_settings
 from md_tables import paragraph, table
 
 from mtmoe.balance.task_loss import task_loss_sums
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(args.rounds, args.warmup)
     result["quick"] = args.quick
     print(render_markdown(result))
-    write_result(result, args.out if args.out is not None else (None if args.quick else CLI.out))
+    write_result(result, result_path(args.out, args.quick, CLI.out))
     return result
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import machine_info, rotated, write_result
+from bench_cli import print_rendered, result_path, warn_unless_one_thread, write_result
+from harness import machine_info, rotated
 from mfu_bench import config_steps
 from model_step_bench import SETUP, build_mtmoe, make_batch
 from torch import nn
@@ -513,17 +513,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--render", type=Path, default=None, help="only print the markdown of this JSON")
     args = parser.parse_args(argv)
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        print(render_markdown(result))
-        return result
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        print("note: run with OMP_NUM_THREADS=1 for comparable numbers", file=sys.stderr)
+        return print_rendered(args.render, render_markdown)
+    warn_unless_one_thread()
     steps, rounds = (PROFILED_STEPS, TIMED_ROUNDS)
     if args.quick:
         steps, rounds = QUICK_PROFILED_STEPS, QUICK_TIMED_ROUNDS
     result = {**run(steps, rounds), "quick": args.quick}
     print(render_markdown(result))
-    write_result(result, args.out if args.out is not None else (None if args.quick else DEFAULT_OUT))
+    write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))
     return result
 
 
