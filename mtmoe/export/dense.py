@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mtmoe.export.merge import METHODS
+from mtmoe.export.merge import METHODS, tensor_seed
 from mtmoe.model.experts import PROJECTIONS
 from mtmoe.model.inject import decoder_layers, lora_linears, moe_blocks
 from mtmoe.model.moe_lm import MoELM
@@ -19,10 +19,11 @@ from mtmoe.model.moe_lm import MoELM
 class MergeSpec:
     """How each block's experts become one delta.
 
-    Every method sees D_e = n·u_e·ΔW_e for the n kept experts, with u the expert shares renormalised over
-    them; with uniform shares that is each expert's own delta. `average` then gives Σ u_e ΔW_e; the
-    summing methods (`task_arithmetic`, `dare`, `breadcrumbs`) default to λ = 1/n, the same scale; `ties`
-    averages the agreeing entries, λ = 1.
+    u are the expert shares renormalised over the n kept experts. `average` gives Σ u_e ΔW_e. The summing
+    methods (`task_arithmetic`, `dare`, `breadcrumbs`) see D_e = n·u_e·ΔW_e (with uniform shares, each
+    expert's own delta) and default to λ = 1/n, the average's scale. `ties` takes the deltas with the
+    shares as weights: its weighted disjoint mean at λ = 1 is on the average's scale for any shares.
+    DARE draws each tensor's masks from its own seed, derived from `seed` and the tensor's name.
 
     Attributes:
         method: A key of `mtmoe.export.merge.METHODS`.
@@ -31,7 +32,7 @@ class MergeSpec:
         drop: DARE's drop rate.
         beta: Breadcrumbs' outlier fraction.
         gamma: Breadcrumbs' small-entry fraction.
-        seed: DARE's seed.
+        seed: DARE's run seed (each tensor's masks use `tensor_seed(seed, name)`).
     """
 
     method: str = "average"
@@ -42,21 +43,27 @@ class MergeSpec:
     gamma: float = 0.8
     seed: int = 0
 
-    def merge(self, deltas_EOI: torch.Tensor, shares_E: torch.Tensor) -> torch.Tensor:
-        """One merged delta from the kept experts' deltas and their (renormalised) shares."""
+    def merge(self, deltas_EOI: torch.Tensor, shares_E: torch.Tensor, name: str = "") -> torch.Tensor:
+        """One merged delta from the kept experts' deltas and their (renormalised) shares.
+
+        Args:
+            deltas_EOI: The kept experts' deltas of one tensor.
+            shares_E: Their shares, summing to one.
+            name: The tensor's module name: it seeds DARE's masks for this tensor.
+        """
         if self.method not in METHODS:
             raise ValueError(f"--merge {self.method!r}: expected one of {sorted(METHODS)}")
         n = len(shares_E)
         if self.method == "average":
             return METHODS["average"](deltas_EOI, shares_E)
+        if self.method == "ties":
+            return METHODS["ties"](deltas_EOI, self.density, 1.0 if self.lam is None else self.lam, shares_E)
         d_EOI = deltas_EOI * (n * shares_E).to(deltas_EOI.dtype)[:, None, None]
-        lam = self.lam if self.lam is not None else (1.0 if self.method == "ties" else 1.0 / n)
+        lam = self.lam if self.lam is not None else 1.0 / n
         if self.method == "task_arithmetic":
             return METHODS["task_arithmetic"](d_EOI, lam)
-        if self.method == "ties":
-            return METHODS["ties"](d_EOI, self.density, lam)
         if self.method == "dare":
-            return METHODS["dare"](d_EOI, self.drop, lam, self.seed)
+            return METHODS["dare"](d_EOI, self.drop, lam, tensor_seed(self.seed, name))
         return METHODS["breadcrumbs"](d_EOI, self.beta, self.gamma, lam)
 
 
@@ -90,10 +97,11 @@ def merged_deltas(
             w_E[keep] / total if total > 0 else torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64)
         )
         for proj in PROJECTIONS:
-            delta_OI = spec.merge(block.experts.weight_delta(proj).double()[keep], u_E)
+            name = f"model.layers.{i}.mlp.{proj}_proj"
+            delta_OI = spec.merge(block.experts.weight_delta(proj).double()[keep], u_E, name)
             if block.shared is not None:  # always-on experts fold in exactly, whatever the merge
                 delta_OI = delta_OI + block.shared.weight_delta(proj).double().sum(0)
-            deltas[f"model.layers.{i}.mlp.{proj}_proj"] = delta_OI
+            deltas[name] = delta_OI
     for name, lora in lora_linears(lm).items():
         deltas[name] = lora.weight_delta().double()
     return deltas
