@@ -1,6 +1,8 @@
 """The multitask-balancing study: the same budget on the demo tasks under five loss/sampling schemes.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/balance_study.py [--steps 50] [--nproc 2]
+    ... --only coba famo --update      # rerun some schemes, keep the others' results in the JSON
+    ... --quick --data DIR --json X    # the smoke test: a tiny random Llama, 2 steps, 1 process
 
 The demo mix is imbalanced by itself: docstring has 2,901 training samples, codegen 139 (about 20×).
 Each scheme trains SmolLM2-135M with the demo recipe (2 processes, DeepSpeed ZeRO-2) for the same
@@ -19,9 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from bench_cli import TINY_OVERRIDES, write_result
 from md_tables import bold_if, paragraph, table
 
+from mtmoe.parallel.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "balance_study.json"
 PROPORTIONAL = ["data.mixing=proportional"]
 SCHEMES = {
     "plain": ("proportional + token mean (plain)", [*PROPORTIONAL, "balance.weighter=token_mean"]),
@@ -39,16 +45,19 @@ SCHEMES = {
 }
 
 
-def run_scheme(key: str, overrides: list[str], steps: int, nproc: int, out: Path) -> dict:
-    """Trains one scheme and returns its final held-out evaluation."""
+def run_scheme(
+    key: str, overrides: list[str], steps: int, nproc: int, out: Path, extra: tuple[str, ...] = ()
+) -> dict:
+    """Trains one scheme (with `extra` recipe overrides on top) and returns its final held-out evaluation."""
     run_dir = out / key
     cmd = [
-        "deepspeed", "--num_gpus", str(nproc), "launch/train.py", "--config", "launch/recipes/demo.yaml",
+        "deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()),
+        "launch/train.py", "--config", "launch/recipes/demo.yaml",
         f"train.output_dir={run_dir}", f"train.steps={steps}", "train.save_every=0",
         # CoBa's warm-up and window, scaled from MFTCoder's 100/200 to this short budget.
         f"balance.coba_warmup={max(2, steps // 5)}", f"balance.coba_history={max(4, 2 * steps // 5)}",
         f"balance.qr_warmup={max(2, steps // 5)}",
-        *overrides,
+        *overrides, *extra,
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -103,17 +112,40 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("runs/balance_study"))
+    parser.add_argument("--out", type=Path, default=Path("runs/balance_study"), help="the runs' folder")
+    parser.add_argument("--only", nargs="+", choices=list(SCHEMES), help="run only these schemes")
+    parser.add_argument(
+        "--update", action="store_true", help="keep the other schemes' results of the JSON (same steps)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help=f"result path (default {RESULT})")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: tiny random Llama, 2 steps, 1 process; prints only"
+    )
+    parser.add_argument("--data", type=Path, default=None, help="tokenized tasks (default: the demo's)")
     args = parser.parse_args(argv)
-    subprocess.run(["bash", "launch/prepare_demo_data.sh"], cwd=ROOT, check=True)
+    if args.quick:
+        args.steps, args.nproc = 2, 1
+    extra = (*(TINY_OVERRIDES if args.quick else ()), *([f"data.tokenized={args.data}"] if args.data else []))
+    json_path = args.json if args.json is not None else None if args.quick else RESULT
+    if args.data is None:
+        subprocess.run(["bash", "launch/prepare_demo_data.sh"], cwd=ROOT, check=True)
     results = {}
-    for key, (name, overrides) in SCHEMES.items():
-        results[key] = run_scheme(key, overrides, args.steps, args.nproc, args.out)
+    if args.update:
+        if json_path is None or not json_path.exists():
+            parser.error("--update needs an existing result JSON")
+        previous = json.loads(json_path.read_text())
+        if (previous["steps"], previous["nproc"]) != (args.steps, args.nproc):
+            had = f"{previous['steps']} steps on {previous['nproc']} processes"
+            parser.error(f"--update: {json_path} has {had}; rerun with those")
+        results = previous["schemes"]
+    for key in args.only or list(SCHEMES):
+        name, overrides = SCHEMES[key]
+        results[key] = run_scheme(key, overrides, args.steps, args.nproc, args.out, extra)
         losses = ", ".join(f"{t} {v['loss']:.3f}" for t, v in results[key]["tasks"].items())
         print(f"{name}: {losses} ({results[key]['wall_s']:.0f} s)", flush=True)
+    results = {key: results[key] for key in SCHEMES if key in results}  # the table's order
     summary = {"steps": args.steps, "nproc": args.nproc, "schemes": results}
-    path = ROOT / "benchmarks" / "results" / "balance_study.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(summary, json_path)
     print(render_markdown(summary))
     return summary
 

@@ -6,12 +6,24 @@ memory benchmark) can use them at any time.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+# `--tiny`: the demo recipe on a tiny random Llama (2 layers, hidden 64) instead of SmolLM2-135M. For smoke
+# tests of a benchmark's code path (tests/test_bench_smoke.py); its numbers mean nothing.
+TINY_OVERRIDES = ("model.base=tiny-llama",)
+TINY_HELP = "smoke test: the demo recipe on a tiny random Llama; needs --quick or --out"
+
+
+def check_tiny(parser: argparse.ArgumentParser, tiny: bool, quick: bool, has_out: bool) -> None:
+    """A `--tiny` run never writes the default result JSON: it needs `--quick` or `--out`."""
+    if tiny and not (quick or has_out):
+        parser.error("--tiny: give --quick or --out (a tiny run never replaces the real result)")
 
 
 def warn_unless_one_thread() -> None:

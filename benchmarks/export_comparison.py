@@ -242,13 +242,9 @@ def grid(
 
 
 def moe_forward(model: MoELM, ids_BS: torch.Tensor, attn_BS: torch.Tensor, task_B: torch.Tensor):
-    """The MoE's full-vocabulary logits, with the routing context set as `MoELM.forward` sets it."""
-    ctx = model.context
-    ctx.valid_T, ctx.aux_losses = attn_BS.reshape(-1).bool(), []
-    ctx.task_T = task_B[:, None].expand_as(ids_BS).reshape(-1)
-    logits_BSV = model.lm(input_ids=ids_BS, attention_mask=attn_BS, use_cache=False).logits
-    ctx.aux_losses, ctx.valid_T, ctx.task_T = [], None, None
-    return logits_BSV
+    """The MoE's full-vocabulary logits: the model's own routed forward, then the LM head everywhere."""
+    hidden_BSD, _ = model.hidden_states(ids_BS, attn_BS, task_B)
+    return model.lm.get_output_embeddings()(hidden_BSD)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_cli import result_path, warn_unless_one_thread, write_result
+from bench_cli import TINY_HELP, check_tiny, result_path, warn_unless_one_thread, write_result
 
 CLOCK = "time.process_time"
 ORDER = "interleaved, rotated each round"
@@ -217,6 +217,8 @@ class CliDefaults:
         quick: (rounds, iters, warmup) of a `--quick` run.
         iter_name: What one timed iteration is, plural ("iterations", "steps"), for the `--iters` help.
         out: Where a full run writes its JSON when `--out` is not given.
+        tiny: The script takes `--tiny` (the demo recipe on a tiny random Llama, for smoke tests), and
+            its `run` a `tiny` keyword.
     """
 
     rounds: int
@@ -225,6 +227,7 @@ class CliDefaults:
     quick: tuple[int, int, int]
     iter_name: str
     out: Path
+    tiny: bool = False
 
 
 def parse_cli(description: str, argv: list[str] | None, cli: CliDefaults) -> argparse.Namespace:
@@ -253,9 +256,13 @@ def parse_cli(description: str, argv: list[str] | None, cli: CliDefaults) -> arg
     )
     parser.add_argument("--warmup", type=int, default=cli.warmup)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {cli.out})")
+    if cli.tiny:
+        parser.add_argument("--tiny", action="store_true", help=TINY_HELP)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.iters, args.warmup = cli.quick
+    args.tiny = getattr(args, "tiny", False)
+    check_tiny(parser, args.tiny, args.quick, args.out is not None)
     warn_unless_one_thread()
     return args
 
@@ -285,7 +292,7 @@ def cli_main(
         The result record, with `quick` added.
     """
     args = parse_cli(description, argv, cli)
-    result = run(args.rounds, args.iters, args.warmup)
+    result = run(args.rounds, args.iters, args.warmup, **({"tiny": args.tiny} if cli.tiny else {}))
     result["quick"] = args.quick
     print(format_table(result, table))
     print(checks_line(result))

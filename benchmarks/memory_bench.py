@@ -42,6 +42,7 @@ checkpointing; the issue names no batch) is reported at every shape. Each (shape
 Run from the repository root (the base model is the cached HF folder under .cache/):
     OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_bench.py
     ... --quick            # 1 repeat of the 4 x 128 shape; prints only
+    ... --quick --tiny     # the smoke test: every variant's code path on a tiny random Llama
     ... --shapes 4x128     # only the listed shapes
     ... --render benchmarks/results/memory_bench.json   # only print the README tables of a JSON
 
@@ -64,7 +65,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench_cli import print_rendered, result_path, warn_unless_one_thread, write_result
+from bench_cli import (
+    TINY_HELP,
+    TINY_OVERRIDES,
+    check_tiny,
+    print_rendered,
+    result_path,
+    warn_unless_one_thread,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
@@ -219,11 +228,23 @@ def hf_loss(model: Any) -> Callable[[dict[str, Any]], Any]:
     return loss
 
 
-def build_full_ft(grad_ckpt: bool = False) -> Trainee:
-    """The plain HF base model with every parameter trainable (and HF's gradient checkpointing)."""
-    from mtmoe.model.base import ensure_smollm2, load_base_model
+def recipe(tiny: bool, overrides: Sequence[str] = ()) -> Any:
+    """The demo recipe's config (on a tiny random Llama when `tiny`), with `overrides`."""
+    from mtmoe.config import load_config
 
-    model = load_base_model(ensure_smollm2()).train()
+    return load_config(RECIPE, [*(TINY_OVERRIDES if tiny else ()), *overrides])
+
+
+def base_model(tiny: bool) -> Any:
+    """The recipe's frozen base model as transformers loads it (SmolLM2-135M, or the tiny Llama)."""
+    from mtmoe.model.moe_lm import build_base
+
+    return build_base(recipe(tiny), VOCAB)
+
+
+def build_full_ft(tiny: bool, grad_ckpt: bool = False) -> Trainee:
+    """The plain HF base model with every parameter trainable (and HF's gradient checkpointing)."""
+    model = base_model(tiny).train()
     for p in model.parameters():
         p.requires_grad_(True)
     if grad_ckpt:
@@ -231,26 +252,23 @@ def build_full_ft(grad_ckpt: bool = False) -> Trainee:
     return Trainee(model, hf_loss(model))
 
 
-def build_peft() -> Trainee:
+def build_peft(tiny: bool) -> Trainee:
     """The base model with one plain rank-16 LoRA on every FFN projection."""
     from peft import LoraConfig, get_peft_model
-
-    from mtmoe.model.base import ensure_smollm2, load_base_model
 
     config = LoraConfig(
         r=PEFT_LORA["r"], lora_alpha=PEFT_LORA["lora_alpha"], target_modules=PEFT_LORA["target_modules"]
     )
-    model = get_peft_model(load_base_model(ensure_smollm2()), config).train()
+    model = get_peft_model(base_model(tiny), config).train()
     return Trainee(model, hf_loss(model))
 
 
-def build_mtmoe(grad_ckpt: bool, frozen_dtype: str = "float32") -> Trainee:
+def build_mtmoe(tiny: bool, grad_ckpt: bool, frozen_dtype: str = "float32") -> Trainee:
     """The demo recipe's mtmoe model; `grad_ckpt` and `frozen_dtype` set the recipe's keys of those names."""
-    from mtmoe.config import load_config
     from mtmoe.model.moe_lm import build_model
 
     ckpt = str(grad_ckpt).lower()
-    cfg = load_config(RECIPE, [f"model.gradient_checkpointing={ckpt}", f"model.frozen_dtype={frozen_dtype}"])
+    cfg = recipe(tiny, [f"model.gradient_checkpointing={ckpt}", f"model.frozen_dtype={frozen_dtype}"])
     model = build_model(cfg, VOCAB, num_tasks=1).train()
 
     def loss(b: dict[str, Any]) -> Any:
@@ -260,12 +278,12 @@ def build_mtmoe(grad_ckpt: bool, frozen_dtype: str = "float32") -> Trainee:
     return Trainee(model, loss)
 
 
-BUILDERS: dict[str, Callable[[], Trainee]] = {
+BUILDERS: dict[str, Callable[[bool], Trainee]] = {
     BASELINE: build_full_ft,
-    "full_ft_grad_ckpt": lambda: build_full_ft(grad_ckpt=True),
-    "mtmoe": lambda: build_mtmoe(grad_ckpt=False),
-    "mtmoe_grad_ckpt": lambda: build_mtmoe(grad_ckpt=True),
-    "mtmoe_bf16_base_grad_ckpt": lambda: build_mtmoe(grad_ckpt=True, frozen_dtype="bfloat16"),
+    "full_ft_grad_ckpt": lambda tiny: build_full_ft(tiny, grad_ckpt=True),
+    "mtmoe": lambda tiny: build_mtmoe(tiny, grad_ckpt=False),
+    "mtmoe_grad_ckpt": lambda tiny: build_mtmoe(tiny, grad_ckpt=True),
+    "mtmoe_bf16_base_grad_ckpt": lambda tiny: build_mtmoe(tiny, grad_ckpt=True, frozen_dtype="bfloat16"),
     "peft_lora_r16": build_peft,
     "idle": build_full_ft,
 }
@@ -315,7 +333,7 @@ def train_steps(trainee: Trainee, batch: dict[str, Any], steps: int) -> tuple[An
     return optimizer, records
 
 
-def measure(variant: str, batch: int, seq: int, seed: int) -> dict[str, Any]:
+def measure(variant: str, batch: int, seq: int, seed: int, tiny: bool = False) -> dict[str, Any]:
     """One variant in this (fresh) process: imports, build, steps; RSS along the way and at the peak."""
     import_stack()
     import torch
@@ -323,7 +341,7 @@ def measure(variant: str, batch: int, seq: int, seed: int) -> dict[str, Any]:
     stages = {"after_import": rss_snapshot()}
     torch.manual_seed(seed)
     data = make_batch(batch, seq, seed)
-    trainee = BUILDERS[variant]()
+    trainee = BUILDERS[variant](tiny)
     stages["after_build"] = rss_snapshot()
     if variant == "idle":
         page_in(trainee)
@@ -350,7 +368,9 @@ def measure(variant: str, batch: int, seq: int, seed: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ parent
 
 
-def run_child(variant: str, shape: Shape, seed: int, env: Mapping[str, str]) -> dict[str, Any]:
+def run_child(
+    variant: str, shape: Shape, seed: int, env: Mapping[str, str], tiny: bool = False
+) -> dict[str, Any]:
     """Runs one variant in a fresh interpreter and returns its record (with the child's wall time).
 
     Args:
@@ -358,9 +378,11 @@ def run_child(variant: str, shape: Shape, seed: int, env: Mapping[str, str]) -> 
         shape: The batch shape.
         seed: Seed of the tokens and of the adapters' initialisation.
         env: Environment variables set for the child on top of this process's.
+        tiny: The smoke test's tiny random Llama instead of SmolLM2.
     """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant]
     cmd += ["--batch", str(shape.batch), "--seq", str(shape.seq), "--seed", str(seed)]
+    cmd += ["--tiny"] if tiny else []
     t0 = time.perf_counter()
     env = {**os.environ, **env, **dict(shape.env)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -372,13 +394,13 @@ def run_child(variant: str, shape: Shape, seed: int, env: Mapping[str, str]) -> 
 
 
 def run_shape(
-    shape: Shape, repeats: int, seed: int, env: Mapping[str, str]
+    shape: Shape, repeats: int, seed: int, env: Mapping[str, str], tiny: bool = False
 ) -> dict[str, list[dict[str, Any]]]:
     """Every variant of `shape` `repeats` times, interleaved (all variants once, then again)."""
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in shape.variants}
     for r in range(repeats):
         for variant in shape.variants:
-            rec = run_child(variant, shape, seed, env)
+            rec = run_child(variant, shape, seed, env, tiny)
             runs[variant].append(rec)
             step = "" if rec["step_cpu_s"] is None else f", step {rec['step_cpu_s']:.2f} s CPU"
             print(
@@ -458,7 +480,9 @@ def target_record(shapes: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def run(shapes: Sequence[Shape], repeats: int, seed: int, env: Mapping[str, str]) -> dict[str, Any]:
+def run(
+    shapes: Sequence[Shape], repeats: int, seed: int, env: Mapping[str, str], tiny: bool = False
+) -> dict[str, Any]:
     """Runs every shape's variants in fresh processes; returns the result record.
 
     Args:
@@ -466,18 +490,21 @@ def run(shapes: Sequence[Shape], repeats: int, seed: int, env: Mapping[str, str]
         repeats: Fresh processes per (shape, variant), interleaved.
         seed: Seed of the tokens and of the adapters' initialisation.
         env: Environment variables set for every child (e.g. glibc malloc tunables).
+        tiny: The smoke test's tiny random Llama instead of SmolLM2 (the numbers mean nothing).
     """
     t0 = time.perf_counter()
-    measured = {s.name: summarize_shape(s, run_shape(s, repeats, seed, env)) for s in shapes}
+    measured = {s.name: summarize_shape(s, run_shape(s, repeats, seed, env, tiny)) for s in shapes}
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from harness import machine_info  # imports torch: only after the children ran
 
     return {
-        "benchmark": "SmolLM2-135M-Instruct peak RSS of a training step (2 AdamW steps), fp32, CPU",
+        "benchmark": f"{'tiny random Llama (smoke test)' if tiny else 'SmolLM2-135M-Instruct'} peak RSS of a "
+        "training step (2 AdamW steps), fp32, CPU",
         "machine": machine_info(),
         "versions": versions(),
         "settings": {
             "recipe": "launch/recipes/demo.yaml",
+            "tiny": tiny,
             "steps_per_process": STEPS,
             "optimizer": f"torch.optim.AdamW(lr={LR}), defaults otherwise",
             "loss_fraction": LOSS_FRACTION,
@@ -582,6 +609,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
     parser.add_argument("--render", type=Path, default=None, help="only print the markdown of this JSON")
+    parser.add_argument("--tiny", action="store_true", help=TINY_HELP)
     parser.add_argument(
         "--child-env",
         action="append",
@@ -603,18 +631,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.child_env = dict(item.split("=", 1) for item in args.child_env)
     if args.quick:
         args.repeats, args.shapes = 1, [SHAPES[0]]
+    if args.child is None:
+        check_tiny(parser, args.tiny, args.quick, args.out is not None)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if args.child is not None:
-        print(CHILD_TAG + json.dumps(measure(args.child, args.batch, args.seq, args.seed)))
+        print(CHILD_TAG + json.dumps(measure(args.child, args.batch, args.seq, args.seed, args.tiny)))
         return None
     if args.render is not None:
         return print_rendered(args.render, render_markdown)
     warn_unless_one_thread()
-    result = {**run(args.shapes, args.repeats, args.seed, args.child_env), "quick": args.quick}
+    result = {**run(args.shapes, args.repeats, args.seed, args.child_env, args.tiny), "quick": args.quick}
     print(render_markdown(result))
     print(f"{result['wall_s'] / 60:.1f} min wall")
     write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))

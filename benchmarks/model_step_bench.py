@@ -43,6 +43,7 @@ result JSON (`--render PATH` prints it without running anything).
 Run (from the repository root; the base model is the cached HF folder under .cache/):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/model_step_bench.py          # full
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/model_step_bench.py --quick  # prints
+    ... --quick --tiny   # the smoke test: the same code path on a tiny random Llama
     .venv/bin/python benchmarks/model_step_bench.py --render benchmarks/results/model_step_bench.json
 """
 
@@ -58,6 +59,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_cli import TINY_OVERRIDES
 from harness import (
     CliDefaults,
     Table,
@@ -72,10 +74,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from mtmoe.balance.task_loss import target_token_losses, token_losses
-from mtmoe.config import load_config
-from mtmoe.model.base import ensure_smollm2, load_base_model
+from mtmoe.config import Config, load_config
 from mtmoe.model.block import MoELoRAFFN
-from mtmoe.model.moe_lm import MoELM, build_model
+from mtmoe.model.moe_lm import MoELM, build_base, build_model
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
@@ -97,7 +98,7 @@ TARGETS = (
     ("mtmoe_over_peft", "mtmoe_moe_lora", BASELINE, 1.15, "<="),
     ("loop_over_mtmoe", "loop_moe_lora", "mtmoe_moe_lora", 1.5, ">="),
 )
-CLI = CliDefaults(rounds=8, iters=1, warmup=1, quick=(1, 1, 1), iter_name="steps", out=DEFAULT_OUT)
+CLI = CliDefaults(rounds=8, iters=1, warmup=1, quick=(1, 1, 1), iter_name="steps", out=DEFAULT_OUT, tiny=True)
 TABLE = Table(
     VARIANTS,
     header=f"{'variant':<26}{'median s':>10}{'x peft':>8}{'x floor':>9}{'tokens/s':>10}{'trainable':>12}",
@@ -116,18 +117,22 @@ def make_batch(seed: int) -> dict[str, torch.Tensor]:
     return random_batch(SETUP["batch"], SETUP["seq"], VOCAB, SETUP["loss_fraction"], seed)
 
 
-def build_peft() -> nn.Module:
-    """The base model with one plain rank-16 LoRA on every FFN projection."""
-    base = load_base_model(ensure_smollm2())
+def recipe(tiny: bool) -> Config:
+    """The demo recipe, on a tiny random Llama when `tiny` (the smoke test)."""
+    return load_config(RECIPE, list(TINY_OVERRIDES) if tiny else [])
+
+
+def build_peft(cfg: Config) -> nn.Module:
+    """The recipe's base model with one plain rank-16 LoRA on every FFN projection."""
+    base = build_base(cfg, VOCAB)
     lora = SETUP["peft_lora"]
     return get_peft_model(
         base, LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"])
     ).train()
 
 
-def build_mtmoe() -> tuple[MoELM, float]:
-    """The demo recipe's mtmoe model (its own copy of the base) and the recipe's aux-loss coefficient."""
-    cfg = load_config(RECIPE)
+def build_mtmoe(cfg: Config) -> tuple[MoELM, float]:
+    """The recipe's mtmoe model (its own copy of the base) and the recipe's aux-loss coefficient."""
     return build_model(cfg, VOCAB, num_tasks=1).train(), cfg.moe.aux_loss_coef
 
 
@@ -145,15 +150,9 @@ def loss_fns(peft_model: nn.Module, moe: MoELM, batch: dict[str, torch.Tensor]) 
         return loss_BS.sum() / n_targets, aux
 
     def moe_full_head_terms() -> tuple[torch.Tensor, torch.Tensor]:
-        # Sets the routing context as `MoELM.forward` does, but computes logits at every position.
-        ctx = moe.context
-        ctx.valid_T = attn.reshape(-1).bool()
-        ctx.task_T = task_ids[:, None].expand_as(ids).reshape(-1)
-        ctx.aux_losses = []
-        logits_BSV = moe.lm(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        loss_BS = token_losses(logits_BSV, ids, mask)
-        aux = torch.stack(ctx.aux_losses).mean()
-        ctx.aux_losses, ctx.valid_T, ctx.task_T = [], None, None
+        # The model's own routed forward, then logits at every position.
+        hidden_BSD, aux = moe.hidden_states(ids, attn, task_ids)
+        loss_BS = token_losses(moe.lm.get_output_embeddings()(hidden_BSD), ids, mask)
         return loss_BS.sum() / n_targets, aux
 
     def loop_terms() -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,13 +339,14 @@ def judge_targets(median_s: Mapping[str, float]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
+def run(rounds: int, iters: int, warmup: int, seed: int = 0, tiny: bool = False) -> dict:
     """Builds, checks and times the variants; returns the result record."""
     torch.set_num_threads(1)
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    peft_model = build_peft()
-    moe, aux_coef = build_mtmoe()
+    cfg = recipe(tiny)
+    peft_model = build_peft(cfg)
+    moe, aux_coef = build_mtmoe(cfg)
     load_s = time.perf_counter() - t0
     batch = make_batch(seed)
     fns = loss_fns(peft_model, moe, batch)
@@ -363,7 +363,8 @@ def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
     median_s = summary["median_s"]
     tokens = SETUP["batch"] * SETUP["seq"]
     return {
-        "benchmark": "SmolLM2-135M-Instruct training step (forward + backward), fp32, CPU",
+        "benchmark": f"{'tiny random Llama (smoke test)' if tiny else 'SmolLM2-135M-Instruct'} training step "
+        "(forward + backward), fp32, CPU",
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "setup": {
             **SETUP,
@@ -373,6 +374,7 @@ def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
             "moe": moe_setup(moe),
             "dtype": "float32",
             "seed": seed,
+            "tiny": tiny,
         },
         "timing": {**timing_settings(rounds, iters, warmup), "model_load_wall_s": load_s},
         "trainable_params": {n: sum(p.numel() for p in params[n].values()) for n in VARIANTS},

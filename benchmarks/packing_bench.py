@@ -11,17 +11,19 @@ per-task loss sums and the same gradients both ways. fp32, one CPU thread, CPU t
 Run (from the repository root; needs the demo data, `make demo` writes it):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/packing_bench.py          # writes JSON
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/packing_bench.py --quick  # prints only
+    ... --quick --tiny --data DIR   # the smoke test: a tiny random Llama on another tokenized folder
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_cli import result_path, write_result
+from bench_cli import TINY_OVERRIDES, result_path, write_result
 from harness import CliDefaults, machine_info, parse_cli, timing_settings
 from md_tables import paragraph, table
 
@@ -37,13 +39,13 @@ RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
 DATA = REPO / "data" / "demo" / "tokenized"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "packing_bench.json"
 SAMPLES = 8  # per micro-batch
-CLI = CliDefaults(rounds=8, iters=1, warmup=1, quick=(2, 1, 1), iter_name="steps", out=DEFAULT_OUT)
+CLI = CliDefaults(rounds=8, iters=1, warmup=1, quick=(2, 1, 1), iter_name="steps", out=DEFAULT_OUT, tiny=True)
 VARIANTS = ("padded", "packed")
 
 
-def micro_batches(n: int) -> tuple[list[tuple[Batch, Batch]], int]:
-    """N micro-batches of the demo data, each as (padded, packed); and the number of tasks."""
-    manifest = load_manifest(DATA)
+def micro_batches(n: int, data: Path) -> tuple[list[tuple[Batch, Batch]], int]:
+    """N micro-batches of the tokenized tasks in `data`, each as (padded, packed); and the number of tasks."""
+    manifest = load_manifest(data)
     names = [t.name for t in manifest.tasks]
     shards = [open_shard(manifest, name, "train") for name in names]
     sampler = MixingSampler([len(s) for s in shards], "proportional", 2.0, seed=0, rank=0, world=1)
@@ -90,11 +92,11 @@ def positions(batch: Batch) -> dict[str, int]:
     }
 
 
-def run(rounds: int, warmup: int) -> dict[str, Any]:
-    cfg = load_config(RECIPE, [f"data.tokenized={DATA}"])
-    batches, num_tasks = micro_batches(rounds + warmup)
+def run(rounds: int, warmup: int, data: Path = DATA, tiny: bool = False) -> dict[str, Any]:
+    cfg = load_config(RECIPE, [f"data.tokenized={data}", *(TINY_OVERRIDES if tiny else ())])
+    batches, num_tasks = micro_batches(rounds + warmup, data)
     torch.manual_seed(0)
-    model = build_model(cfg, 49152, num_tasks, None, [t.name for t in load_manifest(DATA).tasks])
+    model = build_model(cfg, 49152, num_tasks, None, [t.name for t in load_manifest(data).tasks])
     with torch.no_grad():  # LoRA B starts at zero; make the experts matter for the gradient check
         for name, p in model.named_parameters():
             if p.requires_grad and name.endswith("_b"):
@@ -115,7 +117,12 @@ def run(rounds: int, warmup: int) -> dict[str, Any]:
     tokens = sum(s["padded"]["tokens"] for s in shape)
     return {
         "benchmark": "packing_bench",
-        "setup": {"recipe": "launch/recipes/demo.yaml", "samples_per_micro_batch": SAMPLES, "pack_length": 0},
+        "setup": {
+            "recipe": "launch/recipes/demo.yaml",
+            "samples_per_micro_batch": SAMPLES,
+            "pack_length": 0,
+            "tiny": tiny,
+        },
         "timing": timing_settings(rounds, 1, warmup)
         | {"order": "alternating each round, one micro-batch per round"},
         "machine": machine_info(),
@@ -151,8 +158,11 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_cli(__doc__.splitlines()[0], argv, CLI)
-    result = run(args.rounds, args.warmup)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data", type=Path, default=DATA, help=f"tokenized tasks (default {DATA})")
+    known, rest = pre.parse_known_args(argv)
+    args = parse_cli(__doc__.splitlines()[0], rest, CLI)
+    result = run(args.rounds, args.warmup, known.data, args.tiny)
     result["quick"] = args.quick
     print(render_markdown(result))
     write_result(result, result_path(args.out, args.quick, CLI.out))

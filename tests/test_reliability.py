@@ -18,14 +18,23 @@ from mtmoe.parallel.dist import free_port
 pytestmark = pytest.mark.timeout(400)
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_resume_is_bit_exact(demo_data, tmp_path, world):
-    full = train_run(demo_data, tmp_path / "full", world)
+COBA = ("balance.weighter=coba", "balance.coba_warmup=1", "balance.coba_history=3")
+
+
+@pytest.mark.parametrize("world,weighter", [(1, ()), (2, ()), (2, COBA)], ids=["1", "2", "2-coba"])
+def test_resume_is_bit_exact(demo_data, tmp_path, world, weighter):
+    full = train_run(demo_data, tmp_path / "full", world, 1, *weighter)
     resumed = link_checkpoint(full, tmp_path / "resumed", 3)
-    train_run(demo_data, resumed, world, resume=True)
+    train_run(demo_data, resumed, world, 1, *weighter, resume=True)
     a, b = losses(full), losses(resumed)
     assert sorted(b) == [4, 5, 6]
     assert all(a[s] == b[s] for s in (4, 5, 6)), (a, b)
+    wa, wb = ({r["step"]: r for r in records(run) if "loss" in r} for run in (full, resumed))
+    for s in (4, 5, 6):
+        weights = {k: v for k, v in wa[s].items() if k.startswith("weight/")}
+        assert weights and weights == {k: wb[s][k] for k in weights}
+    if weighter:
+        assert any(v != 1.0 for v in weights.values())  # CoBa really moved the weights
     for name in ("trainable", "optimizer"):
         ta, tb = final(full, name), final(resumed, name)
         assert all(torch.equal(ta[k], tb[k]) for k in ta), name

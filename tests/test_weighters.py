@@ -1,5 +1,6 @@
 """Task weighters against hand-computed references, and their state round trip."""
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from mtmoe.balance.weighters.coba import window_slope
 from mtmoe.config import load_config
 
 ALL = torch.tensor([True, True])
+ALL3 = torch.tensor([True, True, True])
 
 
 def test_uniform_and_static():
@@ -23,7 +25,34 @@ def test_uniform_and_static():
 def test_weighted_balanced_loss_hand_worked():
     sums, counts = torch.tensor([6.0, 0.0, 60.0]), torch.tensor([3.0, 0.0, 3.0])
     got = balanced_loss(sums, counts, grad_scale=1.0, weights_X=torch.tensor([2.0, 7.0, 0.5]))
-    assert got.item() == pytest.approx((2 * 2.0 + 0.5 * 20.0) / 2)
+    assert got.item() == pytest.approx((2 * 2.0 + 0.5 * 20.0) / (2 + 0.5))  # task 1 absent: not in the sum
+
+
+def test_weighted_loss_divides_by_the_present_tasks_weight_sum():
+    # token means [3, -, 4] (task 1 absent), weights [0.3, 1.8, 0.9]: MFTCoder's 4.5 / 1.2 = 3.75
+    sums, counts = torch.tensor([6.0, 0.0, 8.0]), torch.tensor([2.0, 0.0, 2.0])
+    w = torch.tensor([0.3, 1.8, 0.9])
+    assert balanced_loss(sums, counts, 1.0, w).item() == pytest.approx(3.75)
+    assert balanced_loss(sums, counts, 1.0, 5 * w).item() == pytest.approx(3.75)  # only the ratios count
+    assert balanced_loss(sums, counts, 4.0, w).item() == pytest.approx(4 * 3.75)  # the gradient scale
+    assert balanced_loss(sums, counts, 1.0, w, "task_count").item() == pytest.approx(4.5 / 2)
+    # with every task present, weights summing to K give the same loss under both rules
+    full = torch.tensor([2.0, 1.0, 2.0])
+    k3 = torch.tensor([0.5, 1.5, 1.0])
+    assert balanced_loss(sums + 1, full, 1.0, k3).item() == pytest.approx(
+        balanced_loss(sums + 1, full, 1.0, k3, "task_count").item()
+    )
+    zero = torch.tensor([0.0, 1.0, 0.0])  # no present task has weight: a zero loss, not a NaN
+    assert balanced_loss(sums.requires_grad_(), counts, 1.0, zero).item() == 0.0
+    with pytest.raises(ValueError, match="normalize_by"):
+        balanced_loss(sums, counts, 1.0, w, "tokens")
+
+
+def test_every_weighter_names_its_normalisation():
+    assert {name: cls.normalize_by for name, cls in WEIGHTERS.items()} == {
+        **{name: "weight_sum" for name in WEIGHTERS},
+        "uncertainty": "task_count",
+    }
 
 
 def test_dwa_hand_worked():
@@ -85,11 +114,71 @@ def test_state_dict_resume_reproduces_weights(name):
 
 
 def test_window_slope_is_least_squares_and_skips_absent_points():
-    x = torch.arange(5, dtype=torch.float64)
-    assert window_slope(x, 3 - 0.5 * x) == pytest.approx(-0.5)
-    y = torch.tensor([3.0, float("nan"), 2.0, float("nan"), 1.0], dtype=torch.float64)
+    x = list(range(5))
+    assert window_slope(x, [3 - 0.5 * v for v in x]) == pytest.approx(-0.5)
+    y = [3.0, float("nan"), 2.0, float("nan"), 1.0]
     assert window_slope(x, y) == pytest.approx(-0.5)  # the absent steps' indices are dropped too
     assert window_slope(x[:1], y[:1]) == 0.0
+    g = torch.Generator().manual_seed(0)
+    noisy = (torch.rand(50, generator=g, dtype=torch.float64) + torch.arange(50) * 0.01).tolist()
+    design = torch.stack([torch.arange(50.0, dtype=torch.float64), torch.ones(50, dtype=torch.float64)], 1)
+    target = torch.tensor(noisy, dtype=torch.float64)[:, None]
+    reference = torch.linalg.lstsq(design, target).solution[0, 0].item()
+    assert window_slope(list(range(50)), noisy) == pytest.approx(reference, rel=1e-9)
+
+
+def test_window_slope_is_deterministic():
+    g = torch.Generator().manual_seed(1)
+    y = (torch.rand(200, generator=g, dtype=torch.float64) * 3).tolist()
+    x = list(range(200))
+    assert len({window_slope(x, y) for _ in range(200)}) == 1
+
+
+@pytest.mark.parametrize("warmup,history", [(3, 2), (100, 50), (51, 50), (4, 4)])
+def test_coba_warmup_longer_than_history(warmup, history):
+    cb = CoBa(2, warmup=warmup, history=history)
+    cb.observe_validation(torch.tensor([2.0, 4.0]), ALL)
+    for s in range(1, warmup + 5):
+        cb.observe_validation(torch.tensor([2.0 - 0.01 * s, 4.0 - 0.005 * s]), ALL)
+    w = cb.weights()
+    assert torch.isfinite(w).all() and w.sum().item() == pytest.approx(2.0)
+    assert w[1] > w[0]  # the slower task gets more weight
+
+
+def test_coba_task_missing_from_validation_keeps_weight_one_until_it_has_a_history():
+    cb = CoBa(3, warmup=2, history=10)
+    seen = torch.tensor([True, True, False])
+    cb.observe_validation(torch.tensor([2.0, 4.0, 0.0]), seen)
+    for s in range(1, 6):
+        cb.observe_validation(torch.tensor([2.0 - 0.1 * s, 4.0 - 0.05 * s, 0.0]), seen)
+    w = cb.weights()
+    assert w[2].item() == 1.0  # never validated: neutral, not the "stalled" task that takes most weight
+    assert w[:2].sum().item() == pytest.approx(2.0) and w[1] > w[0]
+    assert cb.last_scores["tasks"] == [0, 1]
+    # once it has two points it joins
+    for s in range(6, 9):
+        cb.observe_validation(torch.tensor([2.0 - 0.1 * s, 4.0 - 0.05 * s, 3.0 - 0.2 * s]), ALL3)
+    assert cb.last_scores["tasks"] == [0, 1, 2] and cb.weights().sum().item() == pytest.approx(3.0)
+    restored = CoBa(3, warmup=2, history=10)
+    restored.load_state_dict(json.loads(json.dumps(cb.state_dict())))  # NaN slopes survive JSON
+    for w_ in (cb, restored):
+        w_.observe_validation(torch.tensor([1.0, 3.0, 1.0]), ALL3)
+    assert torch.equal(cb.weights(), restored.weights())
+
+
+def test_coba_divergence_factor_is_capped_at_one():
+    cb = CoBa(2, warmup=2, history=10)
+    cb.observe_validation(torch.tensor([1.0, 1.0]), ALL)
+    raw = []
+    for s in range(1, 8):  # the worst task's fall speeds up: the uncapped divergence factor reaches 5
+        worst = 1.0 - 0.01 * s if s < 5 else 0.96 - 0.1 * (s - 4)
+        cb.observe_validation(torch.tensor([0.5 - 0.02 * s, worst]), ALL)
+        if s >= 2:
+            total = torch.tensor(cb.total_slopes, dtype=torch.float64)
+            m = len(total)
+            raw.append(float(torch.softmax(-m * total / total.abs().sum() * cb.tau, 0)[-1] * m))
+            assert cb.last_scores["df"] == pytest.approx(min(raw[-1], 1.0))
+    assert max(raw) > 1.0  # the cap was needed
 
 
 def test_coba_warmup_then_hand_worked_weights():

@@ -4,7 +4,8 @@ MFTCoder averages per rank and per micro-batch, which skews the mean whenever ra
 different task mixes. Here the per-task token counts of the whole global batch (all ranks, all
 micro-batches of one optimizer step) are all-reduced first, so each micro-batch's loss is its exact
 share of  (1/K) * sum_k S_k / N_k,  with S_k the global token-loss sum of task k and N_k its global
-token count (K = tasks present in the global batch).
+token count (K = tasks present in the global batch). Task weights w_k make it Σ_k w_k S_k/N_k / Σ_k w_k
+over the present tasks (see `balanced_loss`).
 
 Shape legend: B batch, S sequence, V vocabulary, X tasks.
 """
@@ -135,8 +136,16 @@ def balanced_loss(
     global_counts_X: torch.Tensor,
     grad_scale: float,
     weights_X: torch.Tensor | None = None,
+    normalize_by: str = "weight_sum",
 ) -> torch.Tensor:
-    """This micro-batch's share of  sum_k w_k S_k / N_k / K_present, scaled for gradient averaging.
+    """This micro-batch's share of the weighted mean of the present tasks' token means.
+
+    With P the tasks present in the global batch and L_k = S_k / N_k, the loss is
+    - `weight_sum` (every weighter but `uncertainty`; MFTCoder's form):  Σ_P w_k L_k / Σ_P w_k, so the
+      loss's scale does not depend on which tasks a batch happens to hold, nor on the weights' scale;
+    - `task_count` (`uncertainty`, whose weights are precisions that carry an absolute scale):
+      Σ_P w_k L_k / |P|.
+    With all weights 1 both are the data-balanced loss (1/|P|) Σ_P L_k.
 
     Args:
         sums_X: Per-task token-loss sums of this micro-batch on this rank.
@@ -144,17 +153,23 @@ def balanced_loss(
         grad_scale: world_size * grad_accum: DeepSpeed averages gradients over data-parallel ranks and
             divides by the accumulation steps, so this factor makes the summed gradient exactly that of
             the global balanced loss.
-        weights_X: Task weights (None = all 1, the data-balanced loss).
+        weights_X: Task weights, non-negative (None = all 1, the data-balanced loss).
+        normalize_by: `weight_sum` or `task_count`, as above.
 
     Returns:
-        A scalar to backpropagate.
+        A scalar to backpropagate (zero, with a graph, when no present task has weight).
     """
-    present_X = global_counts_X > 0
-    num_present = int(present_X.sum())
-    if num_present == 0:
-        return sums_X.sum() * 0.0
+    if normalize_by not in NORMALIZATIONS:
+        raise ValueError(f"normalize_by {normalize_by!r}: expected one of {NORMALIZATIONS}")
+    present_X = (global_counts_X > 0).to(sums_X.device)
     counts_X = global_counts_X.to(sums_X.device, sums_X.dtype).clamp_min(1.0)
-    per_task_X = sums_X / counts_X
-    if weights_X is not None:
-        per_task_X = per_task_X * weights_X.to(sums_X.device, sums_X.dtype)
-    return per_task_X[present_X.to(sums_X.device)].sum() * (grad_scale / num_present)
+    if weights_X is None:
+        weights_X = torch.ones_like(sums_X)
+    w_X = torch.where(present_X, weights_X.to(sums_X.device, sums_X.dtype), torch.zeros_like(sums_X))
+    denom = float(w_X.sum()) if normalize_by == "weight_sum" else float(present_X.sum())
+    if denom <= 0:
+        return sums_X.sum() * 0.0
+    return (w_X * sums_X / counts_X).sum() * (grad_scale / denom)
+
+
+NORMALIZATIONS = ("weight_sum", "task_count")

@@ -56,6 +56,26 @@ class MoELM(nn.Module):
         model then attends only within each sample, and `attention_mask_BS` only marks the padding
         that routing skips.
         """
+        hidden_BSD, aux = self.hidden_states(input_ids_BS, attention_mask_BS, task_ids, position_ids_BS)
+        lm_head = self.lm.get_output_embeddings()
+        if return_logits:
+            loss_BS, logits_NV = target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)
+        else:  # the fused, chunked loss: no N×V logits kept
+            loss_BS, logits_NV = target_token_losses(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS), None
+        return (loss_BS, aux, logits_NV) if return_logits else (loss_BS, aux)
+
+    def hidden_states(
+        self,
+        input_ids_BS: torch.Tensor,
+        attention_mask_BS: torch.Tensor,
+        task_ids: torch.Tensor | None = None,
+        position_ids_BS: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed forward up to the final norm: (hidden_BSD, aux_loss), without the LM head.
+
+        Sets the routing context for the blocks (padding to skip, each token's task) and collects their
+        router losses; `forward` adds the loss on top. Arguments as in `forward`.
+        """
         ctx = self.context
         ctx.replaying = False
         ctx.valid_T = attention_mask_BS.reshape(-1).bool()
@@ -76,17 +96,12 @@ class MoELM(nn.Module):
             hidden_BSD = self.lm.base_model(
                 input_ids=input_ids_BS, position_ids=position_ids_BS, use_cache=False
             )[0]
-        lm_head = self.lm.get_output_embeddings()
-        if return_logits:
-            loss_BS, logits_NV = target_losses_and_logits(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS)
-        else:  # the fused, chunked loss: no N×V logits kept
-            loss_BS, logits_NV = target_token_losses(hidden_BSD, lm_head, input_ids_BS, loss_mask_BS), None
         aux = torch.stack(ctx.aux_losses).mean() if ctx.aux_losses else hidden_BSD.new_zeros(())
         # valid_T and task_T stay set: gradient checkpointing re-runs the blocks in backward, and they
         # must route those tokens as the forward did. The next forward overwrites them.
         ctx.aux_losses = []
         ctx.replaying = True
-        return (loss_BS, aux, logits_NV) if return_logits else (loss_BS, aux)
+        return hidden_BSD, aux
 
     def set_recording(self, on: bool) -> None:
         """Turns utilization counting on or off (and resets the counters when turning it on)."""

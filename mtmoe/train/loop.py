@@ -162,6 +162,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             batches,
             counts_X,
             weights_X,
+            weighter.normalize_by,
             grad_scale,
             device,
             guard,
@@ -374,6 +375,7 @@ def _train_step(
     batches: list[Batch],
     counts_X: torch.Tensor,
     weights_X: torch.Tensor,
+    normalize_by: str,
     grad_scale: float,
     device,
     guard: NonFiniteGuard,
@@ -403,7 +405,7 @@ def _train_step(
         )
         loss_BS, aux = out[0], out[1]
         mb_sums_X = task_loss_sums(loss_BS, batch.task_ids, len(counts_X))
-        loss = balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X) + aux
+        loss = balanced_loss(mb_sums_X, counts_X, grad_scale, weights_X, normalize_by) + aux
         if teachers is not None:
             qr = _retain_term(out[2], batch, teachers, retainer, counts_X, grad_scale)
             loss = loss + qr

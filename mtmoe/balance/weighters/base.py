@@ -5,8 +5,11 @@ Every step the trainer asks for weights, uses them in the loss, and after the st
 on losses up to step t-1, so every rank computes the same weights without extra communication, and a
 resumed run continues with the same weights (their whole state is in `state_dict`).
 
-The total loss is  sum_k w_k L_k / K_present  over the tasks present in the global batch, so weights
-of 1 reproduce the data-balanced loss.
+The total loss is  sum_k w_k L_k / sum_k w_k  over the tasks present in the global batch (`normalize_by`
+"weight_sum", MFTCoder's form): its scale depends neither on which tasks a batch holds nor on the weights'
+overall scale, only on their ratios. A weighter whose weights carry an absolute scale (uncertainty
+weighting's precisions) sets `normalize_by = "task_count"`:  sum_k w_k L_k / K_present. Weights of 1
+reproduce the data-balanced loss either way.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class TaskWeighter:
     """
 
     needs_validation = False  # True: the trainer also feeds `observe_validation` every step
+    normalize_by = "weight_sum"  # or "task_count"; see `mtmoe.balance.task_loss.balanced_loss`
 
     def __init__(self, num_tasks: int, **_: Any):
         self.num_tasks = num_tasks

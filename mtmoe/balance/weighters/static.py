@@ -17,7 +17,8 @@ class TokenMean(TaskWeighter):
     """Every token weighs the same, whatever its task: sum_k S_k / sum_k N_k.
 
     This is the plain loss most trainers use, where big tasks dominate; it is here as a baseline.
-    With the trainer's (1/K_present) sum_k w_k S_k / N_k, that is w_k = K_present · N_k / sum_j N_j.
+    With the trainer's sum_k w_k S_k / N_k / sum_k w_k, that is w_k ∝ N_k; they are scaled to
+    w_k = K_present · N_k / sum_j N_j, so that they average 1 over the present tasks, like the others.
     """
 
     def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,6 +4,9 @@ The s_k are the weighter's own parameters. Their gradient is closed-form,
 d/ds_k = 1 - exp(-s_k) L_k, so they are updated here by SGD from the observed losses instead of
 joining the model's optimizer; the fixed point is s_k = log L_k, i.e. w_k = 1 / L_k. The s_k terms
 add no gradient to the model, so they are left out of the model loss.
+
+The weights are precisions with an absolute scale (as every loss falls, every weight grows), so the
+trainer divides by the number of present tasks, not by the weights' sum (`normalize_by`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class Uncertainty(TaskWeighter):
         num_tasks: K.
         lr: Step size for the log-variances s_k.
     """
+
+    normalize_by = "task_count"
 
     def __init__(self, num_tasks: int, lr: float = 0.05, **_: Any):
         super().__init__(num_tasks)
