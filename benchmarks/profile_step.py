@@ -29,6 +29,7 @@ time is an upper bound: it holds the profiler's own cost).
 Run (from the repository root):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/profile_step.py          # ~4 min
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/profile_step.py --quick  # prints only
+    ... --quick --tiny   # the smoke test: the same code path on a tiny random Llama
     .venv/bin/python benchmarks/profile_step.py --render benchmarks/results/profile_step.json
 """
 
@@ -47,10 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_cli import print_rendered, result_path, warn_unless_one_thread, write_result
+from bench_cli import TINY_HELP, check_tiny, print_rendered, result_path, warn_unless_one_thread, write_result
 from harness import machine_info, rotated
 from mfu_bench import config_steps
-from model_step_bench import SETUP, build_mtmoe, make_batch
+from model_step_bench import SETUP, build_mtmoe, make_batch, recipe
 from torch import nn
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
@@ -399,11 +400,12 @@ def summarize_variant(prof: Mapping[str, Any], unprofiled_wall_ms: float, blocks
     }
 
 
-def run(profiled_steps: int, timed_rounds: int, seed: int = 0) -> dict[str, Any]:
+def run(profiled_steps: int, timed_rounds: int, seed: int = 0, tiny: bool = False) -> dict[str, Any]:
     """Builds the demo model, times both steps without the profiler, then profiles them."""
     torch.set_num_threads(1)
     load_start = os.getloadavg()
-    moe, aux_coef = build_mtmoe()
+    moe, aux_coef = build_mtmoe(recipe(tiny))
+    model = "a tiny random Llama (smoke test)" if tiny else "SmolLM2-135M-Instruct"
     batch = make_batch(seed)
     step_fns = config_steps(moe, aux_coef, batch)
     for fn in step_fns.values():
@@ -414,10 +416,11 @@ def run(profiled_steps: int, timed_rounds: int, seed: int = 0) -> dict[str, Any]
     blocks = sum(isinstance(m, MoELoRAFFN) for m in moe.modules())
     summary = {n: summarize_variant(profiles[n], timing["median_wall_ms"][n], blocks) for n in VARIANTS}
     return {
-        "benchmark": "profile of one mtmoe training step of SmolLM2-135M-Instruct (fp32, CPU, one thread)",
+        "benchmark": f"profile of one mtmoe training step of {model} (fp32, CPU, one thread)",
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "setup": {
             **{k: SETUP[k] for k in ("batch", "seq", "loss_fraction", "recipe")},
+            "tiny": tiny,
             "target_tokens": int(batch["loss_mask"].sum()),
             "moe_blocks": blocks,
             "profiled_steps": profiled_steps,
@@ -511,14 +514,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="1 profiled step, 1 timed round; prints only")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
     parser.add_argument("--render", type=Path, default=None, help="only print the markdown of this JSON")
+    parser.add_argument("--tiny", action="store_true", help=TINY_HELP)
     args = parser.parse_args(argv)
     if args.render is not None:
         return print_rendered(args.render, render_markdown)
+    check_tiny(parser, args.tiny, args.quick, args.out is not None)
     warn_unless_one_thread()
     steps, rounds = (PROFILED_STEPS, TIMED_ROUNDS)
     if args.quick:
         steps, rounds = QUICK_PROFILED_STEPS, QUICK_TIMED_ROUNDS
-    result = {**run(steps, rounds), "quick": args.quick}
+    result = {**run(steps, rounds, tiny=args.tiny), "quick": args.quick}
     print(render_markdown(result))
     write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))
     return result
