@@ -61,7 +61,17 @@ def codegen_records() -> list[dict]:
             {"role": "human", "content": problem["prompt"]},
             {"role": "bot", "content": problem["canonical_solution"]},
         ]
-        records.append({"id": task_id, "data_name": "humaneval", "chat_rounds": rounds})
+        records.append(
+            {
+                "id": task_id,
+                "data_name": "humaneval",
+                "chat_rounds": rounds,
+                # pass@1: the answer continues `code_prefix`; `test` defines check(), run on `entry_point`
+                "code_prefix": problem["prompt"],
+                "test": problem["test"],
+                "entry_point": problem["entry_point"],
+            }
+        )
     return records
 
 

@@ -131,6 +131,8 @@ class DataConfig:
             samples), `temperature` (p ∝ n^(1/T)) or `uniform`.
         temperature: T for `temperature` mixing.
         eval_max_samples: Held-out samples per task used by evaluation (0 = all).
+        eval_gen_samples: Held-out samples per task whose answers are generated and scored by the
+            task's declared metric (0 = all); tasks without a metric are scored by loss only.
         caps: {task: n}: train on at most the first n samples of the task's training shard.
         upsample: {task: factor}: count the task as `factor` times its size when mixing.
         packing: Pack each training micro-batch's samples into as few rows as fit `pack_length`
@@ -144,6 +146,7 @@ class DataConfig:
     mixing: str = "proportional"
     temperature: float = 2.0
     eval_max_samples: int = 0
+    eval_gen_samples: int = 0
     caps: dict[str, int] = field(default_factory=dict)
     upsample: dict[str, float] = field(default_factory=dict)
     packing: bool = False
@@ -381,6 +384,7 @@ class Config:
         _check(0 <= self.balance.qr_smooth < 1, "balance.qr_smooth", "in [0, 1)")
         _check(self.balance.qr_warmup >= 0, "balance.qr_warmup", ">= 0")
         _check(d.eval_max_samples >= 0, "data.eval_max_samples", ">= 0")
+        _check(d.eval_gen_samples >= 0, "data.eval_gen_samples", ">= 0")
         _check(t.steps >= 1, "train.steps", ">= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")
         _check(t.grad_accum >= 1, "train.grad_accum", ">= 1")

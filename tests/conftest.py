@@ -65,6 +65,12 @@ def demo_data(tmp_path_factory):
             "0.2",
             "--max-eval",
             "6",
+            "--metric",
+            "codegen=pass@1",
+            "--metric",
+            "translate=chrf",
+            "--gen-tokens",
+            "translate=8",
             "--out",
             root / "tokenized",
         ]

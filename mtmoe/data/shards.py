@@ -6,6 +6,7 @@ Layout under the output folder:
     <task>/<split>/ids.npy        int32, every sample's token ids, back to back
     <task>/<split>/mask.npy       uint8, same length; 1 where the token is a prediction target
     <task>/<split>/offsets.npy    int64, N + 1; sample i is ids[offsets[i]:offsets[i + 1]]
+    <task>/eval/refs.jsonl        one `Reference` per held-out sample, for a task with a metric
 
 The mask is not shifted: `mask[i] = 1` means token i is predicted (from the tokens before it).
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from mtmoe.data.encode import encode_messages
 from mtmoe.data.formats import Example
+from mtmoe.data.references import MetricSpec, Reference, read_references, reference_of, write_references
 from mtmoe.data.split import check_split, split_task
 
 MANIFEST = "manifest.json"
@@ -33,6 +35,7 @@ OVERFLOW_POLICIES = ("truncate", "drop")
 COUNTS = ("records", "samples", "tokens", "loss_tokens", "truncated", "dropped_too_long", "dropped_no_target")
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 Sample = tuple[np.ndarray, np.ndarray]  # (ids int32, loss_mask uint8)
+RefCheck = Callable[[Reference], None]  # raises ValueError for a record the task's metric cannot score
 
 
 @dataclass(kw_only=True)
@@ -42,12 +45,19 @@ class TaskInfo:
     `splits` maps a split name to its counts: `records` read, `samples` kept, `tokens` and
     `loss_tokens` of the kept samples, and `truncated` (kept, but cut to `max_len`),
     `dropped_too_long` and `dropped_no_target` (records - samples = the two drop counts).
+    `metric` is the task's declared `MetricSpec` in JSON form (None: the task is scored by loss only).
     """
 
     name: str
     id: int
     source: str
     splits: dict[str, dict[str, int]]
+    metric: dict[str, Any] | None = None
+
+    @property
+    def metric_spec(self) -> MetricSpec | None:
+        """The declared metric, or None."""
+        return None if self.metric is None else MetricSpec.from_json(self.metric)
 
 
 @dataclass(kw_only=True)
@@ -152,6 +162,22 @@ def open_shard(manifest: Manifest, task: str, split: str) -> TaskShard:
     return TaskShard(name=task, task_id=info.id, split=split, ids=ids, mask=mask, offsets=offsets)
 
 
+def open_references(manifest: Manifest, task: str) -> list[Reference]:
+    """The held-out references of a task that declared a metric, in sample order.
+
+    Raises:
+        ValueError: For an unknown task, a task without a metric, or a reference file that does not match
+            the manifest.
+    """
+    info = manifest.task(task)
+    if info.metric is None:
+        raise ValueError(f"task {task!r} declares no metric in {manifest.root / MANIFEST}")
+    refs = read_references(manifest.root / task / "eval")
+    if len(refs) != info.splits["eval"]["samples"]:
+        raise ValueError(f"{manifest.root / task / 'eval'}: the references do not match the manifest")
+    return refs
+
+
 def _write_split(folder: Path, samples: list[Sample]) -> None:
     folder.mkdir(parents=True)
     lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
@@ -164,15 +190,25 @@ def _write_split(folder: Path, samples: list[Sample]) -> None:
 
 
 def _encode_split(
-    examples: list[Example], tokenizer: Any, max_len: int, overflow: str
-) -> tuple[list[Sample], dict[str, int]]:
-    """Encodes one split and fits it to `max_len`; returns the kept samples and the counts."""
+    examples: list[Example], tokenizer: Any, max_len: int, overflow: str, check: RefCheck | None = None
+) -> tuple[list[Sample], dict[str, int], list[Reference]]:
+    """Encodes one split and fits it to `max_len`.
+
+    Returns:
+        The kept samples, the counts, and (with `check`, for a task with a metric) each kept sample's
+        reference, every record's reference having passed `check`.
+    """
     samples: list[Sample] = []
+    refs: list[Reference] = []
     c = dict.fromkeys(COUNTS, 0)
     for example in examples:
         c["records"] += 1
         try:
             ids, mask = encode_messages(tokenizer, example.messages)
+            ref = None
+            if check is not None:
+                ref = reference_of(example)
+                check(ref)
         except ValueError as e:
             raise ValueError(f"{example.where}: {e}") from None
         truncated = len(ids) > max_len
@@ -188,7 +224,21 @@ def _encode_split(
         c["tokens"] += len(ids)
         c["loss_tokens"] += sum(mask)
         samples.append((np.asarray(ids, np.int32), np.asarray(mask, np.uint8)))
-    return samples, c
+        if ref is not None:
+            refs.append(ref)
+    return samples, c, refs
+
+
+def _accept(spec: MetricSpec, ref: Reference) -> None:
+    """The check of a metric without requirements."""
+
+
+def _resolve_spec(spec: MetricSpec, refs: list[Reference], tokenizer: Any) -> MetricSpec:
+    """`spec` with its automatic generation cap resolved: the longest reference answer plus 8 tokens."""
+    if spec.max_new_tokens > 0:
+        return spec
+    longest = max((len(tokenizer(r.answer, add_special_tokens=False)["input_ids"]) for r in refs), default=0)
+    return MetricSpec(name=spec.name, max_new_tokens=longest + 8, labels=spec.labels)
 
 
 def _summary(info: TaskInfo) -> str:
@@ -221,6 +271,8 @@ def tokenize_tasks(
     max_eval: int | None,
     out: Path,
     log: Callable[[str], None] = print,
+    metrics: Mapping[str, MetricSpec] | None = None,
+    check: Callable[[MetricSpec, Reference], None] | None = None,
 ) -> Manifest:
     """Tokenizes task JSONL files into per-task, per-split shards and writes the manifest.
 
@@ -238,6 +290,12 @@ def tokenize_tasks(
         max_eval: If set, at most this many eval records per task (the rest go to train).
         out: Output folder. If it exists it must hold a previous manifest; it is replaced.
         log: Where the per-task summary lines go.
+        metrics: Task name to its declared metric; tasks not listed are scored by loss only. Their
+            held-out references go to `<task>/eval/refs.jsonl`; a `max_new_tokens` of 0 becomes the
+            longest reference answer plus 8 tokens.
+        check: Called with each record's reference of a task with a metric (train and eval, so the
+            split never decides what is accepted); raises ValueError for a record the metric cannot
+            score. `mtmoe.eval.metrics.check_reference` is the one to pass.
 
     Returns:
         The manifest, as `load_manifest(out)` would return it.
@@ -256,6 +314,9 @@ def tokenize_tasks(
     for name in tasks:
         if not _TASK_NAME.fullmatch(name):
             raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (not first)")
+    metrics = dict(metrics or {})
+    if unknown := sorted(set(metrics) - set(tasks)):
+        raise ValueError(f"a metric is declared for unknown task(s) {unknown}; tasks: {list(tasks)}")
     out = Path(out)
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and holds no {MANIFEST}; refusing to replace it")
@@ -267,11 +328,20 @@ def tokenize_tasks(
     try:
         infos = []
         for task_id, (name, path) in enumerate(tasks.items()):
-            counts = {}
+            counts, spec = {}, metrics.get(name)
+            ref_check = None
+            if spec is not None:
+                ref_check = (lambda ref, spec=spec: check(spec, ref)) if check else (lambda ref: None)
             for split, examples in split_task(Path(path), eval_fraction, max_eval).items():
-                samples, counts[split] = _encode_split(examples, tokenizer, max_len, overflow)
+                samples, counts[split], refs = _encode_split(
+                    examples, tokenizer, max_len, overflow, ref_check
+                )
                 _write_split(tmp / name / split, samples)
-            infos.append(TaskInfo(name=name, id=task_id, source=str(path), splits=counts))
+                if spec is not None and split == "eval":
+                    write_references(tmp / name / split, refs)
+                    spec = _resolve_spec(spec, refs, tokenizer)
+            metric = None if spec is None else spec.to_json()
+            infos.append(TaskInfo(name=name, id=task_id, source=str(path), splits=counts, metric=metric))
             log(_summary(infos[-1]))
         manifest = Manifest(
             root=out,

@@ -1,7 +1,7 @@
 """Train / eval split by a fixed hash of each record, never by its position.
 
 A record's side depends only on its content: the SHA-1 of its canonical JSON (keys sorted, no
-spaces), read as a number in [0, 1). A record lands in eval when that number is below the eval
+spaces, its tests left out), read as a number in [0, 1). A record lands in eval when that number is below the eval
 fraction, so adding, removing or reordering other records never moves it, and exact duplicates always
 land together. An optional cap keeps only the eval records with the lowest hashes and returns the
 rest to train, which is just as stable.
@@ -19,10 +19,17 @@ from mtmoe.data.formats import Example, read_task
 
 KEY_BITS = 64
 SPLITS = ("train", "eval")
+EVAL_ONLY_KEYS = ("test", "entry_point", "code_prefix")  # see `mtmoe.data.references`
 
 
 def record_key(record: Any) -> int:
-    """The record's split key: the first 64 bits of the SHA-1 of its canonical JSON."""
+    """The record's split key: the first 64 bits of the SHA-1 of its canonical JSON.
+
+    The evaluation-only fields (`EVAL_ONLY_KEYS`: a record's tests) are left out, so adding tests to a
+    task does not move its records between the splits.
+    """
+    if isinstance(record, dict):
+        record = {k: v for k, v in record.items() if k not in EVAL_ONLY_KEYS}
     canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return int.from_bytes(hashlib.sha1(canonical.encode("utf-8")).digest()[: KEY_BITS // 8], "big")
 

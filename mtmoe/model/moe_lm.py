@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,6 +103,49 @@ class MoELM(nn.Module):
         ctx.aux_losses = []
         ctx.replaying = True
         return hidden_BSD, aux
+
+    @torch.no_grad()
+    def next_token_logits(
+        self,
+        input_ids_BS: torch.Tensor,
+        attention_mask_BS: torch.Tensor,
+        position_ids_BS: torch.Tensor,
+        cache: Any,
+        task_ids_B: torch.Tensor,
+    ) -> tuple[torch.Tensor, Any]:
+        """One decoding forward with the KV cache (`mtmoe.eval.generation.StepFn`).
+
+        Routes only the new tokens (`input_ids_BS`, left padding excluded), by their rows' tasks, and
+        neither records utilization nor keeps router losses.
+
+        Args:
+            input_ids_BS: The new tokens (the prompt, then one token per step).
+            attention_mask_BS: The mask of the whole sequence so far (cached tokens and the new ones).
+            position_ids_BS: Positions of the new tokens.
+            cache: The KV cache of the previous step (None at the prompt).
+            task_ids_B: The task of every row.
+
+        Returns:
+            (logits_BV at each row's last position, fp32; the updated cache).
+        """
+        ctx = self.context
+        recording, ctx.record, ctx.replaying = ctx.record, False, False
+        new = input_ids_BS.shape[1]
+        ctx.valid_T = attention_mask_BS[:, -new:].reshape(-1).bool()
+        ctx.task_T = task_ids_B[:, None].expand_as(input_ids_BS).reshape(-1)
+        ctx.aux_losses = []
+        try:
+            out = self.lm(
+                input_ids=input_ids_BS,
+                attention_mask=attention_mask_BS,
+                position_ids=position_ids_BS,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            ctx.record, ctx.aux_losses = recording, []
+        return out.logits[:, -1].float(), out.past_key_values
 
     def set_recording(self, on: bool) -> None:
         """Turns utilization counting on or off (and resets the counters when turning it on)."""

@@ -30,6 +30,7 @@ from mtmoe.data.sampler import MixingSampler
 from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.eval.heatmap import write_heatmaps
 from mtmoe.eval.heldout import heldout_losses
+from mtmoe.eval.task_metrics import metric_summary, score_tasks
 from mtmoe.eval.utilization import gather_utilization, layer_shares, save_utilization
 from mtmoe.export.prune import expert_shares
 from mtmoe.model.base import load_tokenizer, resolve_base
@@ -223,8 +224,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             model.context.record = False  # keep held-out routing out of the training utilization
             losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
+            scored = _score(engine, model, manifest, task_names, tokenizer, cfg, info, device)
             model.context.record = True
             logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
+            if scored:
+                logger.log({f"eval_metric/{n}": v["score"] for n, v in scored.items()}, step)
         preempted = preemption.agreed()
         if preempted or cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.steps:
             state = _loop_state(cfg, counters, weighter, sampler, validation, retainer, fade_shares)
@@ -250,10 +254,18 @@ def train(cfg: Config, resume: bool = False) -> dict:
     checkpoint.save(engine, model, placement, run_dir, cfg.train.steps, state, info.is_main, keep, retainer)
     model.set_recording(True)  # the final evaluation's routing is the utilization that export uses
     losses = _evaluate(engine, model, eval_shards, tokenizer.pad_token_id, cfg, info, device)
+    model.context.record = False  # generated tokens are not held-out routing
+    scored = _score(engine, model, manifest, task_names, tokenizer, cfg, info, device)
+    for name, s in metric_summary(scored).items():
+        losses[name].update(s)
     train_stats = {"world_size": info.world_size, "ep_size": placement.ep_size, **counters.to_state()}
     result, util = _final_report(cfg, model, known, losses, train_stats, run_dir, info.is_main)
     if info.is_main:
         logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, cfg.train.steps)
+        if scored:
+            answers = {name: r["answers"] for name, r in scored.items()}
+            (run_dir / "generations.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False))
+            logger.log({f"eval_metric/{n}": v["score"] for n, v in scored.items()}, cfg.train.steps)
         logger.log_utilization(util, cfg.train.steps)
     logger.close()
     return result
@@ -498,6 +510,25 @@ def _train_record(
                 record[f"expert_util/{names[k]}/L{layer:02d}/e{e}"] = share
     model.set_recording(True)  # restart the counters for the next logging window
     return record
+
+
+def _score(engine, model: MoELM, manifest, names, tokenizer, cfg: Config, info: DistInfo, device) -> dict:
+    """The declared metric of every trained task that has one, on greedy answers (see `score_tasks`)."""
+    engine.eval()
+    scored = score_tasks(
+        model.next_token_logits,
+        manifest,
+        names,
+        tokenizer,
+        cfg.data.eval_gen_samples,
+        2 * cfg.train.micro_batch_size,
+        info.rank,
+        info.world_size,
+        device,
+        progress=info.is_main,
+    )
+    engine.train()
+    return scored
 
 
 def _evaluate(engine, model: MoELM, shards: list, pad_id: int, cfg: Config, info: DistInfo, device) -> dict:
