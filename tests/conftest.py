@@ -71,6 +71,8 @@ def demo_data(tmp_path_factory):
             "translate=chrf",
             "--gen-tokens",
             "translate=8",
+            "--gen-tokens",
+            "codegen=16",
             "--out",
             root / "tokenized",
         ]

@@ -81,6 +81,23 @@ def test_expert_parallel_equals_replicated_experts(runs, world, ep_size, extra):
         assert drops(ep_run) == 0
 
 
+def test_generation_metrics_on_expert_parallel_ranks_equal_one_process(runs):
+    """Greedy answers and their scores: 2 ranks with `ep_size` 2 (each forward a collective, samples
+    strided over ranks) against one process holding every expert."""
+    ep_run, single = runs(2, 2), runs(1, 1)
+    answers_ep, answers_one = (json.loads((r / "generations.json").read_text()) for r in (ep_run, single))
+    assert set(answers_ep) == {"codegen", "translate"}  # the tasks that declared a metric
+    assert answers_ep == answers_one
+    assert (
+        len(answers_ep["translate"]) == 6
+    )  # every held-out sample (tests/test_task_metrics.py has varied ones)
+    tasks_ep, tasks_one = (json.loads((r / "eval.json").read_text())["tasks"] for r in (ep_run, single))
+    for name in answers_ep:
+        assert tasks_ep[name]["metric"] == tasks_one[name]["metric"]
+        assert tasks_ep[name]["score"] == tasks_one[name]["score"]
+    assert "metric" not in tasks_ep["docstring"]  # no metric declared: loss only
+
+
 @pytest.mark.parametrize("world,ep_size", [(1, 1), (4, 4)], ids=["to-world1-ep1", "to-world4-ep4"])
 def test_resume_across_world_and_ep_size_continues_the_run(runs, world, ep_size):
     full = runs(4, 2)

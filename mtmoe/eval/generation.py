@@ -61,9 +61,9 @@ def prompt_of(ids: np.ndarray, mask: np.ndarray) -> tuple[list[int], list[int]]:
     return ids[:first].tolist(), ids[first:end].tolist()
 
 
-def _any_anywhere(flag: bool) -> bool:
-    """True if `flag` is True on any rank (a collective when a process group runs)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+def _any_anywhere(flag: bool, sync: bool) -> bool:
+    """True if `flag` is True on any rank (with `sync`, a collective over the process group)."""
+    if not sync:
         return flag
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -80,6 +80,7 @@ def greedy_generate(
     stop_ids: set[int],
     pad_id: int,
     device: torch.device | None = None,
+    sync: bool = False,
 ) -> list[list[int]]:
     """Greedy continuations of a batch of prompts (one task), each up to its first stop token.
 
@@ -91,6 +92,8 @@ def greedy_generate(
         stop_ids: Tokens that end a row (end of turn, end of text); they are not returned.
         pad_id: Left padding of the prompts.
         device: Where to run.
+        sync: Decode until no row on any rank of the process group runs (every rank must call this
+            together): expert-parallel forwards are collectives.
 
     Returns:
         The generated ids of each row, without the stop token.
@@ -114,7 +117,7 @@ def greedy_generate(
         done_B |= torch.isin(next_B, stop)
         for b in (~done_B).nonzero(as_tuple=True)[0].tolist():
             out[b].append(int(next_B[b]))
-        if t == max_new_tokens - 1 or not _any_anywhere(not bool(done_B.all())):
+        if t == max_new_tokens - 1 or not _any_anywhere(not bool(done_B.all()), sync):
             break
         next_B = torch.where(done_B, torch.full_like(next_B, pad_id), next_B)
         attn_BS = torch.cat([attn_BS, torch.ones_like(attn_BS[:, :1])], dim=1)
@@ -133,9 +136,9 @@ def stop_tokens(tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _gather(items: list) -> list:
-    """Every rank's `items`, concatenated in rank order (the list itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+def _gather(items: list, world: int) -> list:
+    """Every rank's `items`, concatenated in rank order (the list itself when `world` is 1)."""
+    if world == 1:
         return items
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
@@ -164,7 +167,7 @@ def generation_metrics(
         max_samples: Score the first n samples of each task (0 = all).
         batch_size: Rows per batch.
         rank: This rank; samples are strided over ranks.
-        world: Number of ranks; all must call this together.
+        world: Number of ranks (the whole default process group when > 1); all must call this together.
         device: Where to run.
         progress: Show a progress bar (rank 0).
 
@@ -185,16 +188,18 @@ def generation_metrics(
         for start in range(0, batches * batch_size, batch_size):
             rows = mine[start : start + batch_size]
             prompts = [prompt_of(*shard[i])[0] for i in (rows or [0])]  # a filler row keeps the step count
-            generated = greedy_generate(step, prompts, shard.task_id, spec.max_new_tokens, stops, pad, device)
+            generated = greedy_generate(
+                step, prompts, shard.task_id, spec.max_new_tokens, stops, pad, device, sync=world > 1
+            )
             kept = generated[: len(rows)]  # a filler row's answer is dropped
             answered += [
                 (i, tokenizer.decode(g, skip_special_tokens=True)) for i, g in zip(rows, kept, strict=True)
             ]
             bar.set_postfix_str(shard.name)
             bar.update()
-        answers = [text for _, text in sorted(_gather(answered))]
+        answers = [text for _, text in sorted(_gather(answered, world))]
         scored = [score(spec.name)(answers, refs, spec) if rank == 0 else None]
-        if world > 1 and dist.is_available() and dist.is_initialized():
+        if world > 1:
             dist.broadcast_object_list(scored, src=0)
         results[shard.name] = {"metric": spec.name, **scored[0], "samples": n, "answers": answers}
     bar.close()
