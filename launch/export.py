@@ -20,7 +20,9 @@ By expert family (`moe.family` of the run):
   experts per layer (by utilization), so a smaller MoE that transformers loads.
 
 It also writes `<out>/export_report.json`: per task, the held-out loss of the base, the trained MoE and
-the export, and the share of the MoE's gain over the base that the export keeps. `--peft-rank R` also
+the export, and the share of the MoE's gain over the base that the export keeps; for a task that declared
+a metric, the three models' scores on greedy answers (the answers go to `<out>/generations.json`;
+`--no-metrics` skips this). `--peft-rank R` also
 writes a PEFT LoRA adapter per task (and `all`) under `<out>/adapters/`, for multi-LoRA serving.
 """
 
@@ -75,6 +77,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--peft-rank", type=int, default=0, help="also write per-task PEFT adapters of this rank"
     )
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="skip the generated-answer metrics of the tasks that declared one (loss only)",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,7 +90,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
 
     from mtmoe.data.shards import load_manifest, open_shard
+    from mtmoe.eval.generation import hf_step
     from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
+    from mtmoe.eval.task_metrics import has_metrics, metric_summary, score_tasks
     from mtmoe.eval.utilization import load_utilization
     from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas, save_dense, task_gate_shares
     from mtmoe.export.peft_adapters import write_adapter
@@ -139,7 +148,17 @@ def main(argv: list[str] | None = None) -> Path:
     manifest = load_manifest(Path(cfg.data.tokenized))
     shards = [open_shard(manifest, t.name, "eval") for t in manifest.tasks]
     pad, n = tokenizer.pad_token_id, cfg.data.eval_max_samples
-    losses = {"moe": heldout_losses(lambda *b: model(*b)[0], shards, pad, 8, n)}
+    names = [s.name for s in shards]
+    scored = {}  # kind -> the declared metrics on greedy answers (tasks that declared one)
+
+    def score(kind, step):
+        if not args.no_metrics and has_metrics(manifest, names):
+            scored[kind] = score_tasks(
+                step, manifest, names, tokenizer, cfg.data.eval_gen_samples, 8, progress=True
+            )
+
+    losses = {"moe": heldout_losses(lambda *b: model(*b)[0], shards, pad, 8, n, progress="loss: MoE")}
+    score("moe", model.eval().next_token_logits)  # before the fold below changes the model
     if args.peft_rank:
         base_for_adapters = args.out / "adapters"
         for name in ["all", *(s.name for s in shards)]:
@@ -186,8 +205,11 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         lm = fold_to_dense(model, shares, kept, spec)
     save_dense(lm, tokenizer, args.out)
-    losses["export"] = heldout_losses(hf_loss_fn(lm.eval()), shards, pad, 8, n)
-    losses["base"] = heldout_losses(hf_loss_fn(build_base(cfg, len(tokenizer)).eval()), shards, pad, 8, n)
+    losses["export"] = heldout_losses(hf_loss_fn(lm.eval()), shards, pad, 8, n, progress="loss: export")
+    score("export", hf_step(lm))
+    base_lm = build_base(cfg, len(tokenizer)).eval()
+    losses["base"] = heldout_losses(hf_loss_fn(base_lm), shards, pad, 8, n, progress="loss: base")
+    score("base", hf_step(base_lm))
 
     options = {
         "run": str(args.run),
@@ -210,13 +232,30 @@ def main(argv: list[str] | None = None) -> Path:
             "export_loss": export,
             "gain_kept": (base - export) / gain if abs(gain) > 1e-12 else None,
         }
+        if scored and s.name in scored["moe"]:
+            summary = {kind: metric_summary(by_task)[s.name] for kind, by_task in scored.items()}
+            report["tasks"][s.name]["metric"] = summary["moe"]["metric"]
+            report["tasks"][s.name]["samples"] = summary["moe"]["samples"]
+            for kind in ("base", "moe", "export"):
+                report["tasks"][s.name][f"{kind}_score"] = summary[kind]["score"]
         kept_txt = (
             "n/a"
             if report["tasks"][s.name]["gain_kept"] is None
             else f"{report['tasks'][s.name]['gain_kept']:.1%}"
         )
         print(f"[mtmoe] {s.name}: base {base:.4f}  moe {moe:.4f}  export {export:.4f}  gain kept {kept_txt}")
+        if "metric" in report["tasks"][s.name]:
+            t = report["tasks"][s.name]
+            print(
+                f"[mtmoe] {s.name} {t['metric']}: base {t['base_score']:.1f}  moe {t['moe_score']:.1f}  "
+                f"export {t['export_score']:.1f}"
+            )
     (args.out / "export_report.json").write_text(json.dumps(report, indent=1))
+    if scored:
+        answers = {
+            kind: {task: r["answers"] for task, r in by_task.items()} for kind, by_task in scored.items()
+        }
+        (args.out / "generations.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False))
     (args.out / "mtmoe_export.json").write_text(json.dumps(options, indent=1))
     kind = "an MoE" if family == "native" else "a dense"
     print(f"[mtmoe] exported {kind} {type(lm).__name__} to {args.out}")

@@ -3,7 +3,10 @@
     python launch/report.py --run runs/demo --export runs/demo/dense [--generations 2 --gen-tokens 48]
 
 Writes RUN/report.json and RUN/report.md. The MoE loss comes from the run's final evaluation
-(eval.json); the base and the dense export are scored here with the same evaluation code.
+(eval.json); the base and the dense export are scored here with the same evaluation code, unless
+`launch/export.py` already scored them (its `export_report.json`). For tasks that declared a metric, the
+report leads with each model's score, and its generations are the greedy answers the export scored
+(`generations.json` of the export); without them, a few answers are generated here.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from mtmoe.data.shards import load_manifest, open_shard
+    from mtmoe.eval.generation import prompt_of
     from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
-    from mtmoe.eval.report import generate, prompt_of, write_report
+    from mtmoe.eval.report import generate, write_report
     from mtmoe.export.run import run_config
     from mtmoe.model.base import load_tokenizer, resolve_base
     from mtmoe.model.moe_lm import build_base
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
             losses[kind] = heldout_losses(
                 hf_loss_fn(model), shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples
             )
+    scored = json.loads(export_report.read_text())["tasks"] if export_report.exists() else {}
+    answers_path = args.export / "generations.json"
+    answers = json.loads(answers_path.read_text()) if answers_path.exists() else {}
     generations = {}
     for shard in shards:
         generations[shard.name] = []
@@ -68,21 +75,34 @@ def main(argv: list[str] | None = None) -> dict:
                 "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
                 "reference": tokenizer.decode(reference, skip_special_tokens=True),
             }
-            for kind, model in models.items():
-                sample[kind] = generate(model, tokenizer, prompt, args.gen_tokens)
+            if shard.name in answers.get("export", {}):  # the answers the metrics scored
+                for kind, key in (("base", "base"), ("moe", "moe"), ("dense", "export")):
+                    sample[kind] = answers[key][shard.name][i]
+            else:
+                for kind, model in models.items():
+                    sample[kind] = generate(model, tokenizer, prompt, args.gen_tokens)
             generations[shard.name].append(sample)
 
+    tasks = {}
+    for name, t in trained["tasks"].items():
+        tasks[name] = {
+            "base_loss": losses["base"][name]["loss"],
+            "moe_loss": t["loss"],
+            "dense_loss": losses["dense"][name]["loss"],
+            "tokens": t["tokens"],
+        }
+        if "metric" in scored.get(name, {}):
+            s = scored[name]
+            tasks[name].update(
+                metric=s["metric"],
+                samples=s["samples"],
+                base_score=s["base_score"],
+                moe_score=s["moe_score"],
+                dense_score=s["export_score"],
+            )
     report = {
         "base": cfg.model.base,
-        "tasks": {
-            name: {
-                "base_loss": losses["base"][name]["loss"],
-                "moe_loss": t["loss"],
-                "dense_loss": losses["dense"][name]["loss"],
-                "tokens": t["tokens"],
-            }
-            for name, t in trained["tasks"].items()
-        },
+        "tasks": tasks,
         "train": trained["train"],
         "export": {
             "path": str(args.export.resolve()),

@@ -211,6 +211,8 @@ class TrainConfig:
         seed: Seed of initialisation and sampling.
         log_every: Steps between metric records.
         eval_every: Steps between held-out evaluations (0 = only at the end).
+        eval_metrics: Score the tasks that declared a metric on generated answers at each evaluation
+            (`eval_metric/<task>`, eval.json); greedy generation is slow on CPU, so it can be turned off.
         val_every: Steps between per-task validation batches logged as `val_loss/<task>` (0 = only
             when CoBa or Quality Retaining needs one, which is then every step).
         init_from: A finished run whose newest checkpoint gives the starting weights (routers' task
@@ -235,6 +237,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
+    eval_metrics: bool = True
     val_every: int = 0
     init_from: str = ""
     trainable: str = "all"

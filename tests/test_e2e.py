@@ -72,6 +72,16 @@ def test_train_export_report_and_plain_transformers_reload(demo_data, tmp_path):
         assert {"base_loss", "moe_loss", "dense_loss"} <= set(t)
     assert report["train"]["steps"] == 4 and report["train"]["tokens_per_s"] > 0
     assert "| codegen |" in (run / "report.md").read_text()
+    # the tasks that declared a metric are scored for the base, the MoE and the export, metrics first
+    exported = json.loads((run / "dense" / "export_report.json").read_text())["tasks"]
+    for name, metric in (("codegen", "pass@1"), ("translate", "chrf")):
+        assert exported[name]["metric"] == metric and report["tasks"][name]["metric"] == metric
+        assert all(0 <= exported[name][f"{k}_score"] <= 100 for k in ("base", "moe", "export"))
+    assert "metric" not in exported["docstring"]
+    md = (run / "report.md").read_text()
+    assert md.index("| task | metric |") < md.index("Mean held-out token loss") and "**MoE:**" in md
+    assert json.loads((run / "eval.json").read_text())["tasks"]["translate"]["metric"] == "chrf"
+    assert "eval_metric/translate" in records[-1]
     plain = json.loads(
         run_cmd([sys.executable, "-c", PLAIN_LOAD, report["export"]["path"], demo_data]).stdout
     )

@@ -1,10 +1,10 @@
 """Train / eval split by a fixed hash of each record, never by its position.
 
 A record's side depends only on its content: the SHA-1 of its canonical JSON (keys sorted, no
-spaces, its tests left out), read as a number in [0, 1). A record lands in eval when that number is below the eval
-fraction, so adding, removing or reordering other records never moves it, and exact duplicates always
-land together. An optional cap keeps only the eval records with the lowest hashes and returns the
-rest to train, which is just as stable.
+spaces, its tests left out), read as a number in [0, 1). A record lands in eval when that number is
+below the eval fraction, so adding, removing or reordering other records never moves it, and exact
+duplicates always land together. An optional cap keeps only the eval records with the lowest hashes
+and returns the rest to train, which is just as stable.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 from mtmoe.balance.task_loss import all_reduce_sum, target_mask, target_token_losses
 from mtmoe.data.collate import collate
@@ -37,6 +38,7 @@ def heldout_losses(
     rank: int = 0,
     world: int = 1,
     device: torch.device | None = None,
+    progress: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Mean token loss per task over its held-out shard.
 
@@ -51,16 +53,19 @@ def heldout_losses(
             forwards (a rank short of rows scores a filler row it does not count), since an
             expert-parallel forward is a collective of its group.
         device: Where to run.
+        progress: The label of a progress bar (rank 0), or None for none.
 
     Returns:
         {task: {"loss": mean token loss, "tokens": target tokens}}.
     """
     sums = torch.zeros(len(shards), 2, dtype=torch.float64)
+    counts = [len(s) if max_samples == 0 else min(max_samples, len(s)) for s in shards]
+    forwards = [math.ceil(math.ceil(n / world) / batch_size) for n in counts]  # the same on every rank
+    bar = tqdm(total=sum(forwards), desc=progress, disable=progress is None or rank != 0)
     for k, shard in enumerate(shards):
-        n = len(shard) if max_samples == 0 else min(max_samples, len(shard))
-        mine = list(range(rank, n, world))
-        forwards = math.ceil(math.ceil(n / world) / batch_size)  # the same on every rank
-        for start in range(0, forwards * batch_size, batch_size):
+        mine = list(range(rank, counts[k], world))
+        bar.set_postfix_str(shard.name)
+        for start in range(0, forwards[k] * batch_size, batch_size):
             rows = mine[start : start + batch_size]
             filler = not rows
             rows = rows or [0]
@@ -71,6 +76,8 @@ def heldout_losses(
             if not filler:
                 sums[k, 0] += loss_BS.sum().double().cpu()
                 sums[k, 1] += target_mask(batch.loss_mask_BS).sum().double().cpu()
+            bar.update()
+    bar.close()
     sums = all_reduce_sum(sums)
     return {
         shard.name: {"loss": float(sums[k, 0] / sums[k, 1].clamp_min(1)), "tokens": int(sums[k, 1])}

@@ -1,7 +1,7 @@
 """The run report, as `report.json` and `report.md`.
 
-Per-task held-out loss of the base model, the trained MoE and the dense export, throughput, and a few
-generations per task.
+Per task, the declared metric (when there is one) and the held-out loss of the base model, the trained
+MoE and the dense export; throughput; and a few generations per task.
 """
 
 from __future__ import annotations
@@ -9,19 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
-
-
-def prompt_of(ids: np.ndarray, mask: np.ndarray) -> tuple[list[int], list[int]]:
-    """Splits a sample at its first target token: (prompt ids, reference answer ids of that turn)."""
-    targets = np.flatnonzero(mask)
-    first = int(targets[0])
-    end = first
-    while end < len(mask) and mask[end]:
-        end += 1
-    return ids[:first].tolist(), ids[first:end].tolist()
 
 
 @torch.no_grad()
@@ -49,6 +38,22 @@ def write_report(report: dict, run_dir: Path) -> None:
         f"process(es) in {report['train']['wall_s']:.0f} s ({report['train']['tokens_per_s']:.0f} tokens/s).",
         f"Dense export: `{report['export']['path']}` (expert merge weights: {report['export']['weights']}).",
         "",
+    ]
+    scored = {name: t for name, t in report["tasks"].items() if "metric" in t}
+    if scored:
+        lines += [
+            "Each task's metric on greedy answers to its held-out prompts (higher is better):",
+            "",
+            "| task | metric | base | MoE | dense export | samples |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, t in scored.items():
+            lines.append(
+                f"| {name} | {t['metric']} | {t['base_score']:.1f} | {t['moe_score']:.1f} "
+                f"| {t['dense_score']:.1f} | {t['samples']} |"
+            )
+        lines.append("")
+    lines += [
         "Mean held-out token loss (lower is better):",
         "",
         "| task | base | MoE | dense export | held-out tokens |",
@@ -70,6 +75,7 @@ def write_report(report: dict, run_dir: Path) -> None:
                 "```",
                 f"**Reference:** {s['reference'].strip()!r}  ",
                 f"**Base:** {s['base'].strip()!r}  ",
+                *([f"**MoE:** {s['moe'].strip()!r}  "] if "moe" in s else []),
                 f"**Dense export:** {s['dense'].strip()!r}",
             ]
         lines.append("")

@@ -514,6 +514,8 @@ def _train_record(
 
 def _score(engine, model: MoELM, manifest, names, tokenizer, cfg: Config, info: DistInfo, device) -> dict:
     """The declared metric of every trained task that has one, on greedy answers (see `score_tasks`)."""
+    if not cfg.train.eval_metrics:
+        return {}
     engine.eval()
     scored = score_tasks(
         model.next_token_logits,
