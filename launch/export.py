@@ -18,6 +18,7 @@ By expert family (`moe.family` of the run):
 - moefied: the dense FFN with every slice's LoRA folded in (exactly the model after router fading).
 - native: an HF MoE of the same architecture with each expert's LoRA folded in; `--prune N` keeps N
   experts per layer (by utilization), so a smaller MoE that transformers loads.
+- lora (the plain-LoRA baseline): PEFT's own merge of its LoRA into the base.
 
 It also writes `<out>/export_report.json`: per task, the held-out loss of the base, the trained MoE and
 the export, and the share of the MoE's gain over the base that the export keeps; for a task that declared
@@ -109,10 +110,12 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(
             f"--merge/--weights/--peft-rank apply to upcycled experts; this run's moe.family is {family}"
         )
-    if family == "moefied" and args.prune:
-        raise ValueError("--prune: MoEfied experts are slices of one FFN, which the export writes whole")
+    if family in ("moefied", "lora") and args.prune:
+        raise ValueError(f"--prune: a {family} run has no experts to prune; the export writes its FFNs whole")
     gated = cfg.moe.task_routing == "gate"
-    auto = "task_gate" if gated else "fade" if faded else "uniform" if family == "moefied" else "utilization"
+    auto = "utilization"
+    if gated or faded or family in ("moefied", "lora"):
+        auto = "task_gate" if gated else "fade" if faded else "uniform"
     weights = auto if args.weights == "auto" else args.weights
     if weights not in ("utilization", "uniform", "fade", "task_gate"):
         raise ValueError(f"--weights {args.weights!r}: expected auto|utilization|uniform|fade|task_gate")

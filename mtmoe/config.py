@@ -48,7 +48,9 @@ class MoEConfig:
         family: Where the experts come from: `upcycled` (LoRA experts around each dense FFN),
             `moefied` (EMTAL: the FFN's neurons split into experts, each slice with its own LoRA) or
             `native` (the experts of an MoE checkpoint such as Mixtral or Qwen2-MoE, each with LoRA;
-            `num_experts` and `top_k` then come from the checkpoint).
+            `num_experts` and `top_k` then come from the checkpoint), or `lora`: no experts, one plain
+            PEFT LoRA (`peft.LoraConfig`, rank `rank`, alpha `alpha`) on each chosen FFN's gate, up and
+            down projections, the baseline an MoE-LoRA is compared with, trained by the same loop.
         num_experts: Experts per block (for `upcycled`, the routed pool open to every task).
         top_k: Experts each token is routed to.
         rank: LoRA rank of every expert (on gate, up and down projections).
@@ -334,6 +336,8 @@ class Config:
             }.items():
                 _check(not clash, key, "0/1 with moe.task_routing=gate (every token mixes every expert)")
         _check(m.family != "moefied" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=moefied")
+        _check(m.family != "lora" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=lora")
+        _check(m.family != "lora" or m.fade_fraction == 0, "moe.fade_fraction", "0 with moe.family=lora")
         _check(
             m.family != "native" or m.fade_fraction == 0,
             "moe.fade_fraction",
@@ -412,7 +416,7 @@ class Config:
         )
 
 
-FAMILIES = ("upcycled", "moefied", "native")
+FAMILIES = ("upcycled", "moefied", "native", "lora")
 
 
 def _check(ok: bool, key: str, expected: str) -> None:

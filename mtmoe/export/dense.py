@@ -121,6 +121,24 @@ def task_gate_shares(model: MoELM, task: int | None) -> dict[int, torch.Tensor]:
 
 
 @torch.no_grad()
+def fold_peft_lora(lm: nn.Module) -> int:
+    """PEFT's own merge of every PEFT LoRA layer into its base linear, in place (`moe.family: lora`).
+
+    Returns:
+        How many layers were merged.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    names = [name for name, m in lm.named_modules() if isinstance(m, LoraLayer)]
+    for name in names:
+        layer = lm.get_submodule(name)
+        layer.merge(safe_merge=True)
+        parent, _, attr = name.rpartition(".")
+        setattr(lm.get_submodule(parent), attr, layer.get_base_layer())
+    return len(names)
+
+
+@torch.no_grad()
 def fold_to_dense(
     model: MoELM,
     shares: dict[int, torch.Tensor] | None,
@@ -130,12 +148,14 @@ def fold_to_dense(
     """Folds every MoE-LoRA block and attention LoRA into the base weights, in place on `model.lm`.
 
     Each block becomes its base FFN plus the merge of its kept experts' ΔW (`merged_deltas`); each
-    attention LoRA becomes its base linear plus its exact ΔW.
+    attention LoRA becomes its base linear plus its exact ΔW; PEFT LoRA layers (`moe.family: lora`) are
+    merged by PEFT.
 
     Returns:
         The dense HF model (the same object as `model.lm`).
     """
     lm = model.lm
+    fold_peft_lora(lm)
     layers = decoder_layers(lm)
     for i, block in moe_blocks(lm).items():
         if hasattr(block, "to_dense_mlp"):  # MoEfied: the FFN with every slice's LoRA, all gates at 1

@@ -131,8 +131,10 @@ def inject_moe_lora(
                 f"config key 'moe.layers': a native model's MoE layers are {replaced}; use 'all'"
             )
         chosen = replaced
+    if cfg.family == "lora":
+        inject_peft_lora(model, cfg, chosen)
     for i in chosen:
-        if cfg.family != "native":
+        if cfg.family not in ("native", "lora"):
             layers[i].mlp = _block(layers[i].mlp, i, cfg, context, placement, num_tasks, allowed_XE)
         if cfg.attn_lora_rank:
             attn = layers[i].self_attn
@@ -142,6 +144,28 @@ def inject_moe_lora(
                     raise ValueError(f"config key 'moe.attn_targets': layer {i} has no linear {name!r}")
                 setattr(attn, name, LoRALinear(base, cfg.attn_lora_rank, cfg.attn_lora_alpha))
     return context
+
+
+PEFT_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+
+def inject_peft_lora(model: nn.Module, cfg: MoEConfig, layers: list[int]) -> None:
+    """`moe.family: lora`: one plain PEFT LoRA on the FFN projections of `layers`, in place.
+
+    PEFT's own layers (`peft.inject_adapter_in_model`), so that the baseline is the LoRA users would
+    pick; the model stays a plain HF causal LM with LoRA-wrapped linears.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=0.0,
+        target_modules=PEFT_TARGETS,
+        layers_to_transform=layers,
+        layers_pattern="layers",
+    )
+    inject_adapter_in_model(config, model)
 
 
 def _block(
