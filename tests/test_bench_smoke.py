@@ -30,8 +30,9 @@ QUICK = {
     "memory_bench": ["--quick", "--tiny"],
     "packing_bench": ["--quick", "--tiny", "--data", "{data}"],
     "balance_study": ["--quick", "--data", "{data}", "--only", "coba", "--out", "{tmp}/runs"],
+    "quality_study": ["--smoke", "--data", "{data}", "--out", "{tmp}/runs"],
 }
-JSON_FLAG = {"balance_study": "--json"}  # the others take --out
+JSON_FLAG = {"balance_study": "--json", "quality_study": "--json"}  # the others take --out
 
 
 def test_every_benchmark_script_has_a_smoke_test():
@@ -66,6 +67,9 @@ def test_tiny_never_writes_the_real_result():
         args = [sys.executable, f"benchmarks/{name}.py", "--tiny"]
         proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "--tiny: give --quick or --out" in proc.stderr, name
+    args = [sys.executable, "benchmarks/quality_study.py", "--smoke"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--smoke: give --json" in proc.stderr
 
 
 def test_every_balance_study_scheme_is_a_valid_config(bench_module):

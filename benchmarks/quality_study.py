@@ -1,0 +1,332 @@
+"""The quality study: each task's own metric for plain LoRA baselines and MoE-LoRA variants, same budget.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality_study.py --jobs 2        # the whole study
+    ... --only lora_active_rank upcycled_top2       # some variants (results merge into the JSON)
+    ... --smoke --data DIR --json X --out DIR       # the machinery on a tiny random Llama, in seconds
+    ... --render benchmarks/results/quality_study.json
+
+The study is data (`benchmarks/quality_study.yaml`): the recipe, the overrides every run shares, the
+variants with their overrides, the learning rates and the seeds. Every run is `launch/train.py` in a
+process of its own (one thread; `--jobs` of them side by side), so runs share the recipe, data, sampler,
+loss, loop and evaluation and differ only in their adapter and learning rate:
+1. **Learning rate.** Every variant trains once per learning rate at the first seed; the rate with the
+   lowest mean held-out loss over the tasks goes on (a gate weight below 1 shrinks each expert's
+   effective update, so one shared rate would favour the plain LoRA). The rate is chosen on the same
+   held-out samples that are scored: optimistic for every variant alike.
+2. **Seeds.** The variants of `seeded`, and the best of `seeded_best_of` (by that mean loss), train at
+   the other seeds with their chosen rate.
+Per run, the JSON keeps each task's held-out loss and declared metric (from `eval.json`), how the task's
+tokens spread over the experts (from `utilization.json`: the normalised entropy of its per-layer expert
+shares, 1 = even, 0 = one expert; the mean largest share; and the mean total-variation distance between
+tasks' shares, 0 = all tasks route alike), the trainable parameters and the seconds per step (wall, with
+`--jobs` runs sharing the machine). The base model is scored once, the same way. Results are written after
+every run, so a partial study is kept; a run already in the JSON is not repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+from bench_cli import TINY_OVERRIDES, print_rendered, write_result
+from md_tables import paragraph, table
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = Path(__file__).resolve().parent / "quality_study.yaml"
+RESULT = Path(__file__).resolve().parent / "results" / "quality_study.json"
+SMOKE = {  # the machinery on a tiny random Llama: 2 steps, one rate, two seeds, three variants
+    "common": ["train.steps=2", "train.warmup_steps=1", "data.eval_gen_samples=2", "data.eval_max_samples=4"],
+    "lrs": [1.0e-3],
+    "seeds": [0, 1],
+    "only": ["lora_active_rank", "upcycled_top2", "moefied_soft_fade"],
+}
+
+
+def run_key(variant: str, lr: float, seed: int) -> str:
+    return f"{variant}|lr={lr:g}|seed={seed}"
+
+
+def train_run(study: dict, variant: str, lr: float, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
+    """Trains one (variant, rate, seed) in its own process and reads back what it wrote."""
+    run_dir = out / run_key(variant, lr, seed).replace("|", "_").replace("=", "")
+    overrides = [*study["common"], *study["variants"][variant]["overrides"], *extra]
+    overrides += [f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={run_dir}"]
+    cmd = [sys.executable, "launch/train.py", "--config", study["recipe"], *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} lr={lr} seed={seed} failed:\n{proc.stderr[-4000:]}")
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    util = json.loads((run_dir / "utilization.json").read_text())
+    train = evaluation["train"]
+    return {
+        "variant": variant,
+        "lr": lr,
+        "seed": seed,
+        "tasks": evaluation["tasks"],
+        "routing": routing_spread(util),
+        "trainable_params": trainable_params(run_dir),
+        "s_per_step": train["wall_s"] / max(train["steps"], 1),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def trainable_params(run_dir: Path) -> int:
+    """Elements in the final checkpoint's trainable tensors (read from the file's header only)."""
+    from safetensors import safe_open
+
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    with safe_open(run_dir / "checkpoints" / latest / "trainable.safetensors", "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def routing_spread(util: dict) -> dict[str, Any] | None:
+    """Per task, how its held-out tokens spread over the experts (None for a model without experts)."""
+    layers = util.get("layers") or {}
+    if not layers:
+        return None
+    tasks, E = util["tasks"], util["num_experts"]
+    shares: dict[str, list[list[float]]] = {t: [] for t in tasks}
+    for counts in layers.values():
+        for x, t in enumerate(tasks):
+            row = counts["tokens"][x]
+            total = sum(row)
+            if total > 0:
+                shares[t].append([c / total for c in row])
+    out: dict[str, Any] = {}
+    for t, per_layer in shares.items():
+        if not per_layer:
+            continue
+        entropy = [-sum(p * math.log(p) for p in s if p > 0) / math.log(E) for s in per_layer]
+        out[t] = {
+            "entropy": statistics.mean(entropy),
+            "top_share": statistics.mean(max(s) for s in per_layer),
+        }
+    seen = [t for t in tasks if shares[t]]
+    pairs = [(a, b) for i, a in enumerate(seen) for b in seen[i + 1 :]]
+    if pairs:
+        tv = [
+            0.5 * sum(abs(p - q) for p, q in zip(sa, sb, strict=True))
+            for a, b in pairs
+            for sa, sb in zip(shares[a], shares[b], strict=True)
+        ]
+        out["task_distance"] = statistics.mean(tv)
+    return out
+
+
+def score_base(study: dict, extra: list[str]) -> dict[str, Any]:
+    """The base model's held-out loss and metrics, by the same code as every run's final evaluation."""
+    import torch
+
+    from mtmoe.config import load_config
+    from mtmoe.data.shards import load_manifest, open_shard
+    from mtmoe.eval.generation import hf_step
+    from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
+    from mtmoe.eval.task_metrics import metric_summary, score_tasks
+    from mtmoe.model.base import load_tokenizer, resolve_base
+    from mtmoe.model.moe_lm import build_base
+
+    torch.set_num_threads(1)
+    cfg = load_config(ROOT / study["recipe"], [*study["common"], *extra])
+    manifest = load_manifest(Path(cfg.data.tokenized))
+    tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
+    names = [t.name for t in manifest.tasks]
+    shards = [open_shard(manifest, n, "eval") for n in names]
+    base = build_base(cfg, len(tokenizer)).eval()
+    losses = heldout_losses(hf_loss_fn(base), shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples)
+    scored = metric_summary(score_tasks(hf_step(base), manifest, names, tokenizer, cfg.data.eval_gen_samples))
+    return {n: {**losses[n], **scored.get(n, {})} for n in names}
+
+
+def mean_loss(run: dict) -> float:
+    return statistics.mean(t["loss"] for t in run["tasks"].values())
+
+
+def best_lr(runs: dict, variant: str, seed: int) -> float | None:
+    """The rate of `variant` with the lowest mean held-out loss at `seed` (None before any ran)."""
+    tried = [r for r in runs.values() if r["variant"] == variant and r["seed"] == seed]
+    return min(tried, key=mean_loss)["lr"] if tried else None
+
+
+def plan_seeds(study: dict, runs: dict, variants: list[str]) -> list[tuple[str, float, int]]:
+    """Phase 2: the other seeds of the seeded variants and of the best `seeded_best_of` variant."""
+    first = study["seeds"][0]
+    candidates = [v for v in study.get("seeded_best_of", []) if v in variants and best_lr(runs, v, first)]
+    best_of = []
+    if candidates:
+        score = {v: min(mean_loss(r) for r in runs.values() if r["variant"] == v) for v in candidates}
+        best_of = [min(candidates, key=score.get)]
+    seeded = [v for v in study.get("seeded", []) if v in variants] + best_of
+    return [(v, best_lr(runs, v, first), s) for v in seeded for s in study["seeds"][1:]]
+
+
+def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path: Path | None) -> dict:
+    result = json.loads(json_path.read_text()) if json_path is not None and json_path.exists() else {}
+    result.setdefault("runs", {})
+    result["study"] = study
+    variants = args.only or list(study["variants"])
+    if "base" not in result:
+        result["base"] = score_base(study, extra)
+    lock = threading.Lock()
+
+    def launch(job: tuple[str, float, int]) -> None:
+        key = run_key(*job)
+        if key in result["runs"]:
+            return
+        record = train_run(study, *job, args.out, extra)
+        with lock:
+            result["runs"][key] = record
+            print(
+                f"[study] {key}: mean held-out loss {mean_loss(record):.4f} ({record['wall_s']:.0f} s)",
+                flush=True,
+            )
+            write_result(result, json_path)
+
+    tune = [(v, lr, study["seeds"][0]) for v in variants for lr in study["lrs"]]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(launch, tune))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(launch, plan_seeds(study, result["runs"], variants)))
+    return result
+
+
+def _mean_std(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def chosen_runs(result: dict) -> dict[str, list[dict]]:
+    """Per variant, the runs at its chosen rate (every seed)."""
+    study, runs = result["study"], result["runs"]
+    out = {}
+    for v in study["variants"]:
+        lr = best_lr(runs, v, study["seeds"][0])
+        if lr is not None:
+            out[v] = [r for r in runs.values() if r["variant"] == v and r["lr"] == lr]
+    return out
+
+
+def _short(study: dict, variant: str) -> str:
+    """A variant's label up to its closing parenthesis: "(a)"."""
+    return study["variants"][variant]["label"].split(")")[0] + ")"
+
+
+def _spread_cell(spread: dict | None) -> str:
+    return "—" if spread is None else f"{spread['entropy']:.2f} / {spread['top_share']:.2f}"
+
+
+def render_markdown(result: dict) -> str:
+    """The README's tables, from the study's JSON (pure).
+
+    Per task, its metric and loss per variant (mean ± std over seeds) and the base model's; how each MoE
+    variant routes each task; seconds per step; and one line per task on which variant leads and whether
+    its lead exceeds the seed spread.
+    """
+    study, base = result["study"], result["base"]
+    chosen = chosen_runs(result)
+    tasks = list(base)
+    metric = {t: base[t].get("metric") for t in tasks}
+    scored = [t for t in tasks if metric[t]]
+    header = ["variant", "lr", "seeds", *[f"{t} {metric[t]}" for t in scored], *[f"{t} loss" for t in tasks]]
+    rows = [
+        ["base model", "—", "—", *[f"{base[t]['score']:.2f}" for t in scored]]
+        + [f"{base[t]['loss']:.3f}" for t in tasks]
+    ]
+    for v, runs in chosen.items():
+        cells = [study["variants"][v]["label"], f"{runs[0]['lr']:g}", str(len(runs))]
+        cells += [_mean_std([r["tasks"][t]["score"] for r in runs]) for t in scored]
+        cells += [_mean_std([r["tasks"][t]["loss"] for r in runs], 3) for t in tasks]
+        rows.append(cells)
+    text = table(header, rows, "lrr" + "r" * (len(header) - 3))
+    routing_rows = []
+    for v, runs in chosen.items():
+        spread = runs[0]["routing"]
+        if spread is not None:
+            cells = [
+                f"{spread[t]['entropy']:.2f} / {spread[t]['top_share']:.2f}" if t in spread else "—"
+                for t in tasks
+            ]
+            routing_rows.append([_short(study, v), *cells, f"{spread.get('task_distance', 0.0):.3f}"])
+    if routing_rows:
+        head = ["variant", *[f"{t}: entropy / largest share" for t in tasks], "distance between tasks"]
+        text += "\n\n" + table(head, routing_rows, "l" + "r" * (len(head) - 1))
+    speed = [
+        f"{_short(study, v)} {statistics.mean(r['s_per_step'] for r in runs):.1f} s"
+        for v, runs in chosen.items()
+    ]
+    text += "\n\n" + paragraph(f"Seconds per training step (wall, runs side by side): {', '.join(speed)}.")
+    text += "\n\n" + paragraph(" ".join(verdicts(chosen, study, tasks, metric)))
+    return text
+
+
+def verdicts(chosen: dict, study: dict, tasks: list[str], metric: dict) -> list[str]:
+    """Per task: the leading variant by its metric (or loss), and whether its lead beats the seed spread."""
+    lines = []
+    for t in tasks:
+        key, sign = ("score", 1) if metric[t] else ("loss", -1)
+        means = {v: statistics.mean(r["tasks"][t][key] for r in runs) for v, runs in chosen.items()}
+        if len(means) < 2:
+            continue
+        best, second = sorted(means, key=lambda v: sign * means[v], reverse=True)[:2]
+        gap = abs(means[best] - means[second])
+        spreads = [statistics.stdev(r["tasks"][t][key] for r in chosen[v]) for v in (best, second)
+                   if len(chosen[v]) > 1]  # fmt: skip
+        if spreads:
+            note = f"{'beyond' if gap > max(spreads) else 'within'} the seed spread ({max(spreads):.2f})"
+        else:
+            note = "with one seed each, so no spread to compare with"
+        what = metric[t] or "loss"
+        lines.append(f"{t}: {_short(study, best)} leads {_short(study, second)} by {gap:.2f} {what}, {note}.")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
+    parser.add_argument("--out", type=Path, default=Path("runs/quality_study"), help="the runs' folder")
+    parser.add_argument("--json", type=Path, default=None, help=f"result path (default {RESULT})")
+    parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 steps; needs --json")
+    parser.add_argument("--data", type=Path, default=None, help="tokenized tasks (default: the recipe's)")
+    parser.add_argument("--render", type=Path, default=None, help="only print the tables of this JSON")
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        return print_rendered(args.render, render_markdown)
+    study = yaml.safe_load(STUDY.read_text())
+    if unknown := sorted(set(args.only or []) - set(study["variants"])):
+        parser.error(f"--only: unknown variant(s) {unknown}; known: {list(study['variants'])}")
+    extra = [f"data.tokenized={args.data}"] if args.data else []
+    json_path = args.json or RESULT
+    if args.smoke:
+        if args.json is None:
+            parser.error("--smoke: give --json (a smoke run never replaces the real result)")
+        study = {
+            **study,
+            "common": [*study["common"], *SMOKE["common"]],
+            "lrs": SMOKE["lrs"],
+            "seeds": SMOKE["seeds"],
+        }
+        args.only = args.only or SMOKE["only"]
+        extra += list(TINY_OVERRIDES)
+    result = run_study(study, args, extra, json_path)
+    print(render_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
