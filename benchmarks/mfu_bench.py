@@ -38,6 +38,7 @@ whether the target is met; `render_markdown` gives the README table (`--render P
 Run (from the repository root; the base model is the cached HF folder under .cache/):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/mfu_bench.py          # ~4 min, full
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/mfu_bench.py --quick  # ~2 min, prints
+    ... --quick --tiny   # the smoke test: both configs as a tiny random Llama
     .venv/bin/python benchmarks/mfu_bench.py --render benchmarks/results/mfu_bench.json
 """
 
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_cli import TINY_OVERRIDES
 from harness import CliDefaults, Table, cli_main, machine_info, time_rounds, timing_settings
 from model_step_bench import RECIPE, SETUP, VOCAB, frozen_floor_loss, make_batch, make_step, trainable
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -79,7 +81,7 @@ CONFIGS: dict[str, list[str]] = {
 }
 KINDS = ("mtmoe", "floor")
 VARIANTS = (PEAK, *(f"{c}_{k}" for c in CONFIGS for k in KINDS))
-CLI = CliDefaults(rounds=8, iters=1, warmup=1, quick=(1, 1, 1), iter_name="calls", out=DEFAULT_OUT)
+CLI = CliDefaults(rounds=8, iters=1, warmup=1, quick=(1, 1, 1), iter_name="calls", out=DEFAULT_OUT, tiny=True)
 TABLE = Table(
     VARIANTS,
     header=f"{'variant':<22}{'median s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'x peak':>8}",
@@ -252,15 +254,19 @@ def utilization(
     return gflop_per_s, ratio, per_round
 
 
-def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict[str, Any]:
-    """Builds both configs, counts their FLOPs, times everything interleaved; returns the result record."""
+def run(rounds: int, iters: int, warmup: int, seed: int = 0, tiny: bool = False) -> dict[str, Any]:
+    """Builds both configs, counts their FLOPs, times everything interleaved; returns the result record.
+
+    `tiny` (the smoke test) makes both configs the tiny random Llama.
+    """
+    configs = {n: list(TINY_OVERRIDES) for n in CONFIGS} if tiny else CONFIGS
     torch.set_num_threads(1)
     load_start = os.getloadavg()
     batch = make_batch(seed)
     steps, flops, counted, shapes = {}, {}, {}, {}
     steps[PEAK], flops[PEAK] = peak_step()
     t0 = time.perf_counter()
-    for name, overrides in CONFIGS.items():
+    for name, overrides in configs.items():
         moe, aux_coef = build_config_model(overrides)
         shapes[name] = model_shape(moe)
         for kind, step in config_steps(moe, aux_coef, batch).items():
@@ -286,7 +292,7 @@ def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict[str, Any]:
             "tokens": tokens,
             "target_tokens": targets,
             "recipe": SETUP["recipe"],
-            "configs": {n: {"overrides": CONFIGS[n], **shapes[n]} for n in CONFIGS},
+            "configs": {n: {"overrides": configs[n], **shapes[n]} for n in configs},
             "seed": seed,
         },
         "timing": {**timing_settings(rounds, iters, warmup), "setup_wall_s": setup_wall_s},

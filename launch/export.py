@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> Path:
     def score(kind, step):
         if not args.no_metrics and has_metrics(manifest, names):
             scored[kind] = score_tasks(
-                step, manifest, names, tokenizer, cfg.data.eval_gen_samples, 8, progress=True
+                step, manifest, names, tokenizer, cfg.data.eval_gen_samples, batch_size=8, progress=True
             )
 
     losses = {"moe": heldout_losses(lambda *b: model(*b)[0], shards, pad, 8, n, progress="loss: MoE")}

@@ -23,7 +23,7 @@ QUICK = {
     "family_bench": ["--quick"],
     "loss_bench": ["--quick"],
     "ep_bench": ["--quick"],
-    "mfu_bench": ["--quick"],
+    "mfu_bench": ["--quick", "--tiny"],
     "profile_step": ["--quick", "--tiny"],
     "inference_bench": ["--quick"],
     "model_step_bench": ["--quick", "--tiny"],

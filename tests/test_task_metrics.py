@@ -262,9 +262,9 @@ def _ep_worker(rank, world, data):
     manifest = load_manifest(data)
     tok = load_tokenizer(ensure_smollm2())
     names = [t.name for t in manifest.tasks]
-    one = score_tasks(_tiny_model().next_token_logits, manifest, names, tok, 0, 2, 0, 1)
+    one = score_tasks(_tiny_model().next_token_logits, manifest, names, tok, 0, batch_size=2)
     ep = _tiny_model(create_placement(2, 4))
-    two = score_tasks(ep.next_token_logits, manifest, names, tok, 0, 2, rank, world)
+    two = score_tasks(ep.next_token_logits, manifest, names, tok, 0, batch_size=2, rank=rank, world=world)
     return one, two
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mtmoe.data.references import MetricSpec, Reference
+from mtmoe.model.moe_lm import decode_step
 
 # (input_ids_BS, attention_mask_BS (whole sequence so far), position_ids_BS, cache, task_ids_B)
 #   -> (logits_BV at each row's last position, cache)
@@ -38,15 +39,7 @@ def hf_step(model: torch.nn.Module) -> StepFn:
     """The decoding step of a plain HF causal LM (the task ids are ignored)."""
 
     def step(ids_BS, attn_BS, pos_BS, cache, task_B):
-        out = model(
-            input_ids=ids_BS,
-            attention_mask=attn_BS,
-            position_ids=pos_BS,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1].float(), out.past_key_values
+        return decode_step(model, ids_BS, attn_BS, pos_BS, cache)
 
     return step
 

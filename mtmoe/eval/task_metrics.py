@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from mtmoe.data.shards import Manifest, open_references, open_shard
 from mtmoe.eval.generation import StepFn, generation_metrics
 from mtmoe.eval.metrics import get_metric
@@ -21,21 +19,12 @@ def has_metrics(manifest: Manifest, names: list[str]) -> bool:
 
 
 def score_tasks(
-    step: StepFn,
-    manifest: Manifest,
-    names: list[str],
-    tokenizer,
-    max_samples: int = 0,
-    batch_size: int = 8,
-    rank: int = 0,
-    world: int = 1,
-    device: torch.device | None = None,
-    progress: bool = False,
+    step: StepFn, manifest: Manifest, names: list[str], tokenizer, max_samples: int = 0, **settings: Any
 ) -> dict[str, dict[str, Any]]:
     """Each named task's declared metric on greedy answers to its held-out prompts.
 
-    Tasks without a metric are left out. See `mtmoe.eval.generation.generation_metrics` for the
-    arguments and the result; every rank must call this together.
+    Tasks without a metric are left out. `settings` (batch size, rank, world, device, progress) and the
+    result are those of `mtmoe.eval.generation.generation_metrics`; every rank must call this together.
     """
     tasks = []
     for name in names:
@@ -44,18 +33,8 @@ def score_tasks(
             tasks.append((open_shard(manifest, name, "eval"), open_references(manifest, name), spec))
     if not tasks:
         return {}
-    return generation_metrics(
-        step,
-        tasks,
-        lambda metric: get_metric(metric).score,
-        tokenizer,
-        max_samples,
-        batch_size,
-        rank,
-        world,
-        device,
-        progress,
-    )
+    score = lambda metric: get_metric(metric).score  # noqa: E731
+    return generation_metrics(step, tasks, score, tokenizer, max_samples, **settings)
 
 
 def metric_summary(scored: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -135,17 +135,9 @@ class MoELM(nn.Module):
         ctx.task_T = task_ids_B[:, None].expand_as(input_ids_BS).reshape(-1)
         ctx.aux_losses = []
         try:
-            out = self.lm(
-                input_ids=input_ids_BS,
-                attention_mask=attention_mask_BS,
-                position_ids=position_ids_BS,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            return decode_step(self.lm, input_ids_BS, attention_mask_BS, position_ids_BS, cache)
         finally:
             ctx.record, ctx.aux_losses = recording, []
-        return out.logits[:, -1].float(), out.past_key_values
 
     def set_recording(self, on: bool) -> None:
         """Turns utilization counting on or off (and resets the counters when turning it on)."""
@@ -153,6 +145,32 @@ class MoELM(nn.Module):
         if on:
             for block in moe_blocks(self.lm).values():
                 block.reset_utilization()
+
+
+@torch.no_grad()
+def decode_step(
+    lm: PreTrainedModel,
+    input_ids_BS: torch.Tensor,
+    attention_mask_BS: torch.Tensor,
+    position_ids_BS: torch.Tensor,
+    cache: Any,
+) -> tuple[torch.Tensor, Any]:
+    """One decoding forward of an HF causal LM with its KV cache.
+
+    The mask covers the whole sequence so far; the ids and positions are the new tokens'.
+
+    Returns:
+        (fp32 logits_BV at each row's last position, the updated cache).
+    """
+    out = lm(
+        input_ids=input_ids_BS,
+        attention_mask=attention_mask_BS,
+        position_ids=position_ids_BS,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1].float(), out.past_key_values
 
 
 def build_base(cfg: Config, vocab_size: int, cache_dir: Path | None = None) -> PreTrainedModel:

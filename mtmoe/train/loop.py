@@ -523,10 +523,10 @@ def _score(engine, model: MoELM, manifest, names, tokenizer, cfg: Config, info: 
         names,
         tokenizer,
         cfg.data.eval_gen_samples,
-        2 * cfg.train.micro_batch_size,
-        info.rank,
-        info.world_size,
-        device,
+        batch_size=2 * cfg.train.micro_batch_size,
+        rank=info.rank,
+        world=info.world_size,
+        device=device,
         progress=info.is_main,
     )
     engine.train()

@@ -8,10 +8,10 @@ from __future__ import annotations
 from mtmoe.data.references import MetricSpec, Reference
 from mtmoe.eval.metrics.base import TaskMetric, normalize
 from mtmoe.eval.metrics.pass_at_1 import PassAt1
-from mtmoe.eval.metrics.sacre import Bleu, ChrF
+from mtmoe.eval.metrics.sacre import BLEU, CHRF
 from mtmoe.eval.metrics.text import Accuracy, ExactMatch
 
-METRICS: dict[str, TaskMetric] = {m.name: m for m in (PassAt1(), ChrF(), Bleu(), ExactMatch(), Accuracy())}
+METRICS: dict[str, TaskMetric] = {m.name: m for m in (PassAt1(), CHRF, BLEU, ExactMatch(), Accuracy())}
 
 
 def get_metric(name: str) -> TaskMetric:

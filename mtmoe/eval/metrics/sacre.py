@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sacrebleu
 
 from mtmoe.data.references import MetricSpec, Reference
 from mtmoe.eval.metrics.base import TaskMetric
 
 
-class ChrF(TaskMetric):
-    """sacrebleu's corpus chrF (character n-grams, β = 2), one reference per sample."""
+class CorpusScore(TaskMetric):
+    """A sacrebleu corpus score with its default settings, one reference per sample.
 
-    name = "chrf"
+    Args:
+        name: The metric's registry name.
+        corpus_score: `sacrebleu.corpus_chrf` (character n-grams, β = 2) or `sacrebleu.corpus_bleu`
+            (13a tokenizer).
+    """
 
-    def score(self, answers: list[str], refs: list[Reference], spec: MetricSpec) -> dict[str, float]:
-        """Corpus chrF, 0–100."""
-        if not answers:
-            return {"score": 0.0}
-        return {"score": sacrebleu.corpus_chrf(answers, [[r.answer for r in refs]]).score}
-
-
-class Bleu(TaskMetric):
-    """sacrebleu's corpus BLEU with its default 13a tokenizer, one reference per sample."""
-
-    name = "bleu"
+    def __init__(self, name: str, corpus_score: Callable):
+        self.name, self._corpus_score = name, corpus_score
 
     def score(self, answers: list[str], refs: list[Reference], spec: MetricSpec) -> dict[str, float]:
-        """Corpus BLEU, 0–100."""
+        """The corpus score, 0–100 (0 with no sample)."""
         if not answers:
             return {"score": 0.0}
-        return {"score": sacrebleu.corpus_bleu(answers, [[r.answer for r in refs]]).score}
+        return {"score": self._corpus_score(answers, [[r.answer for r in refs]]).score}
+
+
+CHRF = CorpusScore("chrf", sacrebleu.corpus_chrf)
+BLEU = CorpusScore("bleu", sacrebleu.corpus_bleu)
