@@ -36,45 +36,32 @@ def run_cmd(args, env_extra=None, timeout=600):
 
 
 @pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    """Small slices of the three real demo tasks, tokenized with the real tokenizer (max_len 128)."""
-    root = tmp_path_factory.mktemp("demo_data")
-    run_cmd(
-        [
-            sys.executable,
-            "data_prep/build_demo_tasks.py",
-            "--out",
-            root / "jsonl",
-            "--langs",
-            "de",
-            "--max-docstring",
-            "60",
-        ]
-    )
-    tasks = [f"--task={t}={root / 'jsonl' / t}.jsonl" for t in ("codegen", "docstring", "translate")]
-    run_cmd(
-        [
-            sys.executable,
-            "data_prep/tokenize_tasks.py",
-            *tasks,
-            "--tokenizer",
-            "smollm2-135m-instruct",
-            "--max-len",
-            "128",
-            "--eval-fraction",
-            "0.2",
-            "--max-eval",
-            "6",
-            "--metric",
-            "codegen=pass@1",
-            "--metric",
-            "translate=chrf",
-            "--gen-tokens",
-            "translate=8",
-            "--gen-tokens",
-            "codegen=16",
-            "--out",
-            root / "tokenized",
-        ]
-    )
-    return root / "tokenized"
+def demo_jsonl(tmp_path_factory):
+    """The real demo tasks, small: German translations, 60 docstrings, 20 langid strings per language."""
+    root = tmp_path_factory.mktemp("demo_jsonl")
+    args = ["--langs", "de", "--max-docstring", "60", "--max-langid", "20"]
+    run_cmd([sys.executable, "data_prep/build_demo_tasks.py", "--out", root, *args])
+    return root
+
+
+def _tokenize(jsonl, out, *extra):
+    tasks = [f"--task={t}={jsonl / t}.jsonl" for t in ("codegen", "docstring", "translate")]
+    common = ["--tokenizer", "smollm2-135m-instruct", "--max-len", "128", "--eval-fraction", "0.2"]
+    run_cmd([sys.executable, "data_prep/tokenize_tasks.py", *tasks, *common, "--max-eval", "6", *extra,
+             "--out", out])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_data(demo_jsonl, tmp_path_factory):
+    """Small slices of the three real demo tasks, tokenized with the real tokenizer (max_len 128);
+    scored by loss only, so training runs skip generation."""
+    return _tokenize(demo_jsonl, tmp_path_factory.mktemp("demo_data") / "tokenized")
+
+
+@pytest.fixture(scope="session")
+def demo_data_metrics(demo_jsonl, tmp_path_factory):
+    """The same slices, with codegen scored by pass@1 and translate by chrF (docstring: loss only)."""
+    metrics = ["--metric", "codegen=pass@1", "--metric", "translate=chrf"]
+    caps = ["--gen-tokens", "translate=8", "--gen-tokens", "codegen=16"]
+    return _tokenize(demo_jsonl, tmp_path_factory.mktemp("demo_data_metrics") / "tokenized", *metrics, *caps)

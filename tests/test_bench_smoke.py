@@ -5,6 +5,7 @@ would (`python benchmarks/<name>.py --quick ...`, in its own process), with a ti
 the real model is too slow (`--tiny`). Timings mean nothing here and nothing asserts on them.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.timeout(300)
 HELPERS = {"harness", "bench_cli", "md_tables", "render_readme"}  # libraries of the scripts, not benchmarks
 # Scripts whose quick path has a test file of its own.
 TESTED_ELSEWHERE = {"export_comparison": "test_export_comparison.py", "gpu_bench": "test_gpu_bench.py"}
-# The quick command line of every other benchmark; {data} is the tests' tokenized demo slices.
+# The quick command line of every other benchmark; {data} is the tests' tokenized demo slices ({metrics_data}
+# with metrics declared).
 QUICK = {
     "block_bench": ["--quick"],
     "family_bench": ["--quick"],
@@ -30,7 +32,7 @@ QUICK = {
     "memory_bench": ["--quick", "--tiny"],
     "packing_bench": ["--quick", "--tiny", "--data", "{data}"],
     "balance_study": ["--quick", "--data", "{data}", "--only", "coba", "--out", "{tmp}/runs"],
-    "quality_study": ["--smoke", "--data", "{data}", "--out", "{tmp}/runs"],
+    "quality_study": ["--smoke", "--data", "{metrics_data}", "--out", "{tmp}/runs"],
 }
 JSON_FLAG = {"balance_study": "--json", "quality_study": "--json"}  # the others take --out
 
@@ -53,23 +55,27 @@ def bench_module(monkeypatch):
 
 
 @pytest.mark.parametrize("name", sorted(QUICK))
-def test_quick_mode_runs_and_renders(name, demo_data, tmp_path, bench_module):
+def test_quick_mode_runs_and_renders(name, demo_data, demo_data_metrics, tmp_path, bench_module):
     out = tmp_path / f"{name}.json"
-    args = [a.format(data=demo_data, tmp=tmp_path) for a in QUICK[name]]
+    args = [a.format(data=demo_data, metrics_data=demo_data_metrics, tmp=tmp_path) for a in QUICK[name]]
     run_cmd([sys.executable, f"benchmarks/{name}.py", *args, JSON_FLAG.get(name, "--out"), out])
     result = json.loads(out.read_text())
     table = bench_module(name).render_markdown(result)
     assert table.count("\n|") >= 2, table  # a header, its rule and rows
 
 
-def test_tiny_never_writes_the_real_result():
-    for name in ("model_step_bench", "memory_bench", "packing_bench", "profile_step"):
-        args = [sys.executable, f"benchmarks/{name}.py", "--tiny"]
-        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0 and "--tiny: give --quick or --out" in proc.stderr, name
-    args = [sys.executable, "benchmarks/quality_study.py", "--smoke"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--smoke: give --json" in proc.stderr
+def test_tiny_never_writes_the_real_result(bench_module):
+    cli = bench_module("bench_cli")
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        cli.check_tiny(parser, tiny=True, quick=False, has_out=False)
+    cli.check_tiny(parser, tiny=True, quick=True, has_out=False)  # prints only
+    cli.check_tiny(parser, tiny=True, quick=False, has_out=True)  # writes where it is told
+    for name in ("model_step_bench", "quality_study"):  # end to end: the shared parser and the study's own
+        flag = "--tiny" if name == "model_step_bench" else "--smoke"
+        proc = subprocess.run([sys.executable, f"benchmarks/{name}.py", flag], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode != 0 and ("--tiny: give" in proc.stderr or "--smoke: give" in proc.stderr)
 
 
 def test_every_balance_study_scheme_is_a_valid_config(bench_module):

@@ -54,7 +54,8 @@ PLAIN_LOAD = textwrap.dedent(
 )
 
 
-def test_train_export_report_and_plain_transformers_reload(demo_data, tmp_path):
+def test_train_export_report_and_plain_transformers_reload(demo_data_metrics, tmp_path):
+    demo_data = demo_data_metrics
     run = tmp_path / "run"
     train(demo_data, run, env={"WANDB_MODE": "offline"})
     assert list((run / "wandb").glob("offline-run-*")), "wandb did not write an offline run"

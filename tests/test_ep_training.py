@@ -31,8 +31,10 @@ def assert_same_run(a, b, steps=range(1, 7), atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def runs(demo_data, tmp_path_factory):
-    """Trains each (world, ep_size, options) once for the whole module."""
+def runs(demo_data_metrics, tmp_path_factory):
+    """Trains each (world, ep_size, options) once for the whole module (codegen and translate declare
+    metrics, so every run also generates and scores its answers at the end)."""
+    demo_data = demo_data_metrics
     root = tmp_path_factory.mktemp("ep_runs")
     cache = {}
 
