@@ -190,6 +190,7 @@ def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path
     variants = args.only or list(study["variants"])
     if "base" not in result:
         result["base"] = score_base(study, extra)
+        write_result(result, json_path)
     lock = threading.Lock()
 
     def launch(job: tuple[str, float, int]) -> None:
@@ -205,7 +206,8 @@ def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path
             )
             write_result(result, json_path)
 
-    tune = [(v, lr, study["seeds"][0]) for v in variants for lr in study["lrs"]]
+    # rate-major: every variant at the first rate before any at the second, so a partial study compares
+    tune = [(v, lr, study["seeds"][0]) for lr in study["lrs"] for v in variants]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(launch, tune))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
