@@ -33,6 +33,9 @@ def test_exact_match_and_accuracy_by_hand():
     acc, spec = get_metric("accuracy"), MetricSpec(name="accuracy", max_new_tokens=2, labels=("pos", "neg"))
     got = acc.score(["POS", "neg", "maybe", "neg"], refs("pos", "pos", "neg", "neg"), spec)
     assert got == {"score": 50.0, "invalid": 25.0}  # "maybe" is no label: wrong, and counted invalid
+    # an answer that names exactly one label as a word gives it; naming two, or part of a word, none
+    got = acc.score(["It is pos.", "pos or neg", "negative", "Neg!"], refs("pos", "pos", "neg", "neg"), spec)
+    assert got == {"score": 50.0, "invalid": 50.0}
 
 
 def test_chrf_and_bleu_are_sacrebleus_corpus_scores():
@@ -59,6 +62,10 @@ def code_ref():
     [
         ("    return 2 * x\n", "passed"),
         ("Here it is:\n```python\n    return x + x\n```\nDone.", "passed"),  # the fenced block is the code
+        ("```\n    return x + x\n", "passed"),  # an opening fence that is never closed
+        # a chat model's whole function, its usage and prose after a closing fence: the function is tested
+        ("def double(x):\n    return 2 * x\n\nprint(double(3))\n```\nThis doubles x.", "passed"),
+        ("def double(y):\n    return y\n```\nThis returns y.", "failed"),
         ("    return x * x\n", "failed"),  # wrong
         ("    raise RuntimeError('boom')\n", "failed"),  # crashes
         ("    import os\n    os.abort()\n", "failed"),  # dies by a signal

@@ -1,7 +1,10 @@
 """pass@1 for code: each answer is run against the tests its record carries, in a sandboxed process.
 
-The program is `code_prefix + code + test + check(entry_point)` (HumanEval's layout), where `code` is
-the answer's first fenced code block, or the whole answer if it has none. It runs in a fresh Python
+The program is `code_prefix + code + test + check(entry_point)` (HumanEval's layout). `code` is the
+answer's fenced code (`extract_code`: a chat model's prose around its code is cut). An answer that
+writes the whole function (a line `def <entry_point>(` at column 0) replaces the prefix's function
+instead of continuing it: the prefix's body becomes `pass` and the answer's definition follows, so the
+prefix's imports still apply. It runs in a fresh Python
 (`-I`: no environment, no user site) in a temporary directory of its own, as a process group of its own,
 with these limits:
 - wall time `TIMEOUT_S`, after which the whole group is killed (a hanging program fails);
@@ -34,7 +37,6 @@ from mtmoe.eval.metrics.base import TaskMetric
 TIMEOUT_S = 5.0
 MEMORY_MB = 1024
 WORKERS = 2
-_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.DOTALL)
 _SOCKET_GUARD = (
     "import socket as _s\n"
     "def _no_network(*a, **k):\n"
@@ -45,14 +47,29 @@ _SOCKET_GUARD = (
 
 
 def extract_code(answer: str) -> str:
-    """The answer's first fenced code block (```...```), or the whole answer if it has none."""
-    match = _FENCE.search(answer)
-    return match.group(1) if match else answer
+    """The code of an answer, by its fence lines (lines that start with three backticks).
+
+    Two or more: the text between the first two. One: the text before it when there is any (a closing
+    fence, with prose after it), else the text after it. None: the whole answer.
+    """
+    lines = answer.split("\n")
+    fences = [i for i, line in enumerate(lines) if line.lstrip().startswith("```")]
+    if len(fences) >= 2:
+        return "\n".join(lines[fences[0] + 1 : fences[1]])
+    if len(fences) == 1:
+        before = "\n".join(lines[: fences[0]])
+        return before if before.strip() else "\n".join(lines[fences[0] + 1 :])
+    return answer
 
 
 def program(answer: str, ref: Reference) -> str:
-    """The test program of one answer."""
-    return f"{ref.code_prefix}{extract_code(answer)}\n\n{ref.test}\n\ncheck({ref.entry_point})\n"
+    """The test program of one answer (see the module docstring)."""
+    code = extract_code(answer)
+    prefix = ref.code_prefix
+    whole = re.search(rf"^(async\s+)?def\s+{re.escape(ref.entry_point or '')}\s*\(", code, re.MULTILINE)
+    if prefix and whole:
+        prefix = f"{prefix.rstrip()}\n    pass\n\n"
+    return f"{prefix}{code}\n\n{ref.test}\n\ncheck({ref.entry_point})\n"
 
 
 @functools.cache

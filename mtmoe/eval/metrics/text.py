@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from mtmoe.data.references import MetricSpec, Reference
 from mtmoe.eval.metrics.base import TaskMetric, normalize
 
@@ -21,11 +23,25 @@ class ExactMatch(TaskMetric):
         return {"score": _percent(hits, len(answers))}
 
 
+def label_of(answer: str, labels: tuple[str, ...]) -> str | None:
+    """The label an answer gives, or None.
+
+    The label it equals after `normalize`, else the only label it names as a whole word ("This text is
+    in German." gives German); None when it names none or several.
+    """
+    norm = {normalize(label): label for label in labels}
+    text = normalize(answer)
+    if text in norm:
+        return norm[text]
+    named = [label for key, label in norm.items() if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", text)]
+    return named[0] if len(named) == 1 else None
+
+
 class Accuracy(TaskMetric):
     """Classification accuracy over the task's label set.
 
-    An answer counts as the label it equals after `normalize`; an answer that is no label is wrong
-    (and counted as `invalid`).
+    An answer counts as the label it gives (`label_of`); an answer that gives no label, or several, is
+    wrong, and counted as `invalid`.
     """
 
     name = "accuracy"
@@ -39,11 +55,10 @@ class Accuracy(TaskMetric):
 
     def score(self, answers: list[str], refs: list[Reference], spec: MetricSpec) -> dict[str, float]:
         """Percentage correct, and the percentage of answers that were no label."""
-        labels = {normalize(label) for label in spec.labels}
         hits = invalid = 0
         for p, r in zip(answers, refs, strict=True):
-            guess = normalize(p)
-            invalid += guess not in labels
-            hits += guess in labels and guess == normalize(r.answer)
+            guess = label_of(p, spec.labels)
+            invalid += guess is None
+            hits += guess is not None and normalize(guess) == normalize(r.answer)
         n = len(answers)
         return {"score": _percent(hits, n), "invalid": _percent(invalid, n)}
