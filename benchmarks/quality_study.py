@@ -284,7 +284,23 @@ def render_markdown(result: dict) -> str:
     ]
     text += "\n\n" + paragraph(f"Seconds per training step (wall, runs side by side): {', '.join(speed)}.")
     text += "\n\n" + paragraph(" ".join(verdicts(chosen, study, tasks, metric)))
-    return text
+    return paragraph(progress(result)) + "\n\n" + text
+
+
+def progress(result: dict) -> str:
+    """Which rates and seeds each variant has run so far (a partial study says so)."""
+    study, runs = result["study"], result["runs"].values()
+    done = []
+    for v in study["variants"]:
+        mine = [r for r in runs if r["variant"] == v]
+        if mine:
+            rates = sorted({r["lr"] for r in mine if r["seed"] == study["seeds"][0]})
+            seeds = sorted({r["seed"] for r in mine})
+            done.append(f"{_short(study, v)} rates {', '.join(f'{x:g}' for x in rates)}; seeds {seeds}")
+    missing = [_short(study, v) for v in study["variants"] if not any(r["variant"] == v for r in runs)]
+    total = len(study["variants"]) * len(study["lrs"])
+    text = f"Runs so far: {len(result['runs'])} (the rate search alone is {total}). " + "; ".join(done) + "."
+    return text + (f" Not run yet: {', '.join(missing)}." if missing else "")
 
 
 def verdicts(chosen: dict, study: dict, tasks: list[str], metric: dict) -> list[str]:
@@ -304,7 +320,13 @@ def verdicts(chosen: dict, study: dict, tasks: list[str], metric: dict) -> list[
         else:
             note = "with one seed each, so no spread to compare with"
         what = metric[t] or "loss"
-        lines.append(f"{t}: {_short(study, best)} leads {_short(study, second)} by {gap:.2f} {what}, {note}.")
+        if gap == 0:
+            lines.append(
+                f"{t}: {_short(study, best)} and {_short(study, second)} tie at {means[best]:.2f} {what}."
+            )
+        else:
+            lead = f"{_short(study, best)} leads {_short(study, second)} by {gap:.2f} {what}"
+            lines.append(f"{t}: {lead}, {note}.")
     return lines
 
 
