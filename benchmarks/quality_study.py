@@ -321,9 +321,8 @@ def verdicts(chosen: dict, study: dict, tasks: list[str], metric: dict) -> list[
             note = "with one seed each, so no spread to compare with"
         what = metric[t] or "loss"
         if gap == 0:
-            lines.append(
-                f"{t}: {_short(study, best)} and {_short(study, second)} tie at {means[best]:.2f} {what}."
-            )
+            tied = [_short(study, v) for v in means if means[v] == means[best]]
+            lines.append(f"{t}: {', '.join(tied)} tie at {means[best]:.2f} {what}.")
         else:
             lead = f"{_short(study, best)} leads {_short(study, second)} by {gap:.2f} {what}"
             lines.append(f"{t}: {lead}, {note}.")

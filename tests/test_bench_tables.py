@@ -10,6 +10,7 @@ from conftest import ROOT
 EXPECTED = {
     "block_bench", "family_bench", "ep_bench", "balance_study", "export_comparison", "model_step_bench",
     "mfu_bench", "profile_step", "loss_bench", "packing_bench", "memory_bench", "inference_bench",
+    "quality_study",
 }  # fmt: skip
 
 
