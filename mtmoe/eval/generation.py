@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mtmoe.balance.task_loss import all_reduce_sum
 from mtmoe.data.references import MetricSpec, Reference
 from mtmoe.model.moe_lm import decode_step
 
@@ -58,10 +59,7 @@ def _any_anywhere(flag: bool, sync: bool) -> bool:
     """True if `flag` is True on any rank (with `sync`, a collective over the process group)."""
     if not sync:
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
 
 
 @torch.no_grad()
