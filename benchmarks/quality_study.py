@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,11 @@ def prepare_data(study: dict) -> None:
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
+def rates(study: dict, variant: str) -> list[float]:
+    """The learning rates `variant` is tried at: its own `lrs`, or the study's."""
+    return study["variants"][variant].get("lrs", study["lrs"])
+
+
 def run_key(variant: str, lr: float, seed: int) -> str:
     return f"{variant}|lr={lr:g}|seed={seed}"
 
@@ -74,6 +80,8 @@ def train_run(study: dict, variant: str, lr: float, seed: int, out: Path, extra:
     overrides = [*study["common"], *study["variants"][variant]["overrides"], *extra]
     overrides += [f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={run_dir}"]
     cmd = [sys.executable, "launch/train.py", "--config", study["recipe"], *overrides]
+    if run_dir.exists():  # a run cut short earlier: start it afresh rather than append to its logs
+        shutil.rmtree(run_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -207,7 +215,7 @@ def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path
             write_result(result, json_path)
 
     # rate-major: every variant at the first rate before any at the second, so a partial study compares
-    tune = [(v, lr, study["seeds"][0]) for lr in study["lrs"] for v in variants]
+    tune = [(v, lr, study["seeds"][0]) for lr in study["lrs"] for v in variants if lr in rates(study, v)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(launch, tune))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -298,7 +306,7 @@ def progress(result: dict) -> str:
             seeds = sorted({r["seed"] for r in mine})
             done.append(f"{_short(study, v)} rates {', '.join(f'{x:g}' for x in rates)}; seeds {seeds}")
     missing = [_short(study, v) for v in study["variants"] if not any(r["variant"] == v for r in runs)]
-    total = len(study["variants"]) * len(study["lrs"])
+    total = sum(len(rates(study, v)) for v in study["variants"])
     text = f"Runs so far: {len(result['runs'])} (the rate search alone is {total}). " + "; ".join(done) + "."
     return text + (f" Not run yet: {', '.join(missing)}." if missing else "")
 
@@ -355,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             **study,
             "common": [*study["common"], *SMOKE["common"]],
             "lrs": SMOKE["lrs"],
+            "variants": {k: {**v, "lrs": SMOKE["lrs"]} for k, v in study["variants"].items()},
             "seeds": SMOKE["seeds"],
         }
         args.only = args.only or SMOKE["only"]
