@@ -61,10 +61,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from mtmoe.config import Config
 from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.eval.heldout import LossFn, heldout_losses, hf_loss_fn
-from mtmoe.eval.utilization import load_utilization
+from mtmoe.eval.utilization import expert_shares, load_utilization
 from mtmoe.export.adamerging import adamerge
 from mtmoe.export.dense import MergeSpec, fold_to_dense, save_dense
-from mtmoe.export.prune import expert_shares, keep_experts, renormalise
+from mtmoe.export.prune import keep_experts, renormalise
 from mtmoe.export.run import fade_shares, load_trained_model, model_experts
 from mtmoe.model.moe_lm import MoELM, build_base
 

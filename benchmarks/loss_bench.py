@@ -33,7 +33,7 @@ from harness import (
 )
 from md_tables import table
 
-from mtmoe.balance.task_loss import target_losses_and_logits, target_token_losses
+from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "loss_bench.json"
 D, V = 576, 49152

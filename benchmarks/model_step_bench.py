@@ -13,7 +13,7 @@ Variants:
         rank 8 on all 30 FFNs); `loss_BS, aux = model(...)`, loss = loss_BS.sum() / mask.sum() + 0.01 * aux.
         The LM head runs only at the positions that predict a target.
     mtmoe_moe_lora_full_head: the same model (the same module object), but the full-vocabulary logits
-        from `model.lm(...)` and `mtmoe.balance.task_loss.token_losses`: what the target-only LM head
+        from `model.lm(...)` and `mtmoe.model.token_loss.token_losses`: what the target-only LM head
         saves.
     loop_moe_lora: the same model and parameters, each MoE block computed the way most LoRA-MoE code
         runs today (MixLoRA-style, HF's per-expert loop): per expert, gather its tokens, run the frozen
@@ -73,10 +73,10 @@ from harness import (
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from mtmoe.balance.task_loss import target_token_losses, token_losses
 from mtmoe.config import Config, load_config
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.moe_lm import MoELM, build_base, build_model
+from mtmoe.model.token_loss import target_token_losses, token_losses
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "launch" / "recipes" / "demo.yaml"

@@ -121,9 +121,9 @@ METHODS = (
 )
 FUNCTIONS = (
     ("mtmoe.model.dispatch", "dispatch", "dispatch"),
-    ("mtmoe.balance.task_loss", "target_token_losses", "lm_head_loss"),
-    ("mtmoe.balance.task_loss", "target_losses_and_logits", "lm_head_loss"),
-    ("mtmoe.balance.task_loss", "token_losses", "lm_head_loss"),
+    ("mtmoe.model.token_loss", "target_token_losses", "lm_head_loss"),
+    ("mtmoe.model.token_loss", "target_losses_and_logits", "lm_head_loss"),
+    ("mtmoe.model.token_loss", "token_losses", "lm_head_loss"),
     ("mtmoe.model.fused_ce", "fused_cross_entropy", "lm_head_loss"),
 )
 BLOCK_PARTS = ("router", "dispatch", "lora_ab", "expert_kernel", "ffn_glue")

@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> Path:
     from mtmoe.eval.generation import hf_step
     from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
     from mtmoe.eval.task_metrics import has_metrics, metric_summary, score_tasks
-    from mtmoe.eval.utilization import load_utilization
+    from mtmoe.eval.utilization import expert_shares, load_utilization
     from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas, save_dense, task_gate_shares
     from mtmoe.export.peft_adapters import write_adapter
-    from mtmoe.export.prune import expert_shares, keep_experts, renormalise
+    from mtmoe.export.prune import keep_experts, renormalise
     from mtmoe.export.run import fade_shares, load_trained_model
     from mtmoe.model.moe_lm import build_base
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def _experts(model) -> dict[int, int]:
     """Experts per MoE layer."""
-    from mtmoe.model.inject import moe_blocks
+    from mtmoe.model.walk import moe_blocks
 
     return {i: b.num_experts for i, b in moe_blocks(model.lm).items()}
 

@@ -9,7 +9,7 @@ state and gradients, activations per micro-batch with and without gradient check
 peak and whether it fits the GPU, and the bytes each collective moves per step.
 `--measure` also runs one real micro-batch of the model on this machine (world 1, ZeRO-0, a plain AdamW)
 and prints the planned numbers next to the measured ones: use it on models that fit in CPU memory.
-See `mtmoe/parallel/plan.py` for how each number is found.
+See `mtmoe/plan/` (its `__init__` docstring) for how each number is found.
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from mtmoe.config import load_config
-    from mtmoe.parallel.plan import Workload, check_here, format_plan, manifest_facts, plan
+    from mtmoe.plan.measure import check_here
+    from mtmoe.plan.planner import manifest_facts, plan
+    from mtmoe.plan.report import format_plan
+    from mtmoe.plan.workload import Workload
 
     set_torch_threads()
     cfg = load_config(args.config, args.overrides)

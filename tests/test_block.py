@@ -10,8 +10,9 @@ from mtmoe.model.base import tiny_llama
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.dispatch import sort_by_expert
 from mtmoe.model.experts import UpcycledLoRAExperts
-from mtmoe.model.inject import inject_moe_lora, moe_blocks
+from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.router import TopKRouter, load_balance_loss
+from mtmoe.model.walk import moe_blocks
 
 
 class SwiGLU(nn.Module):

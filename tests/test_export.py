@@ -6,8 +6,8 @@ import torch
 from mtmoe.config import load_config
 from mtmoe.export.dense import fold_to_dense, load_trainable
 from mtmoe.export.merge import weighted_average
-from mtmoe.model.inject import moe_blocks
 from mtmoe.model.moe_lm import build_model, trainable_state_dict
+from mtmoe.model.walk import moe_blocks
 
 
 def test_weighted_average_hand_worked():

@@ -13,11 +13,12 @@ from test_export import _model
 
 from mtmoe.config import load_config
 from mtmoe.eval.heatmap import BLUE, WHITE, heatmap_rgb, png_bytes, task_shares
+from mtmoe.eval.utilization import expert_shares
 from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas
 from mtmoe.export.peft_adapters import lora_factors, write_adapter
-from mtmoe.export.prune import expert_shares, keep_experts, renormalise
-from mtmoe.model.inject import moe_blocks
+from mtmoe.export.prune import keep_experts, renormalise
 from mtmoe.model.moe_lm import build_base
+from mtmoe.model.walk import moe_blocks
 
 UTIL = {
     "tasks": ["a", "b"],

@@ -12,8 +12,8 @@ from conftest import ROOT, run_cmd
 from training_runs import final, losses, train_run
 
 from mtmoe.config import load_config
-from mtmoe.model.inject import moe_blocks
 from mtmoe.model.moe_lm import build_model
+from mtmoe.model.walk import moe_blocks
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtmoe.balance.task_loss import target_losses_and_logits, target_token_losses
 from mtmoe.model.fused_ce import fused_cross_entropy
+from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 
 
 def _reference(hidden_ND, weight_VD, targets_N, grad_N):
@@ -60,7 +60,7 @@ def test_target_token_losses_takes_the_fused_path_and_matches_the_logits_path():
     ids_BS = torch.randint(0, 120, (3, 10))
     mask_BS = (torch.rand(3, 10) > 0.4).long()
     hidden_BSD = torch.randn(3, 10, 16, requires_grad=True)
-    with mock.patch("mtmoe.balance.task_loss.fused_cross_entropy", wraps=fused_cross_entropy) as fused:
+    with mock.patch("mtmoe.model.token_loss.fused_cross_entropy", wraps=fused_cross_entropy) as fused:
         fused_BS = target_token_losses(hidden_BSD, head, ids_BS, mask_BS)
     assert fused.call_count == 1
     (g_fused,) = torch.autograd.grad(fused_BS.sum(), hidden_BSD)

@@ -9,7 +9,9 @@ from conftest import ROOT
 from distributed import run_ranks
 
 from mtmoe.config import load_config
-from mtmoe.parallel.plan import GIB, Workload, comparable, measure, plan
+from mtmoe.plan.measure import comparable, measure
+from mtmoe.plan.planner import plan
+from mtmoe.plan.workload import GIB, Workload
 
 RECIPES = ROOT / "launch" / "recipes"
 TASKS = ["codegen", "docstring", "translate"]

@@ -16,8 +16,9 @@ from mtmoe.config import MoEConfig, load_config
 from mtmoe.model.base import tiny_llama
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.experts import UpcycledLoRAExperts
-from mtmoe.model.inject import inject_moe_lora, moe_blocks, task_expert_mask
+from mtmoe.model.inject import inject_moe_lora, task_expert_mask
 from mtmoe.model.router import TaskGateRouter, TopKRouter, update_balance_biases
+from mtmoe.model.walk import moe_blocks
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from distributed import run_ranks
 
-from mtmoe.balance.task_loss import balanced_loss, task_loss_sums, task_token_counts, token_losses
+from mtmoe.balance.task_loss import balanced_loss, task_loss_sums, task_token_counts
 from mtmoe.config import load_config
 from mtmoe.data.collate import collate
+from mtmoe.model.token_loss import token_losses
 
 
 def test_balanced_loss_is_mean_of_task_token_means():
@@ -21,7 +22,7 @@ def test_balanced_loss_is_mean_of_task_token_means():
 
 
 def test_target_only_lm_head_equals_full_logits_path():
-    from mtmoe.balance.task_loss import target_token_losses
+    from mtmoe.model.token_loss import target_token_losses
 
     head = torch.nn.Linear(8, 11, bias=False)
     hidden = torch.randn(2, 5, 8)
@@ -91,8 +92,7 @@ def _make_model(cfg):
 
 
 def _grads_on_ranks(rank, world):
-    from mtmoe.balance.task_loss import all_reduce_sum
-    from mtmoe.parallel.dist import init_distributed
+    from mtmoe.parallel.dist import all_reduce_sum, init_distributed
     from mtmoe.parallel.engine import build_engine
 
     cfg = _cfg()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from mtmoe.balance.task_loss import all_reduce_sum, task_loss_sums, task_token_counts
+from mtmoe.balance.task_loss import task_loss_sums, task_token_counts
 from mtmoe.data.collate import collate
 from mtmoe.data.sampler import MixingSampler
+from mtmoe.parallel.dist import all_reduce_sum
 
 
 class ValidationStream:

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mtmoe.balance.task_loss import all_reduce_sum
 from mtmoe.data.references import MetricSpec, Reference
 from mtmoe.model.moe_lm import decode_step
+from mtmoe.parallel.dist import all_reduce_sum
 
 # (input_ids_BS, attention_mask_BS (whole sequence so far), position_ids_BS, cache, task_ids_B)
 #   -> (logits_BV at each row's last position, cache)

@@ -11,8 +11,9 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from mtmoe.balance.task_loss import all_reduce_sum, target_mask, target_token_losses
 from mtmoe.data.collate import collate
+from mtmoe.model.token_loss import target_mask, target_token_losses
+from mtmoe.parallel.dist import all_reduce_sum
 
 # (input_ids_BS, attention_mask_BS, loss_mask_BS, task_ids) -> loss_BS
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

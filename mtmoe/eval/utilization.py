@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtmoe.balance.task_loss import all_reduce_sum
-from mtmoe.model.inject import moe_blocks
+from mtmoe.model.walk import moe_blocks
+from mtmoe.parallel.dist import all_reduce_sum
 
 
 def gather_utilization(lm: nn.Module, task_names: list[str]) -> dict:
@@ -29,8 +29,6 @@ def gather_utilization(lm: nn.Module, task_names: list[str]) -> dict:
 
 def layer_shares(util: dict, key: str = "mass") -> dict[int, torch.Tensor]:
     """Per layer, each expert's share of `key` summed over tasks (sums to 1; uniform when empty)."""
-    from mtmoe.export.prune import expert_shares
-
     return expert_shares(util, None, key)
 
 
@@ -42,3 +40,21 @@ def save_utilization(util: dict, path: Path) -> None:
 def load_utilization(path: Path) -> dict:
     """Reads a utilization JSON written by `save_utilization`."""
     return json.loads(path.read_text())
+
+
+def expert_shares(util: dict, task: str | None = None, key: str = "mass") -> dict[int, torch.Tensor]:
+    """Per layer, each expert's share of `key` over all tasks or for `task` (uniform when it saw nothing).
+
+    Raises:
+        ValueError: For a task the utilization does not know.
+    """
+    if task is not None and task not in util["tasks"]:
+        raise ValueError(f"--task {task!r}: the run's tasks are {util['tasks']}")
+    shares = {}
+    for layer, counts in util["layers"].items():
+        table_XE = torch.tensor(counts[key], dtype=torch.float64)
+        total_E = table_XE.sum(0) if task is None else table_XE[util["tasks"].index(task)]
+        shares[int(layer)] = (
+            total_E / total_E.sum() if total_E.sum() > 0 else torch.full_like(total_E, 1.0 / len(total_E))
+        )
+    return shares

@@ -17,8 +17,8 @@ from torch.func import functional_call
 from mtmoe.data.collate import collate
 from mtmoe.export.dense import fold_to_dense
 from mtmoe.model.experts import PROJECTIONS
-from mtmoe.model.inject import moe_blocks
 from mtmoe.model.moe_lm import MoELM
+from mtmoe.model.walk import moe_blocks
 
 
 def mean_entropy(logits_BSV: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:

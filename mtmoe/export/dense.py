@@ -11,8 +11,8 @@ from transformers import PreTrainedModel
 
 from mtmoe.export.merge import METHODS, tensor_seed
 from mtmoe.model.experts import PROJECTIONS
-from mtmoe.model.inject import decoder_layers, lora_linears, moe_blocks
 from mtmoe.model.moe_lm import MoELM
+from mtmoe.model.walk import decoder_layers, lora_linears, moe_blocks
 
 
 @dataclass(frozen=True)

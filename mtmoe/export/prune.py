@@ -14,24 +14,6 @@ from __future__ import annotations
 import torch
 
 
-def expert_shares(util: dict, task: str | None = None, key: str = "mass") -> dict[int, torch.Tensor]:
-    """Per layer, each expert's share of `key` over all tasks or for `task` (uniform when it saw nothing).
-
-    Raises:
-        ValueError: For a task the utilization does not know.
-    """
-    if task is not None and task not in util["tasks"]:
-        raise ValueError(f"--task {task!r}: the run's tasks are {util['tasks']}")
-    shares = {}
-    for layer, counts in util["layers"].items():
-        table_XE = torch.tensor(counts[key], dtype=torch.float64)
-        total_E = table_XE.sum(0) if task is None else table_XE[util["tasks"].index(task)]
-        shares[int(layer)] = (
-            total_E / total_E.sum() if total_E.sum() > 0 else torch.full_like(total_E, 1.0 / len(total_E))
-        )
-    return shares
-
-
 def keep_experts(
     shares: dict[int, torch.Tensor], n: int, by: str = "utilization", seed: int = 0
 ) -> dict[int, list[int]]:

@@ -13,6 +13,7 @@ from mtmoe.data.shards import load_manifest
 from mtmoe.export.dense import load_trainable
 from mtmoe.model.base import load_tokenizer, resolve_base
 from mtmoe.model.moe_lm import MoELM, build_model
+from mtmoe.model.walk import moe_blocks
 from mtmoe.parallel.expert_parallel import ExpertPlacement
 from mtmoe.train import checkpoint
 from mtmoe.train.checkpoint import latest_tag
@@ -34,8 +35,6 @@ def run_config(run_dir: Path) -> Config:
 
 def model_experts(model: MoELM) -> int:
     """Experts per block of a built model."""
-    from mtmoe.model.inject import moe_blocks
-
     return next(iter(moe_blocks(model.lm).values())).num_experts
 
 

@@ -10,20 +10,11 @@ from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.lora import LoRALinear
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
+from mtmoe.model.moefied import MoEfiedFFN
+from mtmoe.model.native import inject_native_moe
 from mtmoe.model.router import TaskGateRouter, TopKRouter
+from mtmoe.model.walk import decoder_layers
 from mtmoe.parallel.expert_parallel import ExpertPlacement, MoEMarker, mark_expert_params
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama/Mistral/Qwen2-style HF causal LM.
-
-    Raises:
-        ValueError: If the model has no `model.layers`.
-    """
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: expected decoder layers at `model.model.layers`")
-    return layers
 
 
 def task_expert_mask(cfg: MoEConfig, task_names: list[str]) -> torch.Tensor | None:
@@ -122,8 +113,6 @@ def inject_moe_lora(
         )
     context = RoutingContext(num_tasks=num_tasks, aux_coef=cfg.aux_loss_coef, z_coef=cfg.z_loss_coef)
     if cfg.family == "native":
-        from mtmoe.model.native import inject_native_moe
-
         args = (cfg.rank, cfg.alpha, context, placement, cfg.capacity_factor, cfg.native_router_trainable)
         replaced = inject_native_moe(model, *args)
         if cfg.layers != "all" and sorted(cfg.layers) != replaced:
@@ -182,8 +171,6 @@ def _block(
         raise ValueError(f"config key 'moe.layers': layer {i}'s FFN {type(mlp).__name__} is not a SwiGLU FFN")
     dim, ffn_dim = mlp.gate_proj.in_features, mlp.gate_proj.out_features
     if cfg.family == "moefied":
-        from mtmoe.model.moefied import MoEfiedFFN
-
         soft = cfg.router == "soft"
         router = None if soft else build_router(cfg, dim, cfg.num_experts, num_tasks)
         if ffn_dim % cfg.num_experts:
@@ -205,13 +192,3 @@ def _block(
         mark_expert_params(experts, placement)
         block.ds_moe_marker = MoEMarker(placement)
     return block
-
-
-def moe_blocks(model: nn.Module) -> dict[int, MoEBlock]:
-    """The injected blocks (of any family) by layer index."""
-    return {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, MoEBlock)}
-
-
-def lora_linears(model: nn.Module) -> dict[str, LoRALinear]:
-    """The attention LoRA layers by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mtmoe.balance.task_loss import target_losses_and_logits, target_token_losses
 from mtmoe.config import Config
 from mtmoe.model.base import load_base_model, resolve_base, tiny_llama, tiny_moe
 from mtmoe.model.frozen_store import store_frozen_
-from mtmoe.model.inject import inject_moe_lora, moe_blocks
+from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.moe_base import RoutingContext
+from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
+from mtmoe.model.walk import moe_blocks
 from mtmoe.parallel.expert_parallel import ExpertPlacement
 
 TINY_MOE = ("tiny-mixtral", "tiny-qwen2-moe")

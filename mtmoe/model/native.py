@@ -26,9 +26,9 @@ from transformers import PretrainedConfig
 
 from mtmoe.model.dispatch import ExpertGroups, combine, grouped_linear
 from mtmoe.model.experts import UpcycledLoRAExperts
-from mtmoe.model.inject import decoder_layers, lora_linears
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.router import TopKRouter
+from mtmoe.model.walk import decoder_layers, lora_linears
 from mtmoe.parallel.expert_parallel import (
     ExpertPlacement,
     MoEMarker,

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,14 @@ def init_distributed(backend: str = "auto") -> DistInfo:
 def device_for(info: DistInfo) -> torch.device:
     """The device this rank computes on."""
     return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sums a tensor over all ranks (a no-op without a process group); returns a new tensor."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t.clone()
+    # NCCL reduces only CUDA tensors; gloo reduces CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.detach().to(device, copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)

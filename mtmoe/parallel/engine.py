@@ -11,7 +11,18 @@ from torch import nn
 from mtmoe.config import Config
 from mtmoe.parallel.ds_config import build_ds_config
 from mtmoe.parallel.expert_parallel import ExpertPlacement, clip_grad_norm_
-from mtmoe.train.guard import SkippableAdamW
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next `step()` can be turned into a no-op (moments and step count untouched)."""
+
+    skip_next_step: bool = False
+
+    def step(self, closure=None):
+        """One AdamW step, unless `skip_next_step` is set."""
+        if self.skip_next_step:
+            return None
+        return super().step(closure)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

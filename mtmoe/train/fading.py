@@ -15,7 +15,7 @@ import math
 import torch
 
 from mtmoe.config import Config
-from mtmoe.model.inject import moe_blocks
+from mtmoe.model.walk import moe_blocks
 
 
 def fade_start(cfg: Config) -> int:

@@ -3,7 +3,8 @@
 Each trainable parameter's gradient is checked as autograd produces it (a hook, no host sync), and
 every micro-batch loss too. Before the optimizer step the ranks agree with one all-reduce (MAX), so
 either every rank applies the step or none does. A skipped step leaves the weights and the AdamW
-moments untouched (`SkippableAdamW`); the loop counts it, logs it, and stops after too many in a row.
+moments untouched (`mtmoe.parallel.engine.SkippableAdamW`); the loop counts it, logs it, and stops
+after too many in a row.
 """
 
 from __future__ import annotations
@@ -11,18 +12,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-
-
-class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next `step()` can be turned into a no-op (moments and step count untouched)."""
-
-    skip_next_step: bool = False
-
-    def step(self, closure=None):
-        """One AdamW step, unless `skip_next_step` is set."""
-        if self.skip_next_step:
-            return None
-        return super().step(closure)
 
 
 class NonFiniteGuard:

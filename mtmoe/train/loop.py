@@ -15,13 +15,7 @@ import torch.distributed as dist
 import yaml
 
 from mtmoe.balance.quality_retain import QualityRetainer, distillation_sums, retain_loss
-from mtmoe.balance.task_loss import (
-    all_reduce_sum,
-    balanced_loss,
-    target_mask,
-    task_loss_sums,
-    task_token_counts,
-)
+from mtmoe.balance.task_loss import balanced_loss, task_loss_sums, task_token_counts
 from mtmoe.balance.validation import ValidationStream
 from mtmoe.balance.weighters import build_weighter
 from mtmoe.config import Config, DataConfig, to_dict
@@ -31,8 +25,7 @@ from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.eval.heatmap import write_heatmaps
 from mtmoe.eval.heldout import heldout_losses
 from mtmoe.eval.task_metrics import metric_summary, score_tasks
-from mtmoe.eval.utilization import gather_utilization, layer_shares, save_utilization
-from mtmoe.export.prune import expert_shares
+from mtmoe.eval.utilization import expert_shares, gather_utilization, layer_shares, save_utilization
 from mtmoe.model.base import load_tokenizer, resolve_base
 from mtmoe.model.moe_lm import (
     MoELM,
@@ -42,7 +35,8 @@ from mtmoe.model.moe_lm import (
     freeze_all_but_task_routing,
 )
 from mtmoe.model.router import update_balance_biases
-from mtmoe.parallel.dist import DistInfo, device_for, init_distributed
+from mtmoe.model.token_loss import target_mask
+from mtmoe.parallel.dist import DistInfo, all_reduce_sum, device_for, init_distributed
 from mtmoe.parallel.engine import build_engine
 from mtmoe.parallel.expert_parallel import create_placement
 from mtmoe.train import checkpoint, faults

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mtmoe.config import Config, to_dict
+from mtmoe.eval.heatmap import task_shares
 
 
 class MetricsLogger:
@@ -66,8 +67,6 @@ class MetricsLogger:
         if not self.enabled or self._wandb is None:
             return
         import wandb
-
-        from mtmoe.eval.heatmap import task_shares
 
         tables = {}
         for layer in sorted(util["layers"], key=int):
