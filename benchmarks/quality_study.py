@@ -65,6 +65,11 @@ def prepare_data(study: dict) -> None:
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
+def data_dir(extra: list[str]) -> Path:
+    """The tokenized data the runs train on (the `data.tokenized=` override every run carries)."""
+    return ROOT / next(o.split("=", 1)[1] for o in extra if o.startswith("data.tokenized="))
+
+
 def rates(study: dict, variant: str) -> list[float]:
     """The learning rates `variant` is tried at: its own `lrs`, or the study's."""
     return study["variants"][variant].get("lrs", study["lrs"])
@@ -74,9 +79,13 @@ def run_key(variant: str, lr: float, seed: int) -> str:
     return f"{variant}|lr={lr:g}|seed={seed}"
 
 
+def run_dir_of(out: Path, variant: str, lr: float, seed: int) -> Path:
+    return out / run_key(variant, lr, seed).replace("|", "_").replace("=", "")
+
+
 def train_run(study: dict, variant: str, lr: float, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
     """Trains one (variant, rate, seed) in its own process and reads back what it wrote."""
-    run_dir = out / run_key(variant, lr, seed).replace("|", "_").replace("=", "")
+    run_dir = run_dir_of(out, variant, lr, seed)
     overrides = [*study["common"], *study["variants"][variant]["overrides"], *extra]
     overrides += [f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={run_dir}"]
     cmd = [sys.executable, "launch/train.py", "--config", study["recipe"], *overrides]
@@ -90,6 +99,8 @@ def train_run(study: dict, variant: str, lr: float, seed: int, out: Path, extra:
     evaluation = json.loads((run_dir / "eval.json").read_text())
     util = json.loads((run_dir / "utilization.json").read_text())
     train = evaluation["train"]
+    answers = json.loads((run_dir / "generations.json").read_text())
+    add_diagnostics(evaluation["tasks"], answers, data_dir(extra))
     return {
         "variant": variant,
         "lr": lr,
@@ -100,6 +111,38 @@ def train_run(study: dict, variant: str, lr: float, seed: int, out: Path, extra:
         "s_per_step": train["wall_s"] / max(train["steps"], 1),
         "wall_s": time.perf_counter() - start,
     }
+
+
+def answer_diagnostics(answers: dict[str, list[str]], data: Path) -> dict[str, dict[str, float]]:
+    """Per scored task, what the declared metric may hide.
+
+    The answers' mean length in characters against the references', and for a chrF task also chrF at
+    β = 1: sacrebleu's default β = 2 weighs recall four times precision, so a long answer that repeats
+    the prompt can outscore a short one in the right form.
+    """
+    import sacrebleu
+
+    from mtmoe.data.shards import load_manifest, open_references
+
+    manifest = load_manifest(data)
+    out = {}
+    for task, said in answers.items():
+        refs = [r.answer for r in open_references(manifest, task)[: len(said)]]
+        if not said:
+            continue
+        diag = {
+            "answer_chars": statistics.mean(len(a) for a in said),
+            "reference_chars": statistics.mean(len(r) for r in refs),
+        }
+        if manifest.task(task).metric_spec.name == "chrf":
+            diag["chrf_beta1"] = sacrebleu.metrics.CHRF(beta=1).corpus_score(said, [refs]).score
+        out[task] = diag
+    return out
+
+
+def add_diagnostics(tasks: dict[str, dict], answers: dict[str, list[str]], data: Path) -> None:
+    for task, diag in answer_diagnostics(answers, data).items():
+        tasks[task]["diagnostics"] = diag
 
 
 def trainable_params(run_dir: Path) -> int:
@@ -165,8 +208,10 @@ def score_base(study: dict, extra: list[str]) -> dict[str, Any]:
     shards = [open_shard(manifest, n, "eval") for n in names]
     base = build_base(cfg, len(tokenizer)).eval()
     losses = heldout_losses(hf_loss_fn(base), shards, tokenizer.pad_token_id, 8, cfg.data.eval_max_samples)
-    scored = metric_summary(score_tasks(hf_step(base), manifest, names, tokenizer, cfg.data.eval_gen_samples))
-    return {n: {**losses[n], **scored.get(n, {})} for n in names}
+    scored = score_tasks(hf_step(base), manifest, names, tokenizer, cfg.data.eval_gen_samples)
+    tasks = {n: {**losses[n], **metric_summary(scored).get(n, {})} for n in names}
+    add_diagnostics(tasks, {n: r["answers"] for n, r in scored.items()}, data_dir(extra))
+    return tasks
 
 
 def mean_loss(run: dict) -> float:
@@ -196,9 +241,15 @@ def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path
     result.setdefault("runs", {})
     result["study"] = study
     variants = args.only or list(study["variants"])
-    if "base" not in result:
+    base = result.get("base", {"-": {"metric": "?"}})
+    if not all("diagnostics" in t for t in base.values() if t.get("metric")):
         result["base"] = score_base(study, extra)
         write_result(result, json_path)
+    for record in result["runs"].values():  # runs recorded before the answer diagnostics existed
+        said = run_dir_of(args.out, record["variant"], record["lr"], record["seed"]) / "generations.json"
+        if any("diagnostics" not in t for t in record["tasks"].values() if t.get("metric")) and said.exists():
+            add_diagnostics(record["tasks"], json.loads(said.read_text()), data_dir(extra))
+            write_result(result, json_path)
     lock = threading.Lock()
 
     def launch(job: tuple[str, float, int]) -> None:
@@ -286,6 +337,7 @@ def render_markdown(result: dict) -> str:
     if routing_rows:
         head = ["variant", *[f"{t}: entropy / largest share" for t in tasks], "distance between tasks"]
         text += "\n\n" + table(head, routing_rows, "l" + "r" * (len(head) - 1))
+    text += diagnostics_table(base, chosen, study, scored)
     speed = [
         f"{_short(study, v)} {statistics.mean(r['s_per_step'] for r in runs):.1f} s"
         for v, runs in chosen.items()
@@ -293,6 +345,36 @@ def render_markdown(result: dict) -> str:
     text += "\n\n" + paragraph(f"Seconds per training step (wall, runs side by side): {', '.join(speed)}.")
     text += "\n\n" + paragraph(" ".join(verdicts(chosen, study, tasks, metric)))
     return paragraph(progress(result)) + "\n\n" + text
+
+
+def diagnostics_table(base: dict, chosen: dict, study: dict, scored: list[str]) -> str:
+    """Answers' length against the references', and chrF at β = 1 beside the declared β = 2.
+
+    Empty before the answer diagnostics exist.
+    """
+    if not all("diagnostics" in base[t] for t in scored):
+        return ""
+    beta1 = [t for t in scored if "chrf_beta1" in base[t]["diagnostics"]]
+    head = ["variant", *[f"{t}: answer chars" for t in scored], *[f"{t} chrF β=1" for t in beta1]]
+    rows = [
+        [
+            "reference",
+            *[f"{base[t]['diagnostics']['reference_chars']:.0f}" for t in scored],
+            *["—"] * len(beta1),
+        ]
+    ]
+    rows.append(
+        ["base model", *[f"{base[t]['diagnostics']['answer_chars']:.0f}" for t in scored]]
+        + [f"{base[t]['diagnostics']['chrf_beta1']:.2f}" for t in beta1]
+    )
+    for v, runs in chosen.items():
+        diag = [r["tasks"] for r in runs if all("diagnostics" in r["tasks"][t] for t in scored)]
+        if not diag:
+            continue
+        cells = [_mean_std([d[t]["diagnostics"]["answer_chars"] for d in diag], 0) for t in scored]
+        cells += [_mean_std([d[t]["diagnostics"]["chrf_beta1"] for d in diag]) for t in beta1]
+        rows.append([_short(study, v), *cells])
+    return "\n\n" + table(head, rows, "l" + "r" * (len(head) - 1))
 
 
 def progress(result: dict) -> str:

@@ -13,6 +13,7 @@ run=runs/demo
 bash launch/prepare_demo_data.sh
 rm -rf $run  # the demo always starts fresh; use `launch/train.py --resume` to continue a run
 deepspeed --num_gpus "$nproc" launch/train.py --config launch/recipes/demo.yaml train.output_dir=$run "$@"
-python launch/export.py --run $run --out $run/dense
-python launch/report.py --run $run --export $run/dense
+# one process from here on: it may use every core to generate and score the three models' answers
+OMP_NUM_THREADS=$(nproc) python launch/export.py --run $run --out $run/dense
+OMP_NUM_THREADS=$(nproc) python launch/report.py --run $run --export $run/dense
 echo "[demo] report: $run/report.md"

@@ -23,7 +23,9 @@ By expert family (`moe.family` of the run):
 It also writes `<out>/export_report.json`: per task, the held-out loss of the base, the trained MoE and
 the export, and the share of the MoE's gain over the base that the export keeps; for a task that declared
 a metric, the three models' scores on greedy answers (the answers go to `<out>/generations.json`;
-`--no-metrics` skips this). `--peft-rank R` also
+`--no-metrics` skips this). The MoE's scores are the run's own final ones (`eval.json`, `generations.json`)
+when they are of the exported checkpoint, since generating again would give the same answers;
+`--rescore` generates them here anyway. `--peft-rank R` also
 writes a PEFT LoRA adapter per task (and `all`) under `<out>/adapters/`, for multi-LoRA serving.
 """
 
@@ -83,7 +85,36 @@ def parse_args(argv: list[str] | None):
         action="store_true",
         help="skip the generated-answer metrics of the tasks that declared one (loss only)",
     )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="generate the MoE's answers here even when the run's eval.json already scored its final step",
+    )
     return parser.parse_args(argv)
+
+
+def run_scores(run: Path, names: list[str]) -> dict | None:
+    """The run's own scores of its final model, as `score_tasks` gives them, if of the latest checkpoint.
+
+    None when the run has no such scores: no eval.json or generations.json, an eval.json of another step
+    than the newest checkpoint (a run resumed or cut short), or a task without its score or answers.
+    """
+    from mtmoe.train.checkpoint import latest_tag
+
+    evaluation, said, tag = run / "eval.json", run / "generations.json", latest_tag(run)
+    if tag is None or not (evaluation.exists() and said.exists()):
+        return None
+    evaluation, said = json.loads(evaluation.read_text()), json.loads(said.read_text())
+    if f"step_{evaluation.get('step', -1):06d}" != tag:
+        return None
+    tasks = evaluation.get("tasks", {})
+    out = {}
+    for name in names:
+        task = tasks.get(name, {})
+        if "score" not in task or name not in said:
+            return None
+        out[name] = {k: v for k, v in task.items() if k not in ("loss", "tokens")} | {"answers": said[name]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -156,6 +187,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     def score(kind, step):
         if not args.no_metrics and has_metrics(manifest, names):
+            metric_names = [t for t in names if manifest.task(t).metric_spec is not None]
+            reused = None if kind != "moe" or args.rescore else run_scores(args.run, metric_names)
+            if reused is not None:
+                print(
+                    f"[mtmoe] the MoE's scores: the run's own ({args.run / 'eval.json'}; --rescore to redo)"
+                )
+                scored[kind] = reused
+                return
             scored[kind] = score_tasks(
                 step, manifest, names, tokenizer, cfg.data.eval_gen_samples, batch_size=8, progress=True
             )

@@ -63,7 +63,8 @@ def test_train_export_report_and_plain_transformers_reload(demo_data_metrics, tm
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert any(k.startswith("expert_util/L00/") for k in records[0])
     assert {"weight/codegen", "epoch/codegen", "task_tokens_seen/translate"} <= set(records[0])
-    run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", run / "dense"])
+    exported = run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", run / "dense"]).stdout
+    assert "MoE scores: the run's own" in exported  # its final evaluation scored the exported step
     run_cmd(
         [sys.executable, "launch/report.py", "--run", run, "--export", run / "dense", "--gen-tokens", "4"]
     )
@@ -81,7 +82,10 @@ def test_train_export_report_and_plain_transformers_reload(demo_data_metrics, tm
     assert "metric" not in exported["docstring"]
     md = (run / "report.md").read_text()
     assert md.index("| task | metric |") < md.index("Mean held-out token loss") and "**MoE:**" in md
-    assert json.loads((run / "eval.json").read_text())["tasks"]["translate"]["metric"] == "chrf"
+    evaluation = json.loads((run / "eval.json").read_text())["tasks"]
+    assert evaluation["translate"]["metric"] == "chrf"
+    for name in ("codegen", "translate"):
+        assert exported[name]["moe_score"] == evaluation[name]["score"]
     assert "eval_metric/translate" in records[-1]
     plain = json.loads(
         run_cmd([sys.executable, "-c", PLAIN_LOAD, report["export"]["path"], demo_data]).stdout
