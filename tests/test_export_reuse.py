@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-from conftest import ROOT
 
-spec = importlib.util.spec_from_file_location("export_cli", ROOT / "launch" / "export.py")
-export_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(export_cli)
+from mtmoe.export import pipeline as export_cli
 
 
 def write_run(run, step=8, tag="step_000008", tasks=None, answers=None):
