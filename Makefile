@@ -31,7 +31,7 @@ BENCHES := block_bench family_bench model_step_bench loss_bench packing_bench me
 bench: $(STAMP)
 	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) benchmarks/$$b.py; done
 	$(PY) benchmarks/export_comparison.py --run runs/demo
-	$(PY) benchmarks/render_readme.py
+	$(PY) benchmarks/render_docs.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

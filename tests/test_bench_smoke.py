@@ -15,7 +15,7 @@ from conftest import ROOT, run_cmd
 
 pytestmark = pytest.mark.timeout(300)
 
-HELPERS = {"harness", "bench_cli", "md_tables", "render_readme"}  # libraries of the scripts, not benchmarks
+HELPERS = {"harness", "bench_cli", "md_tables", "render_docs"}  # libraries of the scripts, not benchmarks
 # Scripts whose quick path has a test file of its own.
 TESTED_ELSEWHERE = {"export_comparison": "test_export_comparison.py", "gpu_bench": "test_gpu_bench.py"}
 # The quick command line of every other benchmark; {data} is the tests' tokenized demo slices ({metrics_data}

@@ -1,13 +1,15 @@
-"""README.md's benchmark tables are generated from benchmarks/results/*.json (`benchmarks/render_readme.py`):
-the README as committed is what the JSON renders, and a marker that cannot be rendered fails by name."""
+"""The generated parts of README.md and docs/*.md (`benchmarks/render_docs.py`): every page as committed is
+what its sources render (benchmarks/results/*.json, the config dataclasses), a marker that cannot be
+rendered fails by name, and the README stays a short door into docs/."""
 
 import json
 
 import pytest
 from conftest import ROOT
 
-# The generated regions this work put in README.md; others may be added, none may silently disappear.
+# The generated regions of the pages; others may be added, none may silently disappear.
 EXPECTED = {
+    "config_reference",
     "block_bench", "family_bench", "ep_bench", "balance_study", "export_comparison", "model_step_bench",
     "mfu_bench", "profile_step", "loss_bench", "packing_bench", "memory_bench", "inference_bench",
     "quality_study",
@@ -17,9 +19,9 @@ EXPECTED = {
 @pytest.fixture
 def rr(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import `harness` as top-level
-    import render_readme
+    import render_docs
 
-    return render_readme
+    return render_docs
 
 
 def fake_root(tmp_path, modules=(), results=()):
@@ -32,15 +34,41 @@ def fake_root(tmp_path, modules=(), results=()):
     return tmp_path
 
 
-def test_readme_tables_match_their_json(rr):
-    readme = (ROOT / "README.md").read_text()
-    names = {name for name, _, _ in rr.marker_spans(readme)}
-    assert EXPECTED <= names, f"README.md lost the markers of {sorted(EXPECTED - names)}"
-    rendered = rr.render(readme, ROOT)
-    assert rendered == readme, (
-        "README.md's benchmark tables differ from benchmarks/results/*.json; run "
-        "`python benchmarks/render_readme.py`:\n" + rr.diff(readme, rendered, ROOT / "README.md")
+def test_pages_match_their_sources(rr):
+    names = set()
+    for page in rr.pages():
+        text = page.read_text()
+        names |= {name for name, _, _ in rr.marker_spans(text)}
+        rendered = rr.render(text, ROOT)
+        assert rendered == text, (
+            f"{page}'s generated parts differ from their sources; run "
+            "`python benchmarks/render_docs.py`:\n" + rr.diff(text, rendered, page)
+        )
+    assert EXPECTED <= names, f"the pages lost the markers of {sorted(EXPECTED - names)}"
+
+
+def test_config_reference_has_every_key_and_follows_the_code(rr, monkeypatch):
+    import dataclasses
+
+    from mtmoe import config
+
+    reference = rr.config_reference()
+    for section in dataclasses.fields(config.Config):
+        for f in dataclasses.fields(type(section.default_factory())):
+            assert f"| `{section.name}.{f.name}` |" in reference
+    assert "| `train.steps` | 100 |" in reference
+    monkeypatch.setattr(
+        config.TrainConfig, "__doc__", config.TrainConfig.__doc__.replace("steps: ", "stepz: ")
     )
+    with pytest.raises(rr.RenderError, match="TrainConfig.steps has no Attributes entry"):
+        rr.config_reference()
+
+
+def test_readme_is_a_short_door_into_docs():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 300
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"](docs/{page.name})" in readme, f"README.md does not link {page.name}"
 
 
 def test_check_fails_on_a_stale_table_and_passes_on_a_fresh_one(rr, tmp_path, capsys):
@@ -50,9 +78,9 @@ def test_check_fails_on_a_stale_table_and_passes_on_a_fresh_one(rr, tmp_path, ca
     stale.write_text(marked.replace("| 1.221 |", "| 1.222 |"))
     assert "| 1.221 |" in marked  # plain's codegen loss, so the stale copy really differs
 
-    assert rr.main(["--check", "--readme", str(fresh)]) == 0
+    assert rr.main(["--check", "--file", str(fresh)]) == 0
     capsys.readouterr()
-    assert rr.main(["--check", "--readme", str(stale)]) == 1
+    assert rr.main(["--check", "--file", str(stale)]) == 1
     out = capsys.readouterr().out
     assert "-| proportional + token mean (plain) | 1.222 |" in out
     assert "+| proportional + token mean (plain) | 1.221 |" in out

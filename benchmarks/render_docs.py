@@ -1,25 +1,29 @@
-"""Regenerates README.md's benchmark tables from the JSON in benchmarks/results/.
+"""Regenerates the generated parts of README.md and docs/*.md: benchmark tables and the config reference.
 
-The README marks every generated region with a pair of HTML comments:
+A page marks every generated region with a pair of HTML comments:
 
     <!-- bench:NAME -->
     ... generated, do not edit by hand ...
     <!-- /bench:NAME -->
 
 For each pair this script loads `benchmarks/NAME.py`, reads `benchmarks/results/NAME.json` and puts the
-module's `render_markdown(result)` between the markers. Text outside the markers is left as it is.
+module's `render_markdown(result)` between the markers; `config_reference` is the recipe keys' table,
+made from the dataclasses of `mtmoe.config` (their defaults and docstrings). Text outside the markers is
+left as it is.
 
 Run from anywhere:
-    .venv/bin/python benchmarks/render_readme.py           # rewrites README.md in place
-    .venv/bin/python benchmarks/render_readme.py --check   # exits 1 with a diff if README.md is stale
+    .venv/bin/python benchmarks/render_docs.py           # rewrites README.md and docs/*.md in place
+    .venv/bin/python benchmarks/render_docs.py --check   # exits 1 with a diff if a page is stale
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import importlib.util
+import inspect
 import json
 import re
 import sys
@@ -29,6 +33,7 @@ from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGES = ("README.md", "docs/*.md")
 START = re.compile(r"<!-- bench:([A-Za-z0-9_]+) -->")
 END = re.compile(r"<!-- /bench:([A-Za-z0-9_]+) -->")
 
@@ -110,6 +115,8 @@ def render_one(name: str, root: Path) -> str:
             fails on the JSON (a key or value it does not find).
     """
     marker = f"<!-- bench:{name} -->"
+    if name in BUILT_IN:
+        return BUILT_IN[name]()
     json_path = root / "benchmarks" / "results" / f"{name}.json"
     if not json_path.is_file():
         raise RenderError(f"{marker}: no results file {json_path} (run benchmarks/{name}.py first)")
@@ -191,30 +198,85 @@ def diff(old: str, new: str, path: Path) -> str:
     return "".join(lines)
 
 
+def config_reference() -> str:
+    """The recipe keys as a Markdown table, one row per field of `mtmoe.config`'s sections.
+
+    Each row holds the field's default and the text of its entry in its dataclass's `Attributes:`
+    docstring, so the code is the one source of the reference.
+    """
+    from md_tables import table
+
+    from mtmoe.config import Config
+
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = type(section.default_factory())
+        described = attribute_docs(inspect.getdoc(cls) or "")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = described.get(f.name)
+            if text is None:
+                raise RenderError(f"config_reference: {cls.__name__}.{f.name} has no Attributes entry")
+            rows.append([f"`{section.name}.{f.name}`", default_cell(default), text.replace("|", "\\|")])
+    return table(["key", "default", "meaning"], rows, "lll")
+
+
+def attribute_docs(doc: str) -> dict[str, str]:
+    """{name: text} of a Google-style docstring's `Attributes:` section (continuation lines joined)."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in doc.split("Attributes:", 1)[1].splitlines() if "Attributes:" in doc else []:
+        entry = re.match(r"^    (\w+): (.*)$", line)
+        if entry:
+            name = entry.group(1)
+            entries[name] = entry.group(2).strip()
+        elif name and line.startswith("        "):
+            entries[name] += " " + line.strip()
+    return entries
+
+
+def default_cell(value: Any) -> str:
+    """A default as the reference shows it: `code` for strings and containers, empty shown as such."""
+    if value == "":
+        return "empty"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    return f"`{value}`" if isinstance(value, str) else f"`{json.dumps(value)}`"
+
+
+BUILT_IN: dict[str, Callable[[], str]] = {"config_reference": config_reference}
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """README.md and every page of docs/."""
+    return [p for pattern in PAGES for p in sorted(root.glob(pattern))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 and print a diff if stale")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to render")
+    parser.add_argument("--file", type=Path, action="append", help="render only this page (repeatable)")
     args = parser.parse_args(argv)
-    old = args.readme.read_text()
-    try:
-        new = render(old, ROOT)
-    except RenderError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.check:
-        if new == old:
-            print(f"{args.readme}: benchmark tables match benchmarks/results/")
-            return 0
-        print(diff(old, new, args.readme), end="")
-        print(f"{args.readme} is stale: run python benchmarks/render_readme.py", file=sys.stderr)
-        return 1
-    if new != old:
-        args.readme.write_text(new)
-        print(f"rewrote the benchmark tables of {args.readme}")
-    else:
-        print(f"{args.readme}: already up to date")
-    return 0
+    stale = 0
+    for page in args.file or pages():
+        old = page.read_text()
+        try:
+            new = render(old, ROOT)
+        except RenderError as e:
+            print(f"error: {page}: {e}", file=sys.stderr)
+            return 2
+        if args.check and new != old:
+            print(diff(old, new, page), end="")
+            print(f"{page} is stale: run python benchmarks/render_docs.py", file=sys.stderr)
+            stale = 1
+        elif new != old:
+            page.write_text(new)
+            print(f"rewrote the generated parts of {page}")
+    if args.check and not stale:
+        print("every generated part matches its source")
+    return stale
 
 
 if __name__ == "__main__":
