@@ -190,9 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
             metric_names = [t for t in names if manifest.task(t).metric_spec is not None]
             reused = None if kind != "moe" or args.rescore else run_scores(args.run, metric_names)
             if reused is not None:
-                print(
-                    f"[mtmoe] the MoE's scores: the run's own ({args.run / 'eval.json'}; --rescore to redo)"
-                )
+                print(f"[mtmoe] MoE scores: the run's own, {args.run / 'eval.json'} (--rescore redoes them)")
                 scored[kind] = reused
                 return
             scored[kind] = score_tasks(
