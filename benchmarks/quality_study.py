@@ -384,9 +384,9 @@ def progress(result: dict) -> str:
     for v in study["variants"]:
         mine = [r for r in runs if r["variant"] == v]
         if mine:
-            rates = sorted({r["lr"] for r in mine if r["seed"] == study["seeds"][0]})
+            tried = sorted({r["lr"] for r in mine if r["seed"] == study["seeds"][0]})
             seeds = sorted({r["seed"] for r in mine})
-            done.append(f"{_short(study, v)} rates {', '.join(f'{x:g}' for x in rates)}; seeds {seeds}")
+            done.append(f"{_short(study, v)} rates {', '.join(f'{x:g}' for x in tried)}; seeds {seeds}")
     missing = [_short(study, v) for v in study["variants"] if not any(r["variant"] == v for r in runs)]
     total = sum(len(rates(study, v)) for v in study["variants"])
     text = f"Runs so far: {len(result['runs'])} (the rate search alone is {total}). " + "; ".join(done) + "."
