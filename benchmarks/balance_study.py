@@ -57,11 +57,14 @@ def run_scheme(
         "train.eval_metrics=false",  # the study compares held-out losses
         # as measured: the demo recipe before it packed micro-batches and warmed up for 10 steps
         "data.packing=false", "train.warmup_steps=5",
-        # CoBa's warm-up and window, scaled from MFTCoder's 100/200 to this short budget.
-        f"balance.coba_warmup={max(2, steps // 5)}", f"balance.coba_history={max(4, 2 * steps // 5)}",
         f"balance.qr_warmup={max(2, steps // 5)}",
         *overrides, *extra,
     ]  # fmt: skip
+    if "balance.weighter=coba" in overrides:  # its warm-up and window, scaled from MFTCoder's 100/200
+        cmd += [
+            f"balance.options.warmup={max(2, steps // 5)}",
+            f"balance.options.history={max(4, 2 * steps // 5)}",
+        ]
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",

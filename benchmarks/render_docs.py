@@ -246,7 +246,32 @@ def default_cell(value: Any) -> str:
     return f"`{value}`" if isinstance(value, str) else f"`{json.dumps(value)}`"
 
 
-BUILT_IN: dict[str, Callable[[], str]] = {"config_reference": config_reference}
+def weighter_options_reference() -> str:
+    """Each registered weighter's options (`balance.options`), from its options dataclass."""
+    from md_tables import table
+
+    from mtmoe.balance.weighters import WEIGHTERS
+
+    rows = []
+    for name, cls in sorted(WEIGHTERS.items()):
+        described = attribute_docs(inspect.getdoc(cls.options) or "")
+        fields = dataclasses.fields(cls.options)
+        if not fields:
+            rows.append([f"`{name}`", "—", "", "no options"])
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = described.get(f.name)
+            if text is None:
+                where = f"{cls.options.__name__}.{f.name}"
+                raise RenderError(f"weighter_options: {where} has no Attributes entry")
+            rows.append([f"`{name}`", f"`balance.options.{f.name}`", default_cell(default), text])
+    return table(["weighter", "key", "default", "meaning"], rows, "llll")
+
+
+BUILT_IN: dict[str, Callable[[], str]] = {
+    "config_reference": config_reference,
+    "weighter_options": weighter_options_reference,
+}
 
 
 def pages(root: Path = ROOT) -> list[Path]:

@@ -160,17 +160,10 @@ class BalanceConfig:
     """How much each task's token-mean loss counts (see `mtmoe.balance.weighters`).
 
     Attributes:
-        weighter: `uniform` (data-balanced loss), `token_mean` (plain token mean), `static`, `dwa`,
-            `uncertainty`, `famo` or `coba`.
-        static_weights: {task: weight} for `static` (unlisted tasks weigh 1).
-        dwa_temperature: T of DWA.
-        dwa_ema: Smoothing of the per-task losses DWA compares.
-        uncertainty_lr: Step size of the learned log-variances.
-        famo_lr: Step size of FAMO's task logits.
-        famo_weight_decay: FAMO's γ.
-        coba_warmup: CoBa's warm-up steps (uniform weights until then).
-        coba_history: Validation losses CoBa fits its slopes over.
-        coba_tau: Temperature of CoBa's divergence factor.
+        weighter: A registered task weighter (`mtmoe.balance.weighters`): `uniform` (data-balanced loss),
+            `token_mean` (plain token mean), `static`, `dwa`, `uncertainty`, `famo` or `coba`.
+        options: The chosen weighter's settings, the fields of its options dataclass (see "Weighter
+            options" in docs/config.md), e.g. `{temperature: 2.0}` for `dwa`.
         quality_retain: Quality Retaining (EMTAL): distill each task toward the model as it was at its
             best validation loss, weighted by 1 / the task's training loss (see
             `mtmoe.balance.quality_retain`). Works with any weighter.
@@ -181,15 +174,7 @@ class BalanceConfig:
     """
 
     weighter: str = "uniform"
-    static_weights: dict[str, float] = field(default_factory=dict)
-    dwa_temperature: float = 2.0
-    dwa_ema: float = 0.9
-    uncertainty_lr: float = 0.05
-    famo_lr: float = 0.025
-    famo_weight_decay: float = 0.001
-    coba_warmup: int = 100
-    coba_history: int = 200
-    coba_tau: float = 5.0
+    options: dict[str, Any] = field(default_factory=dict)
     quality_retain: bool = False
     qr_coef: float = 1.0
     qr_ema: float = 0.99
@@ -300,116 +285,110 @@ class Config:
     def validate(self) -> None:
         """Checks values that types alone cannot; raises `ValueError` naming the key."""
         m, t, p, d = self.moe, self.train, self.parallel, self.data
-        _check(self.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
+        check(self.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16")
         frozen = self.model.frozen_dtype
-        _check(frozen in ("", self.model.dtype, "bfloat16"), "model.frozen_dtype", "empty or bfloat16")
+        check(frozen in ("", self.model.dtype, "bfloat16"), "model.frozen_dtype", "empty or bfloat16")
         if frozen not in ("", self.model.dtype):
-            _check(m.family == "upcycled", "model.frozen_dtype", "empty unless moe.family is upcycled")
-        _check(m.family in FAMILIES, "moe.family", "|".join(FAMILIES))
-        _check(m.num_experts >= 1, "moe.num_experts", ">= 1")
-        _check(m.task_experts >= 0, "moe.task_experts", ">= 0")
-        _check(m.shared_experts >= 0, "moe.shared_experts", ">= 0")
+            check(m.family == "upcycled", "model.frozen_dtype", "empty unless moe.family is upcycled")
+        check(m.family in FAMILIES, "moe.family", "|".join(FAMILIES))
+        check(m.num_experts >= 1, "moe.num_experts", ">= 1")
+        check(m.task_experts >= 0, "moe.task_experts", ">= 0")
+        check(m.shared_experts >= 0, "moe.shared_experts", ">= 0")
         open_to_a_token = m.num_experts + m.task_experts
-        _check(
+        check(
             1 <= m.top_k <= open_to_a_token, "moe.top_k", f"between 1 and {open_to_a_token} (open to a token)"
         )
-        _check(m.router in ("topk", "soft"), "moe.router", "topk|soft")
-        _check(m.router == "topk" or m.family == "moefied", "moe.router", "topk unless moe.family is moefied")
-        _check(m.score in ("softmax", "sigmoid"), "moe.score", "softmax|sigmoid")
-        _check(m.router_noise >= 0, "moe.router_noise", ">= 0")
-        _check(m.soft_tau > 0, "moe.soft_tau", "> 0")
-        _check(m.z_loss_coef >= 0, "moe.z_loss_coef", ">= 0")
-        _check(m.balance_bias_rate >= 0, "moe.balance_bias_rate", ">= 0")
-        _check(m.task_routing in ("none", "embedding", "gate"), "moe.task_routing", "none|embedding|gate")
+        check(m.router in ("topk", "soft"), "moe.router", "topk|soft")
+        check(m.router == "topk" or m.family == "moefied", "moe.router", "topk unless moe.family is moefied")
+        check(m.score in ("softmax", "sigmoid"), "moe.score", "softmax|sigmoid")
+        check(m.router_noise >= 0, "moe.router_noise", ">= 0")
+        check(m.soft_tau > 0, "moe.soft_tau", "> 0")
+        check(m.z_loss_coef >= 0, "moe.z_loss_coef", ">= 0")
+        check(m.balance_bias_rate >= 0, "moe.balance_bias_rate", ">= 0")
+        check(m.task_routing in ("none", "embedding", "gate"), "moe.task_routing", "none|embedding|gate")
         upcycled_only = {
             "moe.shared_experts": m.shared_experts,
             "moe.task_experts": m.task_experts,
             "moe.task_routing": m.task_routing == "gate",
         }
         for key, used in upcycled_only.items():
-            _check(not used or m.family == "upcycled", key, "unused unless moe.family is upcycled")
+            check(not used or m.family == "upcycled", key, "unused unless moe.family is upcycled")
         if m.task_routing == "gate":
             for key, clash in {
                 "moe.task_experts": m.task_experts,
                 "moe.fade_fraction": m.fade_fraction,
                 "parallel.ep_size": p.ep_size > 1,
             }.items():
-                _check(not clash, key, "0/1 with moe.task_routing=gate (every token mixes every expert)")
-        _check(m.family != "moefied" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=moefied")
-        _check(m.family != "lora" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=lora")
-        _check(m.family != "lora" or m.fade_fraction == 0, "moe.fade_fraction", "0 with moe.family=lora")
-        _check(
+                check(not clash, key, "0/1 with moe.task_routing=gate (every token mixes every expert)")
+        check(m.family != "moefied" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=moefied")
+        check(m.family != "lora" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=lora")
+        check(m.family != "lora" or m.fade_fraction == 0, "moe.fade_fraction", "0 with moe.family=lora")
+        check(
             m.family != "native" or m.fade_fraction == 0,
             "moe.fade_fraction",
             "0 with moe.family=native (its experts are distinct FFNs with no dense form to fade to)",
         )
-        _check(
+        check(
             m.family != "moefied" or m.router == "soft" or m.top_k < m.num_experts,
             "moe.top_k",
             "< moe.num_experts for a top-k MoEfied router (all slices: use moe.router=soft)",
         )
-        _check(not m.task_groups or m.task_experts, "moe.task_groups", "empty unless moe.task_experts > 0")
-        _check(d.pack_length >= 0, "data.pack_length", ">= 0")
-        _check(
+        check(not m.task_groups or m.task_experts, "moe.task_groups", "empty unless moe.task_experts > 0")
+        check(d.pack_length >= 0, "data.pack_length", ">= 0")
+        check(
             not (d.packing and self.balance.quality_retain),
             "data.packing",
             "false with balance.quality_retain (its teachers run on whole rows of one task)",
         )
-        _check(t.trainable in ("all", "task_routing"), "train.trainable", "all|task_routing")
-        _check(t.trainable == "all" or t.init_from, "train.trainable", "all unless train.init_from is set")
-        _check(
+        check(t.trainable in ("all", "task_routing"), "train.trainable", "all|task_routing")
+        check(t.trainable == "all" or t.init_from, "train.trainable", "all unless train.init_from is set")
+        check(
             t.trainable == "all" or m.task_routing != "none",
             "train.trainable",
             "all unless moe.task_routing is embedding or gate",
         )
-        _check(m.rank >= 1, "moe.rank", ">= 1")
-        _check(m.attn_lora_rank >= 0, "moe.attn_lora_rank", ">= 0")
-        _check(m.aux_loss_coef >= 0, "moe.aux_loss_coef", ">= 0")
-        _check(m.capacity_factor >= 0, "moe.capacity_factor", ">= 0 (0 = dropless)")
-        _check(0 <= m.fade_fraction < 1, "moe.fade_fraction", "in [0, 1)")
-        _check(m.fade_schedule in ("linear", "cosine"), "moe.fade_schedule", "linear|cosine")
-        _check(
+        check(m.rank >= 1, "moe.rank", ">= 1")
+        check(m.attn_lora_rank >= 0, "moe.attn_lora_rank", ">= 0")
+        check(m.aux_loss_coef >= 0, "moe.aux_loss_coef", ">= 0")
+        check(m.capacity_factor >= 0, "moe.capacity_factor", ">= 0 (0 = dropless)")
+        check(0 <= m.fade_fraction < 1, "moe.fade_fraction", "in [0, 1)")
+        check(m.fade_schedule in ("linear", "cosine"), "moe.fade_schedule", "linear|cosine")
+        check(
             m.fade_fraction == 0 or p.ep_size == 1,
             "moe.fade_fraction",
             "0 with parallel.ep_size > 1 (the merged expert needs every expert on every rank)",
         )
-        _check(m.layers == "all" or isinstance(m.layers, list), "moe.layers", "'all' or a list of ints")
-        _check(
+        check(m.layers == "all" or isinstance(m.layers, list), "moe.layers", "'all' or a list of ints")
+        check(
             d.mixing in ("proportional", "temperature", "uniform"),
             "data.mixing",
             "proportional|temperature|uniform",
         )
-        _check(d.temperature > 0, "data.temperature", "> 0")
-        weighters = ("uniform", "token_mean", "static", "dwa", "uncertainty", "famo", "coba")
-        _check(self.balance.weighter in weighters, "balance.weighter", "|".join(weighters))
-        _check(self.balance.dwa_temperature > 0, "balance.dwa_temperature", "> 0")
-        _check(0 <= self.balance.dwa_ema < 1, "balance.dwa_ema", "in [0, 1)")
-        _check(self.balance.coba_warmup >= 1, "balance.coba_warmup", ">= 1")
-        _check(self.balance.coba_history >= 2, "balance.coba_history", ">= 2")
-        _check(self.balance.qr_coef >= 0, "balance.qr_coef", ">= 0")
-        _check(0 <= self.balance.qr_ema < 1, "balance.qr_ema", "in [0, 1)")
-        _check(0 <= self.balance.qr_smooth < 1, "balance.qr_smooth", "in [0, 1)")
-        _check(self.balance.qr_warmup >= 0, "balance.qr_warmup", ">= 0")
-        _check(d.eval_max_samples >= 0, "data.eval_max_samples", ">= 0")
-        _check(d.eval_gen_samples >= 0, "data.eval_gen_samples", ">= 0")
-        _check(t.steps >= 1, "train.steps", ">= 1")
-        _check(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")
-        _check(t.grad_accum >= 1, "train.grad_accum", ">= 1")
-        _check(t.lr > 0, "train.lr", "> 0")
-        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]")
+        check(d.temperature > 0, "data.temperature", "> 0")
+        check(self.balance.qr_coef >= 0, "balance.qr_coef", ">= 0")
+        check(0 <= self.balance.qr_ema < 1, "balance.qr_ema", "in [0, 1)")
+        check(0 <= self.balance.qr_smooth < 1, "balance.qr_smooth", "in [0, 1)")
+        check(self.balance.qr_warmup >= 0, "balance.qr_warmup", ">= 0")
+        check(d.eval_max_samples >= 0, "data.eval_max_samples", ">= 0")
+        check(d.eval_gen_samples >= 0, "data.eval_gen_samples", ">= 0")
+        check(t.steps >= 1, "train.steps", ">= 1")
+        check(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")
+        check(t.grad_accum >= 1, "train.grad_accum", ">= 1")
+        check(t.lr > 0, "train.lr", "> 0")
+        check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]")
         for key in ("warmup_steps", "log_every", "eval_every", "val_every", "save_every", "keep_checkpoints"):
-            _check(getattr(t, key) >= 0, f"train.{key}", ">= 0")
-        _check(t.log_every >= 1, "train.log_every", ">= 1")
-        _check(t.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")
-        _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2 (DeepSpeed MoE refuses ZeRO-3)")
-        _check(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", "auto|nccl|gloo")
+            check(getattr(t, key) >= 0, f"train.{key}", ">= 0")
+        check(t.log_every >= 1, "train.log_every", ">= 1")
+        check(t.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")
+        check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2 (DeepSpeed MoE refuses ZeRO-3)")
+        check(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", "auto|nccl|gloo")
         if m.family != "native":  # a native checkpoint's expert count is checked when it is loaded
-            _check(
+            check(
                 p.ep_size >= 1 and m.num_experts % p.ep_size == 0,
                 "parallel.ep_size",
                 f">= 1 and a divisor of moe.num_experts={m.num_experts}",
             )
-        _check(
+        check(
             self.log.wandb_mode in ("offline", "online", "disabled"),
             "log.wandb_mode",
             "offline|online|disabled",
@@ -419,7 +398,8 @@ class Config:
 FAMILIES = ("upcycled", "moefied", "native", "lora")
 
 
-def _check(ok: bool, key: str, expected: str) -> None:
+def check(ok: bool, key: str, expected: str) -> None:
+    """Raises `ValueError` naming `key` and what it expects, unless `ok`."""
     if not ok:
         raise ValueError(f"config key {key!r}: expected {expected}")
 
@@ -461,6 +441,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def build_section(cls: type, raw: Any, prefix: str, where: str = "config") -> Any:
+    """A dataclass from plain data, checked as a recipe's sections are.
+
+    Unknown keys and wrong types raise `ValueError` naming `prefix` + key (e.g. `balance.options.` for a
+    weighter's options); the dataclass's own `__post_init__` checks the values.
+    """
+    return _build(cls, raw, prefix, where)
+
+
 def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: config key {prefix.rstrip('.') or '<root>'!r} must be a mapping")
@@ -469,7 +458,10 @@ def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = f"{prefix}{unknown[0]}"
-        raise ValueError(f"{where}: config key {key!r} does not exist; known keys: {sorted(fields)}")
+        moved = ""
+        if prefix == "balance.":  # the flat weighter keys of earlier recipes, e.g. balance.dwa_temperature
+            moved = "; a weighter's settings are under balance.options (docs/config.md, Weighter options)"
+        raise ValueError(f"{where}: config key {key!r} does not exist; known keys: {sorted(fields)}{moved}")
     kwargs = {}
     for name, value in raw.items():
         hint = hints[name]

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 # The generated regions of the pages; others may be added, none may silently disappear.
 EXPECTED = {
-    "config_reference",
+    "config_reference", "weighter_options",
     "block_bench", "family_bench", "ep_bench", "balance_study", "export_comparison", "model_step_bench",
     "mfu_bench", "profile_step", "loss_bench", "packing_bench", "memory_bench", "inference_bench",
     "quality_study",

@@ -95,8 +95,8 @@ def test_train_export_report_and_plain_transformers_reload(demo_data_metrics, tm
 
 
 WEIGHTED = {
-    "famo": ("balance.weighter=famo", "balance.famo_lr=0.2"),
-    "coba": ("balance.weighter=coba", "balance.coba_warmup=1", "balance.coba_history=4"),
+    "famo": ("balance.weighter=famo", "balance.options.lr=0.2"),
+    "coba": ("balance.weighter=coba", "balance.options.warmup=1", "balance.options.history=4"),
 }
 
 

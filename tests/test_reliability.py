@@ -18,7 +18,7 @@ from mtmoe.parallel.dist import free_port
 pytestmark = pytest.mark.timeout(400)
 
 
-COBA = ("balance.weighter=coba", "balance.coba_warmup=1", "balance.coba_history=3")
+COBA = ("balance.weighter=coba", "balance.options.warmup=1", "balance.options.history=3")
 
 
 @pytest.mark.parametrize("world,weighter", [(1, ()), (2, ()), (2, COBA)], ids=["1", "2", "2-coba"])

@@ -18,7 +18,7 @@ ALL3 = torch.tensor([True, True, True])
 def test_uniform_and_static():
     assert Uniform(3).weights().tolist() == [1.0, 1.0, 1.0]
     assert Static(3, ["a", "b", "c"], {"b": 2.5}).weights().tolist() == [1.0, 2.5, 1.0]
-    with pytest.raises(ValueError, match="balance.static_weights.*'z'"):
+    with pytest.raises(ValueError, match="balance.options.weights.*'z'"):
         Static(2, ["a", "b"], {"z": 1.0})
 
 
@@ -93,7 +93,8 @@ def test_absent_tasks_keep_their_state():
 
 @pytest.mark.parametrize("name", sorted(WEIGHTERS))
 def test_state_dict_resume_reproduces_weights(name):
-    overrides = [f"balance.weighter={name}", "balance.static_weights={b: 3}", "balance.coba_warmup=3"]
+    options = {"static": ["balance.options.weights={b: 3}"], "coba": ["balance.options.warmup=3"]}
+    overrides = [f"balance.weighter={name}", *options.get(name, [])]
     cfg = load_config(None, overrides).balance
     a, b = build_weighter(cfg, ["a", "b", "c"]), build_weighter(cfg, ["a", "b", "c"])
     g = torch.Generator().manual_seed(0)
@@ -219,3 +220,46 @@ def test_token_mean_weights_make_every_token_count_the_same():
     weights = TokenMean(3).weights(counts)
     got = balanced_loss(sums, counts, grad_scale=1.0, weights_X=weights)
     assert got.item() == pytest.approx(66.0 / 33.0)
+
+
+def test_a_registered_weighter_is_chosen_by_name_with_its_checked_options():
+    import dataclasses
+
+    from mtmoe.balance.weighters import TaskWeighter, register_weighter
+
+    @dataclasses.dataclass(kw_only=True)
+    class HalfOptions:
+        """Options of `half`.
+
+        Attributes:
+            factor: The weight of every task.
+        """
+
+        factor: float = 0.5
+
+    @register_weighter("half_for_test", HalfOptions)
+    class Half(TaskWeighter):
+        def __init__(self, num_tasks, factor):
+            super().__init__(num_tasks)
+            self.factor = factor
+
+        def weights(self, counts_X=None):
+            return torch.full((self.num_tasks,), self.factor, dtype=torch.float64)
+
+    try:
+        cfg = load_config(None, ["balance.weighter=half_for_test", "balance.options.factor=0.25"]).balance
+        assert build_weighter(cfg, ["a", "b"]).weights().tolist() == [0.25, 0.25]
+        bad = load_config(None, ["balance.weighter=half_for_test", "balance.options.factr=1"]).balance
+        with pytest.raises(ValueError, match="balance.options.factr"):
+            build_weighter(bad, ["a", "b"])
+        with pytest.raises(ValueError, match="registered twice"):
+            register_weighter("half_for_test")(Half)
+    finally:
+        WEIGHTERS.pop("half_for_test")
+
+
+def test_an_unknown_weighter_and_an_old_flat_key_name_the_key():
+    with pytest.raises(ValueError, match="'balance.weighter': 'dwaa' is not one of"):
+        build_weighter(load_config(None, ["balance.weighter=dwaa"]).balance, ["a"])
+    with pytest.raises(ValueError, match="'balance.dwa_temperature' does not exist.*balance.options"):
+        load_config(None, ["balance.dwa_temperature=2"])

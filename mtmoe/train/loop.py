@@ -18,7 +18,7 @@ import yaml
 
 from mtmoe.balance.quality_retain import QualityRetainer
 from mtmoe.balance.validation import ValidationStream
-from mtmoe.balance.weighters import TaskWeighter, build_weighter
+from mtmoe.balance.weighters import TaskWeighter, build_weighter, weighter_options
 from mtmoe.config import Config, to_dict
 from mtmoe.data.sampler import MixingSampler
 from mtmoe.data.shards import Manifest, load_manifest, open_shard
@@ -136,6 +136,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
 def _set_up(cfg: Config, resume: bool) -> Job:
     """The data, the process group, the model and its engine, the sampler and the balancing."""
+    weighter_options(cfg.balance)  # a bad weighter or option fails now, before any process group
     try:
         manifest = load_manifest(Path(cfg.data.tokenized))
     except ValueError as e:

@@ -14,13 +14,25 @@ reproduce the data-balanced loss either way.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
+
+from mtmoe.config import build_section
+
+
+@dataclasses.dataclass(kw_only=True)
+class NoOptions:
+    """A weighter without settings."""
 
 
 class TaskWeighter:
     """Base class: uniform weights and no state.
+
+    A weighter is chosen by `balance.weighter: NAME` once it is registered (`register_weighter`), and
+    its settings come from `balance.options`, checked against its `options` dataclass.
 
     Args:
         num_tasks: K, the number of tasks (rows of the manifest).
@@ -28,6 +40,12 @@ class TaskWeighter:
 
     needs_validation = False  # True: the trainer also feeds `observe_validation` every step
     normalize_by = "weight_sum"  # or "task_count"; see `mtmoe.balance.task_loss.balanced_loss`
+    options: ClassVar[type] = NoOptions  # set by `register_weighter`
+
+    @classmethod
+    def from_options(cls, task_names: list[str], options: Any) -> TaskWeighter:
+        """The weighter over `task_names` (id order) with its validated options."""
+        return cls(len(task_names), **dataclasses.asdict(options))
 
     def __init__(self, num_tasks: int, **_: Any):
         self.num_tasks = num_tasks
@@ -53,3 +71,55 @@ class TaskWeighter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores `state_dict`."""
+
+
+WEIGHTERS: dict[str, type[TaskWeighter]] = {}
+
+
+def register_weighter(name: str, options: type = NoOptions) -> Callable[[type], type]:
+    """Class decorator: `balance.weighter: name` chooses the class, `options` is its settings' dataclass.
+
+    Raises:
+        ValueError: If the name is taken.
+    """
+
+    def add(cls: type[TaskWeighter]) -> type[TaskWeighter]:
+        if name in WEIGHTERS:
+            raise ValueError(
+                f"weighter {name!r} is registered twice ({WEIGHTERS[name].__name__}, {cls.__name__})"
+            )
+        cls.options = options
+        WEIGHTERS[name] = cls
+        return cls
+
+    return add
+
+
+def weighter_class(name: str) -> type[TaskWeighter]:
+    """The registered weighter `name`.
+
+    Raises:
+        ValueError: Naming `balance.weighter` and the registered names, for an unknown one.
+    """
+    if name not in WEIGHTERS:
+        raise ValueError(f"config key 'balance.weighter': {name!r} is not one of {'|'.join(WEIGHTERS)}")
+    return WEIGHTERS[name]
+
+
+def build_weighter(cfg, task_names: list[str]) -> TaskWeighter:
+    """The weighter named by `balance.weighter`, over the manifest's tasks (in id order).
+
+    Args:
+        cfg: The `BalanceConfig`.
+        task_names: All task names, in task-id order.
+
+    Raises:
+        ValueError: Naming the config key, for an unknown weighter or option, or an invalid value.
+    """
+    cls = weighter_class(cfg.weighter)
+    return cls.from_options(task_names, weighter_options(cfg))
+
+
+def weighter_options(cfg) -> Any:
+    """`balance.options` as the chosen weighter's options dataclass (keys and types checked)."""
+    return build_section(weighter_class(cfg.weighter).options, cfg.options, "balance.options.")

@@ -27,13 +27,15 @@ batch per step, and DF capped at 1. Deliberate differences:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mtmoe.balance.weighters.base import TaskWeighter
+from mtmoe.balance.weighters.base import TaskWeighter, register_weighter
+from mtmoe.config import check
 
 
 def window_slope(x: list[float], y: list[float]) -> float:
@@ -56,6 +58,26 @@ def _finite_count(values: list[float]) -> int:
     return sum(1 for v in values if not math.isnan(v))
 
 
+@dataclasses.dataclass(kw_only=True)
+class CoBaOptions:
+    """Options of `coba`.
+
+    Attributes:
+        warmup: Steps with uniform weights before CoBa starts.
+        history: Validation losses the slopes are fitted over.
+        tau: Temperature of the divergence factor.
+    """
+
+    warmup: int = 100
+    history: int = 200
+    tau: float = 5.0
+
+    def __post_init__(self):
+        check(self.warmup >= 1, "balance.options.warmup", ">= 1")
+        check(self.history >= 2, "balance.options.history", ">= 2")
+
+
+@register_weighter("coba", CoBaOptions)
 class CoBa(TaskWeighter):
     """Convergence Balancer weights from a per-task validation stream.
 

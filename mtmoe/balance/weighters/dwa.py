@@ -7,13 +7,33 @@ task's loss (`ema`); with ema=0 it is the raw per-step loss of the paper's per-e
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from mtmoe.balance.weighters.base import TaskWeighter
+from mtmoe.balance.weighters.base import TaskWeighter, register_weighter
+from mtmoe.config import check
 
 
+@dataclasses.dataclass(kw_only=True)
+class DWAOptions:
+    """Options of `dwa`.
+
+    Attributes:
+        temperature: T of the softmax over loss ratios.
+        ema: Smoothing of the per-task losses compared, in [0, 1).
+    """
+
+    temperature: float = 2.0
+    ema: float = 0.9
+
+    def __post_init__(self):
+        check(self.temperature > 0, "balance.options.temperature", "> 0")
+        check(0 <= self.ema < 1, "balance.options.ema", "in [0, 1)")
+
+
+@register_weighter("dwa", DWAOptions)
 class DWA(TaskWeighter):
     """Dynamic Weight Average.
 

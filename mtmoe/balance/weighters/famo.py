@@ -11,14 +11,34 @@ batch), and the 1/L_k scale uses the previous step's loss, so every weight is kn
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
-from mtmoe.balance.weighters.base import TaskWeighter
+from mtmoe.balance.weighters.base import TaskWeighter, register_weighter
+from mtmoe.config import check
 
 
+@dataclasses.dataclass(kw_only=True)
+class FAMOOptions:
+    """Options of `famo`.
+
+    Attributes:
+        lr: Step size of FAMO's task logits (the paper's β).
+        weight_decay: FAMO's γ.
+    """
+
+    lr: float = 0.025
+    weight_decay: float = 0.001
+
+    def __post_init__(self):
+        check(self.lr > 0, "balance.options.lr", "> 0")
+        check(self.weight_decay >= 0, "balance.options.weight_decay", ">= 0")
+
+
+@register_weighter("famo", FAMOOptions)
 class FAMO(TaskWeighter):
     """FAMO task weights.
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from mtmoe.balance.weighters.base import TaskWeighter
+from mtmoe.balance.weighters.base import TaskWeighter, register_weighter
 
 
+@register_weighter("uniform")
 class Uniform(TaskWeighter):
     """Every task weighs 1: MFTCoder's data-balanced loss (the default)."""
 
 
+@register_weighter("token_mean")
 class TokenMean(TaskWeighter):
     """Every token weighs the same, whatever its task: sum_k S_k / sum_k N_k.
 
@@ -29,6 +32,18 @@ class TokenMean(TaskWeighter):
         return (counts > 0).sum() * counts / counts.sum().clamp_min(1.0)
 
 
+@dataclasses.dataclass(kw_only=True)
+class StaticOptions:
+    """Options of `static`.
+
+    Attributes:
+        weights: {task: weight}; unlisted tasks weigh 1.
+    """
+
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@register_weighter("static", StaticOptions)
 class Static(TaskWeighter):
     """Weights given in the recipe, per task name.
 
@@ -38,18 +53,23 @@ class Static(TaskWeighter):
         static_weights: {task name: weight}; tasks not listed weigh 1.
 
     Raises:
-        ValueError: For an unknown task name or a negative weight (naming `balance.static_weights`).
+        ValueError: For an unknown task name or a negative weight (naming `balance.options.weights`).
     """
+
+    @classmethod
+    def from_options(cls, task_names: list[str], options: StaticOptions) -> Static:
+        """The weights of `options` over `task_names`."""
+        return cls(len(task_names), task_names, options.weights)
 
     def __init__(self, num_tasks: int, task_names: list[str], static_weights: dict[str, float], **_: Any):
         super().__init__(num_tasks)
         unknown = sorted(set(static_weights) - set(task_names))
         if unknown:
             raise ValueError(
-                f"config key 'balance.static_weights': unknown task(s) {unknown}; known: {task_names}"
+                f"config key 'balance.options.weights': unknown task(s) {unknown}; known: {task_names}"
             )
         if any(float(w) < 0 for w in static_weights.values()):
-            raise ValueError("config key 'balance.static_weights': weights must be >= 0")
+            raise ValueError("config key 'balance.options.weights': weights must be >= 0")
         self._w = torch.tensor([float(static_weights.get(n, 1.0)) for n in task_names], dtype=torch.float64)
 
     def weights(self, counts_X: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,13 +11,30 @@ trainer divides by the number of present tasks, not by the weights' sum (`normal
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from mtmoe.balance.weighters.base import TaskWeighter
+from mtmoe.balance.weighters.base import TaskWeighter, register_weighter
+from mtmoe.config import check
 
 
+@dataclasses.dataclass(kw_only=True)
+class UncertaintyOptions:
+    """Options of `uncertainty`.
+
+    Attributes:
+        lr: Step size of the learned log-variances.
+    """
+
+    lr: float = 0.05
+
+    def __post_init__(self):
+        check(self.lr > 0, "balance.options.lr", "> 0")
+
+
+@register_weighter("uncertainty", UncertaintyOptions)
 class Uncertainty(TaskWeighter):
     """Homoscedastic-uncertainty task weights.
 
