@@ -63,7 +63,8 @@ from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.eval.heldout import LossFn, heldout_losses, hf_loss_fn
 from mtmoe.eval.utilization import expert_shares, load_utilization
 from mtmoe.export.adamerging import adamerge
-from mtmoe.export.dense import MergeSpec, fold_to_dense, save_dense
+from mtmoe.export.dense import fold_to_dense, save_dense
+from mtmoe.export.methods import MERGES, MergeSpec
 from mtmoe.export.prune import keep_experts, renormalise
 from mtmoe.export.run import fade_shares, load_trained_model, model_experts
 from mtmoe.model.moe_lm import MoELM, build_base
@@ -193,7 +194,9 @@ def export_one(
         )  # fmt: skip
         record["adamerging"] = {k: ada[k] for k in ("steps", "inputs", "entropy_before", "entropy_after")}
     else:
-        lm = fold_to_dense(model, shares, kept, MergeSpec(method, seed=s.seed))
+        lm = fold_to_dense(
+            model, shares, kept, MergeSpec.of(method, **({"seed": s.seed} if method == "dare" else {}))
+        )
     record["export_cpu_s"] = time.process_time() - t0
     return lm.eval(), record
 
@@ -367,7 +370,7 @@ def settings_record(loaded: Loaded, s: Settings, base_scored: Mapping[str, Mappi
         "heldout_target_tokens": {t: v["tokens"] for t, v in base_scored.items()},
         "weights": "utilization (held-out gate mass, all tasks); the exact row: fade",
         "prune_by": "utilization",
-        "merge_defaults": dataclasses.asdict(MergeSpec(seed=s.seed)),
+        "merge_defaults": {m: MergeSpec.of(m).record() for m in MERGES},
         **dataclasses.asdict(s),
     }
 

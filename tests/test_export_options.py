@@ -14,7 +14,8 @@ from test_export import _model
 from mtmoe.config import load_config
 from mtmoe.eval.heatmap import BLUE, WHITE, heatmap_rgb, png_bytes, task_shares
 from mtmoe.eval.utilization import expert_shares
-from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas
+from mtmoe.export.dense import fold_to_dense, merged_deltas
+from mtmoe.export.methods import MergeSpec
 from mtmoe.export.peft_adapters import lora_factors, write_adapter
 from mtmoe.export.prune import keep_experts, renormalise
 from mtmoe.model.moe_lm import build_base
@@ -97,12 +98,16 @@ def test_summing_methods_default_to_the_average_scale():
     model = _trained_like()
     avg = merged_deltas(model, None)
     for method in ("task_arithmetic", "dare"):
-        spec = MergeSpec(method, drop=0.0)
+        spec = MergeSpec.of(method, **({"drop": 0.0} if method == "dare" else {}))
         other = merged_deltas(model, None, spec=spec)
         for k in avg:
             torch.testing.assert_close(other[k], avg[k])
     with pytest.raises(ValueError, match="--merge 'magic'"):
         merged_deltas(model, None, spec=MergeSpec("magic"))
+    with pytest.raises(ValueError, match="--drop: not an option of --merge ties"):
+        MergeSpec.of("ties", drop=0.3)
+    with pytest.raises(ValueError, match="--density"):
+        MergeSpec.of("ties", density=1.5)
 
 
 def _decode_png(data):

@@ -6,7 +6,6 @@ from fractions import Fraction
 import pytest
 import torch
 
-from mtmoe.export.dense import MergeSpec
 from mtmoe.export.merge import (
     METHODS,
     breadcrumbs,
@@ -17,6 +16,7 @@ from mtmoe.export.merge import (
     ties,
     weighted_average,
 )
+from mtmoe.export.methods import MergeSpec
 
 D = torch.tensor(
     [
@@ -110,10 +110,10 @@ def _ties_reference(deltas, weights, density):
 
 
 def test_ties_weighs_the_disjoint_mean_by_the_expert_shares():
-    only_first = MergeSpec("ties", density=1).merge(D2, torch.tensor([1.0, 0.0]))
+    only_first = MergeSpec.of("ties", density=1).merge(D2, torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(only_first, D2[0])  # the only expert with a share: its own delta, as `average`
     torch.testing.assert_close(
-        MergeSpec("ties", density=1).merge(D2, torch.tensor([0.9, 0.1])),
+        MergeSpec.of("ties", density=1).merge(D2, torch.tensor([0.9, 0.1])),
         torch.tensor([[0.95, -2.0, 3.0, 0.475]]),
     )
     equal = torch.tensor([[0.75, -2.0, 3.0, 0.375]])  # equal weights: the plain disjoint mean
@@ -124,19 +124,19 @@ def test_ties_matches_the_reference_for_random_experts_and_shares():
     gen = torch.Generator().manual_seed(0)
     deltas = torch.randn(4, 6, 10, generator=gen, dtype=torch.float64)
     shares = [0.7, 0.1, 0.1, 0.1]
-    got = MergeSpec("ties", density=0.2).merge(deltas, torch.tensor(shares, dtype=torch.float64))
+    got = MergeSpec.of("ties", density=0.2).merge(deltas, torch.tensor(shares, dtype=torch.float64))
     torch.testing.assert_close(got, _ties_reference(deltas, shares, 0.2))
     assert got.norm() <= deltas.abs().amax(0).norm()  # never beyond the largest agreeing entry
 
 
 def test_dare_draws_independent_masks_per_tensor_reproducibly():
     ones = torch.ones(1, 20, 30)
-    spec = MergeSpec("dare", drop=0.5, seed=3)
+    spec = MergeSpec.of("dare", drop=0.5, seed=3)
     a = spec.merge(ones, torch.ones(1), "model.layers.0.mlp.up_proj")
     b = spec.merge(ones, torch.ones(1), "model.layers.1.mlp.up_proj")
     assert torch.equal(a, spec.merge(ones, torch.ones(1), "model.layers.0.mlp.up_proj"))  # reproducible
     assert not torch.equal(a != 0, b != 0)  # same shape, another tensor: another mask
-    c = MergeSpec("dare", drop=0.5, seed=4).merge(ones, torch.ones(1), "model.layers.0.mlp.up_proj")
+    c = MergeSpec.of("dare", drop=0.5, seed=4).merge(ones, torch.ones(1), "model.layers.0.mlp.up_proj")
     assert not torch.equal(a != 0, c != 0)  # another run seed: another mask
     assert tensor_seed(3, "x") == tensor_seed(3, "x") != tensor_seed(3, "y")
 

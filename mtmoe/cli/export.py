@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from mtmoe.runtime import configure_process, set_torch_threads
 
 configure_process()
+
+MERGE_FLAGS = ("lam", "density", "drop", "beta", "gamma")
 
 
 def parse_args(argv: list[str] | None):
@@ -40,15 +43,20 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--prune", type=int, default=0, help="keep only N experts per layer (0 = all)")
     parser.add_argument("--prune-by", default="utilization", help="which experts to keep: utilization|random")
     parser.add_argument(
-        "--merge", default="average", help="average|task_arithmetic|ties|dare|breadcrumbs|adamerging"
+        "--merge", default="average", help="average|task_arithmetic|ties|dare|breadcrumbs, or adamerging"
     )
+    # A merge method's options (docs/deployment.md); a flag the chosen method does not take is refused.
     parser.add_argument(
         "--lam", type=float, default=None, help="λ of the summing methods (default 1/n, TIES 1)"
     )
-    parser.add_argument("--density", type=float, default=0.2, help="TIES: fraction of entries kept")
-    parser.add_argument("--drop", type=float, default=0.5, help="DARE: drop rate")
-    parser.add_argument("--beta", type=float, default=0.01, help="breadcrumbs: outlier fraction removed")
-    parser.add_argument("--gamma", type=float, default=0.8, help="breadcrumbs: small-entry fraction removed")
+    parser.add_argument("--density", type=float, default=None, help="TIES: fraction of entries kept (0.2)")
+    parser.add_argument("--drop", type=float, default=None, help="DARE: drop rate (0.5)")
+    parser.add_argument(
+        "--beta", type=float, default=None, help="breadcrumbs: outlier fraction removed (0.01)"
+    )
+    parser.add_argument(
+        "--gamma", type=float, default=None, help="breadcrumbs: small-entry fraction removed (0.8)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="DARE's masks and random pruning")
     parser.add_argument(
         "--ada-granularity", default="layer", help="AdaMerging: λ per layer, or per expert (task)"
@@ -76,11 +84,19 @@ def main(argv: list[str] | None = None) -> Path:
     """Exports and returns the output folder."""
     args = parse_args(argv)
 
-    from mtmoe.export.dense import MergeSpec
+    from mtmoe.export.methods import MergeSpec, merge_method
     from mtmoe.export.pipeline import ExportConfig, export_run
 
     set_torch_threads()
-    spec = MergeSpec(args.merge, args.lam, args.density, args.drop, args.beta, args.gamma, args.seed)
+    ada = args.merge == "adamerging"
+    given = {k: getattr(args, k) for k in MERGE_FLAGS if getattr(args, k) is not None}
+    if ada and given:
+        raise ValueError(
+            f"--{next(iter(given))}: AdaMerging learns its coefficients; it takes no merge option"
+        )
+    if not ada and "seed" in {f.name for f in dataclasses.fields(merge_method(args.merge).options)}:
+        given["seed"] = args.seed
+    spec = MergeSpec() if ada else MergeSpec.of(args.merge, **given)
     return export_run(
         ExportConfig(
             run=args.run,
@@ -89,8 +105,9 @@ def main(argv: list[str] | None = None) -> Path:
             weights=args.weights,
             prune=args.prune,
             prune_by=args.prune_by,
-            merge=args.merge,
             merge_spec=spec,
+            adamerging=ada,
+            seed=args.seed,
             ada_granularity=args.ada_granularity,
             ada_steps=args.ada_steps,
             ada_lr=args.ada_lr,

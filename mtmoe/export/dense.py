@@ -2,69 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mtmoe.export.merge import METHODS, tensor_seed
+from mtmoe.export.methods import MergeSpec
 from mtmoe.model.experts import PROJECTIONS
 from mtmoe.model.moe_lm import MoELM
 from mtmoe.model.walk import decoder_layers, lora_linears, moe_blocks
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    """How each block's experts become one delta.
-
-    u are the expert shares renormalised over the n kept experts. `average` gives Σ u_e ΔW_e. The summing
-    methods (`task_arithmetic`, `dare`, `breadcrumbs`) see D_e = n·u_e·ΔW_e (with uniform shares, each
-    expert's own delta) and default to λ = 1/n, the average's scale. `ties` takes the deltas with the
-    shares as weights: its weighted disjoint mean at λ = 1 is on the average's scale for any shares.
-    DARE draws each tensor's masks from its own seed, derived from `seed` and the tensor's name.
-
-    Attributes:
-        method: A key of `mtmoe.export.merge.METHODS`.
-        lam: λ (None = the method's natural scale above).
-        density: TIES' kept fraction.
-        drop: DARE's drop rate.
-        beta: Breadcrumbs' outlier fraction.
-        gamma: Breadcrumbs' small-entry fraction.
-        seed: DARE's run seed (each tensor's masks use `tensor_seed(seed, name)`).
-    """
-
-    method: str = "average"
-    lam: float | None = None
-    density: float = 0.2
-    drop: float = 0.5
-    beta: float = 0.01
-    gamma: float = 0.8
-    seed: int = 0
-
-    def merge(self, deltas_EOI: torch.Tensor, shares_E: torch.Tensor, name: str = "") -> torch.Tensor:
-        """One merged delta from the kept experts' deltas and their (renormalised) shares.
-
-        Args:
-            deltas_EOI: The kept experts' deltas of one tensor.
-            shares_E: Their shares, summing to one.
-            name: The tensor's module name: it seeds DARE's masks for this tensor.
-        """
-        if self.method not in METHODS:
-            raise ValueError(f"--merge {self.method!r}: expected one of {sorted(METHODS)}")
-        n = len(shares_E)
-        if self.method == "average":
-            return METHODS["average"](deltas_EOI, shares_E)
-        if self.method == "ties":
-            return METHODS["ties"](deltas_EOI, self.density, 1.0 if self.lam is None else self.lam, shares_E)
-        d_EOI = deltas_EOI * (n * shares_E).to(deltas_EOI.dtype)[:, None, None]
-        lam = self.lam if self.lam is not None else 1.0 / n
-        if self.method == "task_arithmetic":
-            return METHODS["task_arithmetic"](d_EOI, lam)
-        if self.method == "dare":
-            return METHODS["dare"](d_EOI, self.drop, lam, tensor_seed(self.seed, name))
-        return METHODS["breadcrumbs"](d_EOI, self.beta, self.gamma, lam)
 
 
 @torch.no_grad()
@@ -72,7 +19,7 @@ def merged_deltas(
     model: MoELM,
     shares: dict[int, torch.Tensor] | None,
     kept: dict[int, list[int]] | None = None,
-    spec: MergeSpec = MergeSpec(),
+    spec: MergeSpec | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weight delta of every linear the export changes, by its module name in the HF model.
 
@@ -84,8 +31,9 @@ def merged_deltas(
         shares: Per layer, the merge weight of each expert (e.g. its share of gate mass on held-out
             data); None weighs experts equally.
         kept: Per layer, the experts to keep (None = all); their shares are renormalised.
-        spec: The merge method and its parameters.
+        spec: The merge method and its options (None = `average`).
     """
+    spec = spec or MergeSpec()
     lm = model.lm
     deltas = {}
     for i, block in moe_blocks(lm).items():
@@ -143,7 +91,7 @@ def fold_to_dense(
     model: MoELM,
     shares: dict[int, torch.Tensor] | None,
     kept: dict[int, list[int]] | None = None,
-    spec: MergeSpec = MergeSpec(),
+    spec: MergeSpec | None = None,
 ) -> PreTrainedModel:
     """Folds every MoE-LoRA block and attention LoRA into the base weights, in place on `model.lm`.
 

@@ -41,7 +41,8 @@ from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
 from mtmoe.eval.task_metrics import has_metrics, metric_summary, score_tasks
 from mtmoe.eval.utilization import expert_shares, load_utilization
 from mtmoe.export.adamerging import adamerge
-from mtmoe.export.dense import MergeSpec, fold_to_dense, merged_deltas, save_dense, task_gate_shares
+from mtmoe.export.dense import fold_to_dense, merged_deltas, save_dense, task_gate_shares
+from mtmoe.export.methods import MergeSpec
 from mtmoe.export.peft_adapters import write_adapter
 from mtmoe.export.prune import keep_experts, renormalise
 from mtmoe.export.run import fade_shares, load_trained_model
@@ -66,8 +67,9 @@ class ExportConfig:
             a run with task gates, fade for a run that faded, else utilization.
         prune: Keep only this many experts per layer (0 = all).
         prune_by: Which experts to keep: `utilization` or `random`.
-        merge: The merge: a method of `mtmoe.export.merge.METHODS`, or `adamerging`.
-        merge_spec: The merge method's settings (λ, density, drop, β, γ, seed).
+        merge_spec: The merge method and its options (`mtmoe.export.methods`); ignored by AdaMerging.
+        adamerging: Learn the merge coefficients (AdaMerging) instead of `merge_spec`.
+        seed: The seed of random pruning.
         ada_granularity: AdaMerging: λ per `layer`, or per expert (`task`).
         ada_steps: AdaMerging: Adam steps.
         ada_lr: AdaMerging: learning rate.
@@ -83,8 +85,9 @@ class ExportConfig:
     weights: str = "auto"
     prune: int = 0
     prune_by: str = "utilization"
-    merge: str = "average"
     merge_spec: MergeSpec = dataclasses.field(default_factory=MergeSpec)
+    adamerging: bool = False
+    seed: int = 0
     ada_granularity: str = "layer"
     ada_steps: int = 50
     ada_lr: float = 0.01
@@ -92,11 +95,6 @@ class ExportConfig:
     peft_rank: int = 0
     metrics: bool = True
     rescore: bool = False
-
-    @property
-    def adamerging(self) -> bool:
-        """Whether AdaMerging learns the merge coefficients."""
-        return self.merge == "adamerging"
 
 
 def export_run(ec: ExportConfig) -> Path:
@@ -116,11 +114,11 @@ def export_run(ec: ExportConfig) -> Path:
     task = None if ec.task == "all" else ec.task
     shares = shares_for(task)
     kept = (
-        keep_experts(shares or expert_shares(util, task), ec.prune, ec.prune_by, ec.merge_spec.seed)
+        keep_experts(shares or expert_shares(util, task), ec.prune, ec.prune_by, ec.seed)
         if ec.prune
         else None
     )
-    spec = dataclasses.replace(ec.merge_spec, method="average" if ec.adamerging else ec.merge)
+    spec = MergeSpec() if ec.adamerging else ec.merge_spec
     shards = [open_shard(manifest, t.name, "eval") for t in manifest.tasks]
     scorer = Scorer(ec, cfg, manifest, shards, tokenizer)
     scorer.score("moe", lambda *b: model(*b)[0], model.eval().next_token_logits)  # before the fold
@@ -141,9 +139,7 @@ def export_run(ec: ExportConfig) -> Path:
         "prune": ec.prune,
         "prune_by": ec.prune_by if ec.prune else None,
         "kept_experts": {str(k): v for k, v in kept.items()} if kept else None,
-        "merge": {**vars(spec), "method": ec.merge}
-        if not ec.adamerging
-        else {"method": "adamerging", **ada_record},
+        "merge": spec.record() if not ec.adamerging else {"method": "adamerging", **ada_record},
         "peft_rank": ec.peft_rank,
     }
     scorer.write(options)
@@ -161,7 +157,8 @@ def expert_weighting(cfg: Config, ec: ExportConfig) -> tuple[str, Any, dict | No
     """
     family, faded = cfg.moe.family, fade_shares(ec.run)
     util_path = ec.run / "utilization.json"
-    if family != "upcycled" and (ec.merge != "average" or ec.peft_rank or ec.weights != "auto"):
+    merges = ec.adamerging or ec.merge_spec.method != "average"
+    if family != "upcycled" and (merges or ec.peft_rank or ec.weights != "auto"):
         raise ValueError(
             f"--merge/--weights/--peft-rank apply to upcycled experts; this run's moe.family is {family}"
         )
