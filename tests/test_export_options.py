@@ -2,9 +2,7 @@
 and the export command's report on a real (tiny) run."""
 
 import json
-import struct
 import sys
-import zlib
 
 import pytest
 import torch
@@ -12,8 +10,8 @@ from conftest import run_cmd
 from test_export import _model
 
 from mtmoe.config import load_config
-from mtmoe.eval.heatmap import BLUE, WHITE, heatmap_rgb, png_bytes, task_shares
-from mtmoe.eval.utilization import expert_shares
+from mtmoe.eval.heatmap import heatmap_figure, task_shares, write_heatmaps
+from mtmoe.eval.utilization import expert_shares, routing_summary
 from mtmoe.export.dense import fold_to_dense, merged_deltas
 from mtmoe.export.methods import MergeSpec
 from mtmoe.export.peft_adapters import lora_factors, write_adapter
@@ -110,31 +108,34 @@ def test_summing_methods_default_to_the_average_scale():
         MergeSpec.of("ties", density=1.5)
 
 
-def _decode_png(data):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body)
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + length
-    width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    raw = zlib.decompress(chunks[b"IDAT"])
-    rows = [raw[i * (1 + 3 * width) + 1 : (i + 1) * (1 + 3 * width)] for i in range(height)]
-    return width, height, depth, color, rows
-
-
-def test_heatmap_png_is_a_valid_image_of_the_task_shares():
+def test_heatmap_draws_the_task_shares_and_writes_pngs(tmp_path):
     shares = task_shares(UTIL, "0")
     torch.testing.assert_close(shares.sum(1), torch.ones(2, dtype=torch.float64))
-    width, height, depth, color, rows = _decode_png(png_bytes(heatmap_rgb(shares, cell=5)))
-    assert (width, height, depth, color) == (20, 10, 8, 2)
-    # pixel x of a row is bytes 3x..3x+2; expert 1 covers x = 5..9, task b rows 5..9
-    blend = tuple(round(w * 0.25 + b * 0.75) for w, b in zip(WHITE, BLUE, strict=True))
-    assert tuple(rows[7][15:18]) == blend  # task b, expert 1: share 0.75
-    assert tuple(rows[0][15:18]) == WHITE  # task a, expert 1: share 0
+    fig = heatmap_figure(shares, UTIL["tasks"], "layer 0")
+    (image,) = fig.axes[0].images
+    assert image.get_array().tolist() == shares.tolist()  # cell (task, expert) is its share
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == UTIL["tasks"]
+    paths = write_heatmaps(UTIL, tmp_path)
+    assert [p.name for p in paths] == [f"L{int(layer):02d}.png" for layer in sorted(UTIL["layers"], key=int)]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_routing_summary_of_even_and_collapsed_layers():
+    util = {
+        "tasks": ["a"],
+        "num_experts": 2,
+        "layers": {
+            "0": {"tokens": [[5.0, 5.0]], "mass": [[1.0, 1.0]]},
+            "3": {"tokens": [[8.0, 0.0]], "mass": [[1.0, 0.0]]},
+        },
+    }
+    got = routing_summary(util)
+    assert got["routing/L00/max_load"] == 1.0 and got["routing/L00/cv"] == 0.0
+    assert got["routing/L00/entropy"] == pytest.approx(1.0)
+    assert got["routing/L03/max_load"] == 2.0 and got["routing/L03/cv"] == 1.0
+    assert got["routing/L03/entropy"] == pytest.approx(0.0, abs=1e-9)
+    assert got["routing/max_load"] == 1.5
 
 
 def test_svd_factors_reproduce_a_low_rank_delta():

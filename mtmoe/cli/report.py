@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mtmoe.data.shards import load_manifest, open_shard
     from mtmoe.eval.generation import prompt_of
+    from mtmoe.eval.heatmap import read_metrics, write_curves
     from mtmoe.eval.heldout import heldout_losses, hf_loss_fn
     from mtmoe.eval.report import generate, write_report
     from mtmoe.export.run import run_config
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "generations": generations,
     }
+    curves = write_curves(read_metrics(args.run / "metrics.jsonl"), args.run / "report")
+    heatmaps = sorted((args.run / "utilization").glob("L*.png"))
+    shown = [heatmaps[i] for i in sorted({0, len(heatmaps) // 2, len(heatmaps) - 1})] if heatmaps else []
+    report["figures"] = [str(p.relative_to(args.run)) for p in curves + shown]
     write_report(report, args.run)
     for name, t in report["tasks"].items():
         print(

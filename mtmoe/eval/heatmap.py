@@ -1,44 +1,25 @@
-"""Utilization heatmaps (tasks × experts, one per layer) as PNG files, with no imaging library.
+"""Figures of a run, drawn with matplotlib (the `plots` extra): utilization heatmaps and training curves.
 
-A cell's darkness is the task's share of its gate mass that went to that expert (each row sums to 1):
-white is 0, dark blue is 1. Rows are the tasks in `utilization.json` order, columns the experts.
+A heatmap is one layer's tasks × experts: a cell is the task's share of its gate mass that went to the
+expert (each row sums to 1), from white (0) to dark blue (1). Without matplotlib nothing is drawn and
+the numbers stay in `utilization.json` and `metrics.jsonl`.
 
 Shape legend: X tasks, E experts.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-WHITE, BLUE = (255, 255, 255), (8, 48, 107)
 
-
-def png_bytes(rgb_HW3: torch.Tensor) -> bytes:
-    """Encodes an 8-bit RGB image (H, W, 3) as PNG."""
-    height, width, _ = rgb_HW3.shape
-    raw = b"".join(b"\x00" + bytes(row.reshape(-1).tolist()) for row in rgb_HW3.to(torch.uint8))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
-
-
-def heatmap_rgb(shares_XE: torch.Tensor, cell: int = 24) -> torch.Tensor:
-    """Colours each cell between white (0) and dark blue (1), each `cell` pixels square."""
-    t_XE1 = shares_XE.clamp(0, 1).float()[..., None]
-    rgb_XE3 = torch.tensor(WHITE) * (1 - t_XE1) + torch.tensor(BLUE) * t_XE1
-    return rgb_XE3.round().repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+def can_plot() -> bool:
+    """Whether matplotlib (the `plots` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def task_shares(util: dict, layer: str, key: str = "mass") -> torch.Tensor:
@@ -47,12 +28,69 @@ def task_shares(util: dict, layer: str, key: str = "mass") -> torch.Tensor:
     return table_XE / table_XE.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def heatmap_figure(shares_XE: torch.Tensor, tasks: list[str], title: str) -> Any:
+    """A matplotlib figure of one layer's task × expert shares (the caller closes it)."""
+    from matplotlib.figure import Figure
+
+    X, E = shares_XE.shape
+    fig = Figure(figsize=(1.2 + 0.5 * E, 0.8 + 0.35 * X), dpi=100)
+    ax = fig.add_subplot()
+    ax.imshow(shares_XE.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(E), [f"e{e}" for e in range(E)])
+    ax.set_yticks(range(X), tasks)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def write_heatmaps(util: dict, out_dir: Path) -> list[Path]:
-    """Writes `L<layer>.png` per layer into `out_dir`; returns the paths."""
+    """Writes `L<layer>.png` per layer into `out_dir` and returns the paths ([] without matplotlib)."""
+    if not can_plot():
+        return []
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for layer in sorted(util["layers"], key=int):
         path = out_dir / f"L{int(layer):02d}.png"
-        path.write_bytes(png_bytes(heatmap_rgb(task_shares(util, layer))))
+        fig = heatmap_figure(task_shares(util, layer), util["tasks"], f"layer {int(layer)}: gate mass share")
+        fig.savefig(path)
         paths.append(path)
+    return paths
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_curves(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Per-task training loss and task weight over the steps, one PNG each ([] without matplotlib)."""
+    if not can_plot():
+        return []
+    from matplotlib.figure import Figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for prefix, name, ylabel in (
+        ("loss/", "loss.png", "training loss"),
+        ("weight/", "weights.png", "task weight"),
+    ):
+        series: dict[str, tuple[list[int], list[float]]] = {}
+        for r in records:
+            for key, value in r.items():
+                if key.startswith(prefix):
+                    steps, values = series.setdefault(key[len(prefix) :], ([], []))
+                    steps.append(r["step"])
+                    values.append(value)
+        if not series:
+            continue
+        fig = Figure(figsize=(6, 3.2), dpi=100)
+        ax = fig.add_subplot()
+        for task, (steps, values) in sorted(series.items()):
+            ax.plot(steps, values, label=task, linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        paths.append(out_dir / name)
     return paths

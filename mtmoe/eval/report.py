@@ -1,7 +1,9 @@
 """The run report, as `report.json` and `report.md`.
 
 Per task, the declared metric (when there is one) and the held-out loss of the base model, the trained
-MoE and the dense export; throughput; and a few generations per task.
+MoE and the dense export; throughput; figures (with matplotlib: the per-task training loss and task
+weights over the steps, and utilization heatmaps of the first, middle and last MoE layers); and a few
+generations per task.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def write_report(report: dict, run_dir: Path) -> None:
         lines.append(
             f"| {name} | {t['base_loss']:.3f} | {t['moe_loss']:.3f} | {t['dense_loss']:.3f} | {t['tokens']} |"
         )
+    if report.get("figures"):
+        lines += ["", "## Figures", ""]
+        lines += [f"![{Path(f).stem}]({f})" for f in report["figures"]]
+        lines.append("")
+        lines.append("Every layer's heatmap is in `utilization/`; the numbers are in `utilization.json`.")
     lines += ["", "## Generations (greedy)", ""]
     for name, samples in report.get("generations", {}).items():
         lines.append(f"### {name}")

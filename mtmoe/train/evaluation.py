@@ -15,7 +15,7 @@ from mtmoe.config import Config
 from mtmoe.eval.heatmap import write_heatmaps
 from mtmoe.eval.heldout import heldout_losses
 from mtmoe.eval.task_metrics import score_tasks
-from mtmoe.eval.utilization import expert_shares, gather_utilization, layer_shares, save_utilization
+from mtmoe.eval.utilization import gather_utilization, layer_shares, routing_summary, save_utilization
 from mtmoe.model.moe_lm import MoELM
 from mtmoe.parallel.dist import DistInfo, all_reduce_sum
 from mtmoe.train.fading import fade_start, set_fade_shares
@@ -122,13 +122,7 @@ def train_record(
     ctx.routed = ctx.dropped = 0
     record["moe/dropped"] = int(dropped)  # over capacity in this logging window, all ranks
     record["moe/drop_frac"] = dropped / max(routed, 1.0)
-    util = gather_utilization(model.lm, names)
-    for layer, share_E in layer_shares(util, "tokens").items():
-        for e, share in enumerate(share_E.tolist()):
-            record[f"expert_util/L{layer:02d}/e{e}"] = share
-    for k in present:  # per task: which experts its tokens went to in this logging window
-        for layer, share_E in expert_shares(util, names[k], "tokens").items():
-            for e, share in enumerate(share_E.tolist()):
-                record[f"expert_util/{names[k]}/L{layer:02d}/e{e}"] = share
+    # how evenly each layer's training tokens spread over the experts in this logging window
+    record.update(routing_summary(gather_utilization(model.lm, names)))
     model.set_recording(True)  # restart the counters for the next logging window
     return record

@@ -23,6 +23,7 @@ from mtmoe.config import Config, to_dict
 from mtmoe.data.sampler import MixingSampler
 from mtmoe.data.shards import Manifest, load_manifest, open_shard
 from mtmoe.eval.task_metrics import metric_summary
+from mtmoe.eval.utilization import gather_utilization, restore_utilization_counters, save_utilization_counters
 from mtmoe.model.base import load_tokenizer, resolve_base
 from mtmoe.model.moe_lm import (
     MoELM,
@@ -305,14 +306,22 @@ def _log_step(job: Job, step: int, o: StepOutcome) -> None:
 
 
 def _evaluate_now(job: Job, step: int) -> None:
-    """A periodic held-out evaluation (losses and task metrics), kept out of the training utilization."""
-    job.model.context.record = False
+    """A periodic held-out evaluation: losses, task metrics, and the held-out routing's heatmaps.
+
+    The held-out routing is counted on its own and the training window's counters are put back after.
+    """
+    window = save_utilization_counters(job.model)
+    job.model.set_recording(True)
     losses = evaluate(job.engine, job.model, job.eval_shards, job.pad_id, job.cfg, job.info, job.device)
+    util = gather_utilization(job.model.lm, job.known)  # a collective: every rank calls it
+    job.model.context.record = False  # generated tokens are not held-out routing
     scored = _score(job)
+    restore_utilization_counters(job.model, window)
     job.model.context.record = True
     job.logger.log({f"eval_loss/{n}": v["loss"] for n, v in losses.items()}, step)
     if scored:
         job.logger.log({f"eval_metric/{n}": v["score"] for n, v in scored.items()}, step)
+    job.logger.log_utilization(util, step)
 
 
 def _save(job: Job, step: int) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mtmoe.config import Config, to_dict
-from mtmoe.eval.heatmap import task_shares
+from mtmoe.eval.heatmap import can_plot, heatmap_figure, task_shares
 
 
 class MetricsLogger:
@@ -63,18 +63,20 @@ class MetricsLogger:
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in console.items()}, refresh=True)
 
     def log_utilization(self, util: dict, step: int) -> None:
-        """Logs a wandb table per layer: rows are tasks, columns each expert's share of their gate mass."""
-        if not self.enabled or self._wandb is None:
+        """Logs one heatmap image per layer to wandb, `utilization/L<layer>`.
+
+        Each is tasks × experts, each task's share of its gate mass. Nothing without wandb or matplotlib.
+        """
+        if not self.enabled or self._wandb is None or not can_plot():
             return
         import wandb
 
-        tables = {}
+        images = {}
         for layer in sorted(util["layers"], key=int):
-            shares_XE = task_shares(util, layer)
-            columns = ["task", *(f"e{e}" for e in range(shares_XE.shape[1]))]
-            rows = [[task, *row] for task, row in zip(util["tasks"], shares_XE.tolist(), strict=True)]
-            tables[f"utilization/L{int(layer):02d}"] = wandb.Table(columns=columns, data=rows)
-        self._wandb.log(tables, step=step)
+            title = f"layer {int(layer)}: gate mass share"
+            fig = heatmap_figure(task_shares(util, layer), util["tasks"], title)
+            images[f"utilization/L{int(layer):02d}"] = wandb.Image(fig)
+        self._wandb.log(images, step=step)
 
     def close(self) -> None:
         """Flushes and closes every sink."""
