@@ -187,3 +187,18 @@ def test_unknown_task_in_config_names_the_key(demo_data, override, key):
     cfg = load_config(TINY, [f"data.tokenized={demo_data}", override])
     with pytest.raises(ValueError, match=key):
         train_in_process(cfg)
+
+
+def test_periodic_evaluation_changes_nothing_in_training(demo_data_metrics, tmp_path):
+    """Held-out routing at a periodic evaluation is counted apart: the training window's routing, the
+    losses and the weights of a run that evaluates every 2 steps are those of one that never does."""
+    common = ("train.steps=4", "train.log_every=4", "train.eval_metrics=false")
+    plain = tmp_path / "plain"
+    train(demo_data_metrics, plain, *common)
+    evaluated = tmp_path / "evaluated"
+    train(demo_data_metrics, evaluated, *common, "train.eval_every=2")
+    a, b = metrics(plain), metrics(evaluated)
+    assert [r["step"] for r in b if "eval_loss/codegen" in r] == [2, 4]
+    last_a, last_b = (next(r for r in m if r["step"] == 4 and "loss" in r) for m in (a, b))
+    for key in [k for k in last_a if k.startswith("routing/")] + ["loss", "loss/codegen"]:
+        assert last_b[key] == last_a[key], key
