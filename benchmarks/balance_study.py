@@ -29,6 +29,9 @@ from mtmoe.parallel.dist import free_port
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "balance_study.json"
 PROPORTIONAL = ["data.mixing=proportional"]
+# Every scheme's run, as measured: the demo recipe before it packed micro-batches (Quality Retaining
+# refuses packing) and warmed up for 10 steps; the study compares held-out losses.
+COMMON = ["data.packing=false", "train.warmup_steps=5", "train.eval_metrics=false"]
 SCHEMES = {
     "plain": ("proportional + token mean (plain)", [*PROPORTIONAL, "balance.weighter=token_mean"]),
     "balanced": ("proportional + data-balanced loss", [*PROPORTIONAL, "balance.weighter=uniform"]),
@@ -54,9 +57,7 @@ def run_scheme(
         "deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()),
         "launch/train.py", "--config", "launch/recipes/demo.yaml",
         f"train.output_dir={run_dir}", f"train.steps={steps}", "train.save_every=0",
-        "train.eval_metrics=false",  # the study compares held-out losses
-        # as measured: the demo recipe before it packed micro-batches and warmed up for 10 steps
-        "data.packing=false", "train.warmup_steps=5",
+        *COMMON,
         f"balance.qr_warmup={max(2, steps // 5)}",
         *overrides, *extra,
     ]  # fmt: skip

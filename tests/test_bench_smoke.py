@@ -83,4 +83,4 @@ def test_every_balance_study_scheme_is_a_valid_config(bench_module):
 
     study = bench_module("balance_study")
     for _, overrides in study.SCHEMES.values():
-        load_config(ROOT / "launch" / "recipes" / "demo.yaml", overrides)
+        load_config(ROOT / "launch" / "recipes" / "demo.yaml", [*study.COMMON, *overrides])
