@@ -10,7 +10,7 @@ from conftest import run_cmd
 from test_export import _model
 
 from mtmoe.config import load_config
-from mtmoe.eval.heatmap import heatmap_figure, task_shares, write_heatmaps
+from mtmoe.eval.heatmap import figure_pixels, heatmap_figure, task_shares, write_heatmaps
 from mtmoe.eval.utilization import expert_shares, routing_summary
 from mtmoe.export.dense import fold_to_dense, merged_deltas
 from mtmoe.export.methods import MergeSpec
@@ -115,6 +115,8 @@ def test_heatmap_draws_the_task_shares_and_writes_pngs(tmp_path):
     (image,) = fig.axes[0].images
     assert image.get_array().tolist() == shares.tolist()  # cell (task, expert) is its share
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == UTIL["tasks"]
+    pixels = figure_pixels(fig)  # what wandb gets
+    assert pixels.dtype.name == "uint8" and pixels.shape[2] == 3 and pixels.min() < 100  # the dark cells
     paths = write_heatmaps(UTIL, tmp_path)
     assert [p.name for p in paths] == [f"L{int(layer):02d}.png" for layer in sorted(UTIL["layers"], key=int)]
     for p in paths:

@@ -43,6 +43,16 @@ def heatmap_figure(shares_XE: torch.Tensor, tasks: list[str], title: str) -> Any
     return fig
 
 
+def figure_pixels(fig: Any) -> Any:
+    """The figure drawn into an RGB array (H, W, 3), uint8: what wandb.Image takes without pyplot."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def write_heatmaps(util: dict, out_dir: Path) -> list[Path]:
     """Writes `L<layer>.png` per layer into `out_dir` and returns the paths ([] without matplotlib)."""
     if not can_plot():

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mtmoe.config import Config, to_dict
-from mtmoe.eval.heatmap import can_plot, heatmap_figure, task_shares
+from mtmoe.eval.heatmap import can_plot, figure_pixels, heatmap_figure, task_shares
 
 
 class MetricsLogger:
@@ -75,7 +75,7 @@ class MetricsLogger:
         for layer in sorted(util["layers"], key=int):
             title = f"layer {int(layer)}: gate mass share"
             fig = heatmap_figure(task_shares(util, layer), util["tasks"], title)
-            images[f"utilization/L{int(layer):02d}"] = wandb.Image(fig)
+            images[f"utilization/L{int(layer):02d}"] = wandb.Image(figure_pixels(fig))
         self._wandb.log(images, step=step)
 
     def close(self) -> None:
