@@ -226,3 +226,21 @@ def test_task_gated_run_exports_an_exact_dense_model_per_task_and_adds_a_task_la
     assert learned < untouched - 1e-3, (learned, untouched)
     chained = _export(later, "--task", "translate")  # export rebuilds the experts from train.init_from
     assert chained["translate"]["export_loss"] == pytest.approx(learned, abs=1e-5)
+
+
+def test_router_lr_scale_gives_the_routers_their_own_rate(demo_data, tmp_path):
+    """AdamW moves a parameter by about its rate per step: task-gate logits trained at 50 × lr move about
+    50 × as far as at 1 × lr, while the experts' rate stays the recipe's."""
+    from mtmoe.parallel.engine import param_groups
+
+    model = tiny_llama(vocab_size=64)
+    inject_moe_lora(model, MoEConfig(num_experts=4, top_k=2, task_routing="gate"), num_tasks=2)
+    groups = {g["name"]: g for g in param_groups(model, 0.0, router_lr=0.05)}
+    assert groups["router"]["lr"] == 0.05 and "lr" not in groups["experts"]
+    moved = {}
+    for scale in (1, 50):
+        run = train_run(demo_data, tmp_path / f"x{scale}", 1, 1, "moe.task_routing=gate",
+                        f"train.router_lr_scale={scale}", steps=4, save_every=0)  # fmt: skip
+        gates = [v for k, v in final(run, step=4).items() if k.endswith("task_logits_XE")]
+        moved[scale] = max(float(g.abs().max()) for g in gates)
+    assert 25 < moved[50] / moved[1] < 75, moved

@@ -181,6 +181,10 @@ class TrainConfig:
         grad_accum: Micro-batches per optimizer step.
         lr: Peak learning rate (AdamW).
         weight_decay: AdamW weight decay.
+        router_lr_scale: The routers' learning rate as a multiple of `lr` (top-k routers, task
+            embeddings, MOELoRA task gates, soft routers). AdamW moves a parameter by about the learning
+            rate per step whatever its gradient, so 300 steps at 5e-4 move a gate logit by 0.15 at most:
+            task gates and soft routers that start uniform stay almost uniform unless this is larger.
         warmup_steps: Linear warm-up steps, then cosine decay to `min_lr_ratio * lr`.
         min_lr_ratio: Final learning rate as a fraction of `lr`.
         grad_clip: Gradient norm clipping (0 disables it).
@@ -207,6 +211,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     weight_decay: float = 0.0
+    router_lr_scale: float = 1.0
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -363,6 +368,7 @@ class Config:
         check(t.steps >= 1, "train.steps", ">= 1")
         check(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")
         check(t.grad_accum >= 1, "train.grad_accum", ">= 1")
+        check(t.router_lr_scale > 0, "train.router_lr_scale", "> 0")
         check(t.lr > 0, "train.lr", "> 0")
         check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "in [0, 1]")
         for key in ("warmup_steps", "log_every", "eval_every", "val_every", "save_every", "keep_checkpoints"):

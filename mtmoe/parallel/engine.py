@@ -25,11 +25,12 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, router_lr: float | None = None) -> list[dict]:
     """Optimizer groups of the trainable parameters only: experts, routers and attention LoRA.
 
     The groups are split into DeepSpeed's MoE groups, so that expert parameters (marked by
-    `mark_expert_params`) reduce over their expert-data-parallel group. Routers get no weight decay.
+    `mark_expert_params`) reduce over their expert-data-parallel group. Routers get no weight decay, and
+    their own learning rate when `router_lr` is given (the schedule scales it like the others).
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -44,6 +45,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for kind, params in groups.items()
         if params
     ]
+    for group in raw:
+        if group["name"] == "router" and router_lr is not None:
+            group["lr"] = router_lr
     split = split_params_into_different_moe_groups_for_optimizer(raw)
     return [g for g in split if g["params"]]  # the split leaves the expert group empty; ZeRO drops it
 
@@ -78,7 +82,9 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, placement: Expe
     import deepspeed
 
     optimizer = SkippableAdamW(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.999)
+        param_groups(model, cfg.train.weight_decay, cfg.train.lr * cfg.train.router_lr_scale),
+        lr=cfg.train.lr,
+        betas=(0.9, 0.999),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
