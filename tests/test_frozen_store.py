@@ -181,12 +181,18 @@ def test_bf16_stored_base_trains_with_ep2_as_replicated_and_reloads_in_full(demo
     assert all(torch.equal(params[n].detach(), t) for n, t in wb.items())
 
 
-def test_widened_casts_into_one_reused_workspace():
-    from mtmoe.model.frozen_store import widened
+def test_a_cast_workspace_reuses_one_buffer_and_belongs_to_its_model():
+    from mtmoe.model.frozen_store import CastWorkspace
 
+    workspace = CastWorkspace()
     big, small = torch.randn(6, 5).bfloat16(), torch.randn(2, 3).bfloat16()
-    a = widened(big, torch.float32)
+    a = workspace.widened(big, torch.float32)
     assert a.dtype == torch.float32 and torch.equal(a, big.float())
     ptr = a.data_ptr()
-    b = widened(small, torch.float32)  # fits in the same buffer: no new allocation
+    b = workspace.widened(small, torch.float32)  # fits in the same buffer: no new allocation
     assert b.data_ptr() == ptr and b.shape == (2, 3) and torch.equal(b, small.float())
+    assert CastWorkspace().widened(small, torch.float32).data_ptr() != ptr  # another model's: its own
+    lm = tiny_llama(vocab_size=64).requires_grad_(False)
+    store_frozen_(lm, torch.bfloat16, torch.float32)
+    stored = [m for m in lm.modules() if isinstance(m, StoredLinear)]
+    assert stored and all(m.workspace is stored[0].workspace for m in stored)  # one per model

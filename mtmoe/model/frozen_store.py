@@ -17,47 +17,65 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_WORKSPACES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
+class CastWorkspace:
+    """The buffers a model's narrow frozen weights are cast into.
 
-def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` cast to `dtype`, written into one workspace per (dtype, device), grown to the largest weight.
-
-    The result is valid only until the next call: use it in one product and drop it. Reusing one buffer
-    keeps the casts out of the allocator: a fresh copy per matmul, freed between activations of other
-    sizes, fragments the CPU heap and raises the peak RSS. The buffer is as large as the largest weight
-    cast whole, the transient a fresh cast would need: a decoder layer's largest projection, or a slice of
-    the LM head in the fused loss, or the whole head once Quality Retaining asks for full logits.
+    One per (dtype, device), grown to the largest weight cast. `store_frozen_` gives each model it
+    stores one (the `workspace` of every stored module, which the fused loss also uses for the LM head),
+    so the buffers live and die with that model.
     """
-    key = (dtype, weight.device)
-    buf = _WORKSPACES.get(key)
-    if buf is None or buf.numel() < weight.numel():
-        buf = _WORKSPACES[key] = torch.empty(weight.numel(), dtype=dtype, device=weight.device)
-    return buf[: weight.numel()].view(weight.shape).copy_(weight)
+
+    def __init__(self):
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def widened(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`weight` cast to `dtype`, written into this workspace's buffer for (dtype, device).
+
+        The result is valid only until the next call: use it in one product and drop it. Reusing one
+        buffer keeps the casts out of the allocator: a fresh copy per matmul, freed between activations
+        of other sizes, fragments the CPU heap and raises the peak RSS. The buffer is as large as the
+        largest weight cast whole, the transient a fresh cast would need: a decoder layer's largest
+        projection, or a slice of the LM head in the fused loss, or the whole head once Quality
+        Retaining asks for full logits.
+        """
+        key = (dtype, weight.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < weight.numel():
+            buf = self._buffers[key] = torch.empty(weight.numel(), dtype=dtype, device=weight.device)
+        return buf[: weight.numel()].view(weight.shape).copy_(weight)
 
 
 class _StoredWeightLinear(torch.autograd.Function):
     """`F.linear` with a frozen weight cast to the input's dtype; backward recasts instead of saving it."""
 
     @staticmethod
-    def forward(ctx, x_LI: torch.Tensor, weight_OI: torch.Tensor, bias_O: torch.Tensor | None):
+    def forward(ctx, x_LI, weight_OI, bias_O, workspace: CastWorkspace):
         ctx.save_for_backward(weight_OI)
+        ctx.workspace = workspace
         bias = None if bias_O is None else bias_O.to(x_LI.dtype)
-        return F.linear(x_LI, widened(weight_OI, x_LI.dtype), bias)
+        return F.linear(x_LI, workspace.widened(weight_OI, x_LI.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_LO: torch.Tensor):
         (weight_OI,) = ctx.saved_tensors
-        grad_LI = grad_LO @ widened(weight_OI, grad_LO.dtype) if ctx.needs_input_grad[0] else None
-        return grad_LI, None, None
+        grad_LI = (
+            grad_LO @ ctx.workspace.widened(weight_OI, grad_LO.dtype) if ctx.needs_input_grad[0] else None
+        )
+        return grad_LI, None, None, None
 
 
 class StoredLinear(nn.Linear):
-    """A frozen `nn.Linear` whose weight is stored narrower than its input; computes in the input's dtype."""
+    """A frozen `nn.Linear` whose weight is stored narrower than its input; computes in the input's dtype.
+
+    Its `workspace` (set by `store_frozen_`, shared by the model's stored modules) holds the casts.
+    """
+
+    workspace: CastWorkspace
 
     def forward(self, x_LI: torch.Tensor) -> torch.Tensor:
         """`x_LI @ weight.T + bias`, computed in `x_LI`'s dtype."""
-        return _StoredWeightLinear.apply(x_LI, self.weight, self.bias)
+        return _StoredWeightLinear.apply(x_LI, self.weight, self.bias, self.workspace)
 
 
 class StoredEmbedding(nn.Embedding):
@@ -89,6 +107,7 @@ def store_frozen_(lm: nn.Module, frozen_dtype: torch.dtype, compute_dtype: torch
         return 0
     cast: set[int] = set()
     stored = 0
+    workspace = CastWorkspace()
     for module in lm.modules():
         if type(module) is nn.Linear:
             new_class: type[nn.Module] = StoredLinear
@@ -108,4 +127,6 @@ def store_frozen_(lm: nn.Module, frozen_dtype: torch.dtype, compute_dtype: torch
         module.__class__ = new_class
         if new_class is StoredEmbedding:
             module.compute_dtype = compute_dtype
+        else:
+            module.workspace = workspace
     return stored

@@ -52,7 +52,10 @@ def target_token_losses(
     is_target_BS = target_mask(loss_mask_BS)
     target_bi, target_si = is_target_BS.nonzero(as_tuple=True)
     ce_N = fused_cross_entropy(
-        hidden_BSD[target_bi, target_si - 1], weight, input_ids_BS[target_bi, target_si]
+        hidden_BSD[target_bi, target_si - 1],
+        weight,
+        input_ids_BS[target_bi, target_si],
+        workspace=getattr(lm_head, "workspace", None),  # a stored head casts into its model's buffers
     )
     return torch.zeros(is_target_BS.shape, dtype=ce_N.dtype, device=ce_N.device).index_put(
         (target_bi, target_si), ce_N
