@@ -11,8 +11,9 @@ process of its own (one thread; `--jobs` of them side by side), so runs share th
 loss, loop and evaluation and differ only in their adapter and learning rate:
 1. **Learning rate.** Every variant trains once per learning rate at the first seed; the rate with the
    lowest mean held-out loss over the tasks goes on (a gate weight below 1 shrinks each expert's
-   effective update, so one shared rate would favour the plain LoRA). The rate is chosen on the same
-   held-out samples that are scored: optimistic for every variant alike.
+   effective update, so one shared rate would favour the plain LoRA). A variant whose best rate is the
+   largest it tried also tries twice that, up to `max_lr`, until the best is inside the grid. The rate
+   is chosen on the same held-out samples that are scored: optimistic for every variant alike.
 2. **Seeds.** The variants of `seeded`, and the best of `seeded_best_of` (by that mean loss), train at
    the other seeds with their chosen rate.
 Per run, the JSON keeps each task's held-out loss and declared metric (from `eval.json`), how the task's
@@ -224,6 +225,20 @@ def best_lr(runs: dict, variant: str, seed: int) -> float | None:
     return min(tried, key=mean_loss)["lr"] if tried else None
 
 
+def edge_rates(study: dict, runs: dict, variants: list[str]) -> list[tuple[str, float, int]]:
+    """Phase 1b: the runs that follow a best rate found at the top of a variant's grid.
+
+    A variant whose best rate is the largest of the several it tried also tries twice that, up to the
+    study's `max_lr`, so that a rate at the grid's edge is not taken for the best.
+    """
+    first, jobs = study["seeds"][0], []
+    for v in variants:
+        tried = sorted({r["lr"] for r in runs.values() if r["variant"] == v and r["seed"] == first})
+        if len(tried) > 1 and best_lr(runs, v, first) == tried[-1] and 2 * tried[-1] <= study["max_lr"]:
+            jobs.append((v, 2 * tried[-1], first))
+    return jobs
+
+
 def plan_seeds(study: dict, runs: dict, variants: list[str]) -> list[tuple[str, float, int]]:
     """Phase 2: the other seeds of the seeded variants and of the best `seeded_best_of` variant."""
     first = study["seeds"][0]
@@ -269,6 +284,9 @@ def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path
     tune = [(v, lr, study["seeds"][0]) for lr in study["lrs"] for v in variants if lr in rates(study, v)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(launch, tune))
+    while edge := edge_rates(study, result["runs"], variants):
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(launch, edge))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(launch, plan_seeds(study, result["runs"], variants)))
     return result

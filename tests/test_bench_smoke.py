@@ -84,3 +84,19 @@ def test_every_balance_study_scheme_is_a_valid_config(bench_module):
     study = bench_module("balance_study")
     for _, overrides in study.SCHEMES.values():
         load_config(ROOT / "launch" / "recipes" / "demo.yaml", [*study.COMMON, *overrides])
+
+
+def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid(bench_module):
+    study = bench_module("quality_study")
+    plan = {"seeds": [0, 1], "max_lr": 4e-3}
+
+    def run(variant, lr, loss, seed=0):
+        return {"variant": variant, "lr": lr, "seed": seed, "tasks": {"t": {"loss": loss}}}
+
+    runs = {
+        "a1": run("a", 5e-4, 1.5), "a2": run("a", 1e-3, 1.4),  # best at the top: doubles
+        "b1": run("b", 5e-4, 1.3), "b2": run("b", 1e-3, 1.4),  # best inside: stays
+        "c1": run("c", 5e-4, 1.3),  # one rate (a remedy): stays
+        "d1": run("d", 2e-3, 1.3), "d2": run("d", 4e-3, 1.2),  # at max_lr already: stays
+    }  # fmt: skip
+    assert study.edge_rates(plan, runs, ["a", "b", "c", "d"]) == [("a", 2e-3, 0)]
