@@ -4,6 +4,7 @@
     ... --only lora_active_rank upcycled_top2       # some variants (results merge into the JSON)
     ... --smoke --data DIR --json X --out DIR       # the machinery on a tiny random Llama, in seconds
     ... --render benchmarks/results/quality_study.json
+    ... --backfill                                  # re-score the base, add diagnostics to finished runs
 
 The study is data (`benchmarks/quality_study.yaml`): the recipe, the overrides every run shares, the
 variants with their overrides, the learning rates and the seeds. Every run is `launch/train.py` in a
@@ -265,6 +266,8 @@ def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path
         if any("diagnostics" not in t for t in record["tasks"].values() if t.get("metric")) and said.exists():
             add_diagnostics(record["tasks"], json.loads(said.read_text()), data_dir(extra))
             write_result(result, json_path)
+    if args.backfill:
+        return result
     lock = threading.Lock()
 
     def launch(job: tuple[str, float, int]) -> None:
@@ -446,6 +449,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, 2 steps; needs --json")
     parser.add_argument("--data", type=Path, default=None, help="tokenized tasks (default: the recipe's)")
     parser.add_argument("--render", type=Path, default=None, help="only print the tables of this JSON")
+    parser.add_argument(
+        "--backfill",
+        action="store_true",
+        help="only add what newer code records to the finished runs; train none",
+    )
     args = parser.parse_args(argv)
     if args.render is not None:
         return print_rendered(args.render, render_markdown)
