@@ -17,6 +17,9 @@ loss, loop and evaluation and differ only in their adapter and learning rate:
    is chosen on the same held-out samples that are scored: optimistic for every variant alike.
 2. **Seeds.** The variants of `seeded`, and the best of `seeded_best_of` (by that mean loss), train at
    the other seeds with their chosen rate.
+The `--jobs` slots never idle at a phase boundary: a run starts as soon as what it depends on is known
+(a variant's seeds once its rate is settled; the best of `seeded_best_of` once all of them are), and the
+one-seed variants (remedies) come last.
 Per run, the JSON keeps each task's held-out loss and declared metric (from `eval.json`), how the task's
 tokens spread over the experts (from `utilization.json`: the normalised entropy of its per-layer expert
 shares, 1 = even, 0 = one expert; the mean largest share; and the mean total-variation distance between
@@ -240,16 +243,54 @@ def edge_rates(study: dict, runs: dict, variants: list[str]) -> list[tuple[str, 
     return jobs
 
 
-def plan_seeds(study: dict, runs: dict, variants: list[str]) -> list[tuple[str, float, int]]:
-    """Phase 2: the other seeds of the seeded variants and of the best `seeded_best_of` variant."""
+def settled(study: dict, runs: dict, variant: str, busy: set) -> bool:
+    """Whether `variant`'s rate is chosen: its grid has run, no edge rate follows, none is in flight."""
     first = study["seeds"][0]
-    candidates = [v for v in study.get("seeded_best_of", []) if v in variants and best_lr(runs, v, first)]
-    best_of = []
-    if candidates:
+    grid_done = all(run_key(variant, lr, first) in runs for lr in rates(study, variant))
+    following = any(v == variant for v, _, _ in edge_rates(study, runs, [variant]))
+    in_flight = any(v == variant and s == first for v, _, s in busy)
+    return grid_done and not following and not in_flight
+
+
+def plan_seeds(study: dict, runs: dict, variants: list[str], busy: frozenset = frozenset()) -> list[tuple]:
+    """Phase 2: the other seeds of the seeded variants and of the best `seeded_best_of` variant.
+
+    A variant's seeds wait until its rate is settled; the best of `seeded_best_of` waits for all of them.
+    """
+    first = study["seeds"][0]
+    seeded = [v for v in study.get("seeded", []) if v in variants and settled(study, runs, v, busy)]
+    candidates = [v for v in study.get("seeded_best_of", []) if v in variants]
+    if candidates and all(settled(study, runs, v, busy) for v in candidates):
         score = {v: min(mean_loss(r) for r in runs.values() if r["variant"] == v) for v in candidates}
-        best_of = [min(candidates, key=score.get)]
-    seeded = [v for v in study.get("seeded", []) if v in variants] + best_of
+        seeded.append(min(candidates, key=score.get))
     return [(v, best_lr(runs, v, first), s) for v in seeded for s in study["seeds"][1:]]
+
+
+def ready_jobs(study: dict, runs: dict, variants: list[str], busy: frozenset = frozenset()) -> list[tuple]:
+    """The runs that can start now, most needed first, leaving out those done or in flight.
+
+    The rate grids of the compared variants (those seeded), then the rates that follow a best rate at a
+    grid's edge, then the other seeds of the settled variants, and last the one-seed variants (remedies).
+    """
+    first = study["seeds"][0]
+    compared = set(study.get("seeded", [])) | set(study.get("seeded_best_of", []))
+
+    def grid(vs: list[str]) -> list[tuple]:
+        return [(v, lr, first) for lr in study["lrs"] for v in vs if lr in rates(study, v)] + [
+            (v, lr, first) for v in vs for lr in rates(study, v) if lr not in study["lrs"]
+        ]
+
+    order = [
+        *grid([v for v in variants if v in compared]),
+        *edge_rates(study, runs, variants),
+        *plan_seeds(study, runs, variants, busy),
+        *grid([v for v in variants if v not in compared]),
+    ]
+    ready = []
+    for job in order:
+        if run_key(*job) not in runs and job not in busy and job not in ready:
+            ready.append(job)
+    return ready
 
 
 def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path: Path | None) -> dict:
@@ -268,30 +309,46 @@ def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path
             write_result(result, json_path)
     if args.backfill:
         return result
-    lock = threading.Lock()
+    done = threading.Condition()
+    busy: set[tuple] = set()
+    failed: set[tuple] = set()  # not retried: the error is raised once every worker is done
 
-    def launch(job: tuple[str, float, int]) -> None:
-        key = run_key(*job)
-        if key in result["runs"]:
-            return
-        record = train_run(study, *job, args.out, extra)
-        with lock:
-            result["runs"][key] = record
-            print(
-                f"[study] {key}: mean held-out loss {mean_loss(record):.4f} ({record['wall_s']:.0f} s)",
-                flush=True,
-            )
-            write_result(result, json_path)
+    def worker() -> None:
+        while True:
+            with done:
+                while (
+                    not (jobs := ready_jobs(study, result["runs"], variants, frozenset(busy | failed)))
+                    and busy
+                ):
+                    done.wait()
+                if not jobs:
+                    return
+                job = jobs[0]
+                busy.add(job)
+            try:
+                record = train_run(study, *job, args.out, extra)
+            except BaseException:
+                with done:
+                    busy.discard(job)
+                    failed.add(job)
+                    done.notify_all()
+                raise
+            with done:
+                key = run_key(*job)
+                result["runs"][key] = record
+                busy.discard(job)
+                print(
+                    f"[study] {key}: mean held-out loss {mean_loss(record):.4f} ({record['wall_s']:.0f} s)",
+                    flush=True,
+                )
+                write_result(result, json_path)
+                done.notify_all()
 
-    # rate-major: every variant at the first rate before any at the second, so a partial study compares
-    tune = [(v, lr, study["seeds"][0]) for lr in study["lrs"] for v in variants if lr in rates(study, v)]
+    # a run starts as soon as what it depends on is known (a seed waits for its variant's rate), so no
+    # job slot idles at a phase boundary
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(launch, tune))
-    while edge := edge_rates(study, result["runs"], variants):
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(launch, edge))
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(launch, plan_seeds(study, result["runs"], variants)))
+        for f in [pool.submit(worker) for _ in range(args.jobs)]:
+            f.result()
     return result
 
 

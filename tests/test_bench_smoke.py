@@ -100,3 +100,33 @@ def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid(bench_module):
         "d1": run("d", 2e-3, 1.3), "d2": run("d", 4e-3, 1.2),  # at max_lr already: stays
     }  # fmt: skip
     assert study.edge_rates(plan, runs, ["a", "b", "c", "d"]) == [("a", 2e-3, 0)]
+
+
+def test_quality_study_starts_a_run_once_what_it_depends_on_is_known(bench_module):
+    study = bench_module("quality_study")
+    plan = {
+        "seeds": [0, 1], "lrs": [5e-4, 1e-3], "max_lr": 4e-3,
+        "variants": {"a": {}, "d": {}, "e": {}, "g": {"lrs": [5e-4]}},
+        "seeded": ["a"], "seeded_best_of": ["d", "e"],
+    }  # fmt: skip
+
+    def run(variant, lr, loss, seed=0):
+        return {"variant": variant, "lr": lr, "seed": seed, "tasks": {"t": {"loss": loss}}}
+
+    runs = {study.run_key(*k): run(*k[:2], loss) for k, loss in {
+        ("a", 5e-4, 0): 1.3, ("a", 1e-3, 0): 1.4,  # settled at 5e-4: its seed may start
+        ("d", 5e-4, 0): 1.5, ("d", 1e-3, 0): 1.2,  # best at the edge: 2e-3 follows
+    }.items()}  # fmt: skip
+    # e's grid first, then d's edge rate, then a's seed; the remedy g last; no seed of d or e yet
+    assert study.ready_jobs(plan, runs, ["a", "d", "e", "g"]) == [
+        ("e", 5e-4, 0), ("e", 1e-3, 0), ("d", 2e-3, 0), ("a", 5e-4, 1), ("g", 5e-4, 0),
+    ]  # fmt: skip
+    busy = frozenset({("e", 5e-4, 0), ("e", 1e-3, 0), ("d", 2e-3, 0)})
+    assert study.ready_jobs(plan, runs, ["a", "d", "e", "g"], busy) == [("a", 5e-4, 1), ("g", 5e-4, 0)]
+    runs |= {study.run_key(*k): run(*k[:2], loss) for k, loss in {
+        ("e", 5e-4, 0): 1.25, ("e", 1e-3, 0): 1.3, ("d", 2e-3, 0): 1.4,
+    }.items()}  # fmt: skip
+    # d settles at 1e-3 (1.2) and beats e (1.25): d's seed is the best-of's
+    assert study.ready_jobs(plan, runs, ["a", "d", "e", "g"], frozenset({("a", 5e-4, 1)})) == [
+        ("d", 1e-3, 1), ("g", 5e-4, 0),
+    ]  # fmt: skip
