@@ -33,7 +33,7 @@ from torch import nn
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.lora import LoRALinear
-from mtmoe.model.router import TopKRouter
+from mtmoe.model.routers import TopKRouter
 
 # SmolLM2-135M FFN shape; batch 4 x 128 tokens.
 SHAPES = {

@@ -42,7 +42,7 @@ from torch import nn
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.dispatch import dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
-from mtmoe.model.router import TopKRouter
+from mtmoe.model.routers import TopKRouter
 from mtmoe.parallel.dist import free_port
 from mtmoe.parallel.expert_parallel import ExpertPlacement, expert_parallel_apply
 

@@ -64,7 +64,7 @@ from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.moefied import MoEfiedFFN
 from mtmoe.model.native import NativeMoELoRA
-from mtmoe.model.router import TopKRouter
+from mtmoe.model.routers import TopKRouter
 
 SHAPES = {
     "batch": 4,

@@ -59,7 +59,7 @@ from torch.profiler import ProfilerActivity, profile
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.moe_base import MoEBlock
 from mtmoe.model.moe_lm import MoELM
-from mtmoe.model.router import TopKRouter
+from mtmoe.model.routers import TopKRouter
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "profile_step.json"
 PREFIX = "mtmoe_part::"

@@ -246,14 +246,12 @@ def default_cell(value: Any) -> str:
     return f"`{value}`" if isinstance(value, str) else f"`{json.dumps(value)}`"
 
 
-def weighter_options_reference() -> str:
-    """Each registered weighter's options (`balance.options`), from its options dataclass."""
+def options_reference(registry: dict[str, type], kind: str, key: str) -> str:
+    """The registered classes' options (their `options` dataclasses): kind | key.field | default | meaning."""
     from md_tables import table
 
-    from mtmoe.balance.weighters import WEIGHTERS
-
     rows = []
-    for name, cls in sorted(WEIGHTERS.items()):
+    for name, cls in sorted(registry.items()):
         described = attribute_docs(inspect.getdoc(cls.options) or "")
         fields = dataclasses.fields(cls.options)
         if not fields:
@@ -262,15 +260,29 @@ def weighter_options_reference() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             text = described.get(f.name)
             if text is None:
-                where = f"{cls.options.__name__}.{f.name}"
-                raise RenderError(f"weighter_options: {where} has no Attributes entry")
-            rows.append([f"`{name}`", f"`balance.options.{f.name}`", default_cell(default), text])
-    return table(["weighter", "key", "default", "meaning"], rows, "llll")
+                raise RenderError(f"{kind} options: {cls.options.__name__}.{f.name} has no Attributes entry")
+            rows.append([f"`{name}`", f"`{key}.{f.name}`", default_cell(default), text.replace("|", "\\|")])
+    return table([kind, "key", "default", "meaning"], rows, "llll")
+
+
+def weighter_options_reference() -> str:
+    """Each registered weighter's options (`balance.options`)."""
+    from mtmoe.balance.weighters import WEIGHTERS
+
+    return options_reference(WEIGHTERS, "weighter", "balance.options")
+
+
+def router_options_reference() -> str:
+    """Each registered router's options (`moe.router_options`)."""
+    from mtmoe.model.routers import ROUTERS
+
+    return options_reference(ROUTERS, "router", "moe.router_options")
 
 
 BUILT_IN: dict[str, Callable[[], str]] = {
     "config_reference": config_reference,
     "weighter_options": weighter_options_reference,
+    "router_options": router_options_reference,
 }
 
 

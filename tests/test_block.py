@@ -11,7 +11,7 @@ from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.dispatch import sort_by_expert
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.inject import inject_moe_lora
-from mtmoe.model.router import TopKRouter, load_balance_loss
+from mtmoe.model.routers import TopKRouter, load_balance_loss
 from mtmoe.model.walk import moe_blocks
 
 

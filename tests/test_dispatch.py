@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtmoe.model.dispatch import combine, dispatch, expert_capacity, grouped_linear
-from mtmoe.model.router import TopKRouter
+from mtmoe.model.routers import TopKRouter
 
 
 def kept_pairs(d, num_experts):

@@ -100,7 +100,7 @@ def test_summing_methods_default_to_the_average_scale():
         other = merged_deltas(model, None, spec=spec)
         for k in avg:
             torch.testing.assert_close(other[k], avg[k])
-    with pytest.raises(ValueError, match="--merge 'magic'"):
+    with pytest.raises(ValueError, match="--merge: 'magic' is not one of"):
         merged_deltas(model, None, spec=MergeSpec("magic"))
     with pytest.raises(ValueError, match="--drop: not an option of --merge ties"):
         MergeSpec.of("ties", drop=0.3)

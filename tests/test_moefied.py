@@ -8,8 +8,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from mtmoe.model.moe_base import RoutingContext
-from mtmoe.model.moefied import MoEfiedFFN, SoftSliceRouter, balanced_kmeans
-from mtmoe.model.router import TopKRouter
+from mtmoe.model.moefied import MoEfiedFFN, balanced_kmeans
+from mtmoe.model.routers import SoftSliceRouter, TopKRouter
 
 
 def mlp_config(d, f):

@@ -21,7 +21,7 @@ from mtmoe.model.native import (
     is_native_moe,
     native_num_experts,
 )
-from mtmoe.model.router import RouterOutput
+from mtmoe.model.routers import RouterOutput
 from mtmoe.parallel.expert_parallel import ExpertPlacement, is_expert_param
 
 E, K, RANK, ALPHA = 4, 2, 4, 8.0

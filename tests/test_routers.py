@@ -1,13 +1,16 @@
 """Routers and expert layouts: sigmoid scores, noisy gating, the z-loss, auxiliary-loss-free balancing,
 task embeddings, experts reserved per task group, shared experts, MOELoRA's per-task gate with its exact
-per-task export, and adding a task later by training only its routing."""
+per-task export, adding a task later by training only its routing, the router registry and the old flat
+router keys."""
 
 import json
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import run_cmd
 from test_block import SwiGLU, make_block
 from training_runs import final, link_checkpoint, losses, train_run
@@ -17,7 +20,18 @@ from mtmoe.model.base import tiny_llama
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.inject import inject_moe_lora, task_expert_mask
-from mtmoe.model.router import TaskGateRouter, TopKRouter, update_balance_biases
+from mtmoe.model.routers import (
+    ROUTERS,
+    Router,
+    RouterOutput,
+    TaskGateRouter,
+    TopKOptions,
+    TopKRouter,
+    check_router,
+    register_router,
+    router_options,
+    update_balance_biases,
+)
 from mtmoe.model.walk import moe_blocks
 
 pytestmark = pytest.mark.timeout(400)
@@ -161,27 +175,33 @@ def test_task_gate_mixes_every_expert_per_projection_with_its_tasks_gate():
 
 def test_inject_builds_the_configured_routers_and_layouts():
     lm = tiny_llama(100, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
-    cfg = MoEConfig(
-        num_experts=2, top_k=2, task_experts=1, shared_experts=1, score="sigmoid", z_loss_coef=0.1
-    )
+    options = {"score": "sigmoid", "z_loss_coef": 0.1}
+    cfg = MoEConfig(num_experts=2, top_k=2, task_experts=1, shared_experts=1, router_options=options)
     ctx = inject_moe_lora(lm, cfg, 3, task_names=["a", "b", "c"])
     block = moe_blocks(lm)[0]
     assert block.num_experts == 5 and block.shared.num_local == 1 and ctx.z_coef == 0.1
-    assert block.router.allowed_XE.sum(1).tolist() == [3, 3, 3]
-    with pytest.raises(ValueError, match="moe.task_routing"):
-        load_config(None, ["moe.task_routing=gate", "moe.fade_fraction=0.2"])
-    with pytest.raises(ValueError, match="train.trainable"):
-        load_config(None, ["train.trainable=task_routing"])
+    assert block.router.allowed_XE.sum(1).tolist() == [3, 3, 3] and block.router.score == "sigmoid"
+    for bad, key in {
+        ("moe.router=task_gate", "moe.fade_fraction=0.2"): "moe.fade_fraction",
+        ("train.trainable=task_routing", "train.init_from=x"): "train.trainable",
+        ("moe.router=soft",): "moe.router",  # soft routes MoEfied slices only
+        ("moe.router=nope",): "moe.router",
+        ("moe.router_options.tau=2",): "moe.router_options.tau",  # a soft option under topk
+        ("moe.router_options.noise_std=-1",): "moe.router_options.noise_std",
+        ("moe.family=moefied", "moe.top_k=4"): "moe.top_k",
+    }.items():
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            check_router(load_config(None, list(bad)))
 
 
 def test_router_options_train_and_resume_exactly(demo_data, tmp_path):
     """Sigmoid scores, noise, z-loss, balancing biases, reserved and shared experts in one real run; the
     biases and the noise's RNG come back on resume."""
     extra = [
-        "moe.score=sigmoid",
-        "moe.router_noise=0.5",
-        "moe.z_loss_coef=0.001",
-        "moe.balance_bias_rate=0.01",
+        "moe.router_options.score=sigmoid",
+        "moe.router_options.noise_std=0.5",
+        "moe.router_options.z_loss_coef=0.001",
+        "moe.router_options.balance_bias_rate=0.01",
         "moe.task_experts=1",
         "moe.shared_experts=1",
     ]
@@ -202,7 +222,7 @@ def _export(run, *args):
 
 
 def test_task_gated_run_exports_an_exact_dense_model_per_task_and_adds_a_task_later(demo_data, tmp_path):
-    gate = ["moe.task_routing=gate", "moe.shared_experts=1", "train.lr=2e-2", "train.grad_clip=0"]
+    gate = ["moe.router=task_gate", "moe.shared_experts=1", "train.lr=2e-2", "train.grad_clip=0"]
     first = tmp_path / "first"
     run_cmd([sys.executable, "launch/train.py", "--config", "launch/recipes/tiny.yaml",
              f"data.tokenized={demo_data}", f"train.output_dir={first}", "train.steps=6",
@@ -234,13 +254,81 @@ def test_router_lr_scale_gives_the_routers_their_own_rate(demo_data, tmp_path):
     from mtmoe.parallel.engine import param_groups
 
     model = tiny_llama(vocab_size=64)
-    inject_moe_lora(model, MoEConfig(num_experts=4, top_k=2, task_routing="gate"), num_tasks=2)
+    inject_moe_lora(model, MoEConfig(num_experts=4, top_k=2, router="task_gate"), num_tasks=2)
     groups = {g["name"]: g for g in param_groups(model, 0.0, router_lr=0.05)}
     assert groups["router"]["lr"] == 0.05 and "lr" not in groups["experts"]
     moved = {}
     for scale in (1, 50):
-        run = train_run(demo_data, tmp_path / f"x{scale}", 1, 1, "moe.task_routing=gate",
+        run = train_run(demo_data, tmp_path / f"x{scale}", 1, 1, "moe.router=task_gate",
                         f"train.router_lr_scale={scale}", steps=4, save_every=0)  # fmt: skip
         gates = [v for k, v in final(run, step=4).items() if k.endswith("task_logits_XE")]
         moved[scale] = max(float(g.abs().max()) for g in gates)
     assert 25 < moved[50] / moved[1] < 75, moved
+
+
+def test_a_registered_router_is_chosen_by_name_with_its_own_checked_options():
+    """The extension point: one class and one registration line; `moe.router_options` is its dataclass."""
+
+    @dataclass(kw_only=True)
+    class FirstOptions:
+        bias: float = 0.0
+
+    @register_router("first_expert_test", FirstOptions)
+    class FirstExpert(Router):  # every token to expert 0 (and 1), a fixed gate
+        def __init__(self, num_experts, top_k, bias):
+            super().__init__()
+            self.num_experts, self.top_k, self.bias = num_experts, top_k, bias
+
+        @classmethod
+        def from_options(cls, options, shape):
+            return cls(shape.num_experts, shape.top_k, options.bias)
+
+        def forward(self, x_TD, valid_T=None, task_T=None):
+            T = x_TD.shape[0]
+            ids_TK = torch.arange(self.top_k).expand(T, -1)
+            weights_TK = torch.full((T, self.top_k), 1.0 / self.top_k, dtype=x_TD.dtype)
+            return RouterOutput(weights_TK=weights_TK, ids_TK=ids_TK, aux_loss=x_TD.new_zeros(()))
+
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            register_router("first_expert_test")(FirstExpert)
+        cfg = load_config(None, ["moe.router=first_expert_test", "moe.router_options.bias=0.5"])
+        check_router(cfg)
+        lm = tiny_llama(100, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+        ctx = inject_moe_lora(lm, cfg.moe, num_tasks=1)
+        block = moe_blocks(lm)[0]
+        assert isinstance(block.router, FirstExpert) and block.router.bias == 0.5 and ctx.aux_coef == 0.0
+        ctx.record = True
+        lm(torch.randint(0, 100, (2, 5)))
+        assert block.util_tokens_XE[0].tolist() == [10.0, 10.0, 0.0, 0.0]  # routed as the router said
+        with pytest.raises(ValueError, match=r"moe\.router_options\.scale"):
+            check_router(load_config(None, ["moe.router=first_expert_test", "moe.router_options.scale=2"]))
+    finally:
+        ROUTERS.pop("first_expert_test", None)
+
+
+def test_the_old_flat_router_keys_still_load_into_the_router_options(tmp_path):
+    """Recipes and run folders written before the registry: moved with a warning, or refused when they set
+    another router."""
+    with pytest.warns(FutureWarning, match="moe.router_options.noise_std"):
+        cfg = load_config(None, ["moe.score=sigmoid", "moe.router_noise=0.5", "moe.soft_tau=5.0"])
+    assert cfg.moe.router == "topk" and cfg.moe.router_options == {"score": "sigmoid", "noise_std": 0.5}
+    with pytest.warns(FutureWarning):
+        gate = load_config(None, ["moe.task_routing=gate", "moe.aux_loss_coef=0.01"])
+        emb = load_config(None, ["moe.task_routing=embedding"])
+        soft = load_config(None, ["moe.family=moefied", "moe.router=soft", "moe.soft_tau=2.0", "moe.top_k=4"])
+    assert (gate.moe.router, gate.moe.router_options) == ("task_gate", {})
+    assert emb.moe.router_options == {"task_embedding": True}
+    assert soft.moe.router_options == {"tau": 2.0}
+    with pytest.raises(ValueError, match="'moe.soft_tau' sets the soft router, but moe.router is topk"):
+        load_config(None, ["moe.soft_tau=2.0"])
+    # an old run folder's config.yaml holds every flat key at its default: it loads as the same config
+    old = {"moe": {
+        "router": "topk", "score": "softmax", "router_noise": 0.0, "soft_tau": 5.0, "aux_loss_coef": 0.01,
+        "z_loss_coef": 0.0, "balance_bias_rate": 0.0, "task_routing": "none", "native_router_trainable": True,
+        "normalize_top_k": True, "router_init_std": 0.02,
+    }}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.warns(FutureWarning):
+        loaded = router_options(load_config(tmp_path / "config.yaml").moe)
+    assert loaded == TopKOptions(aux_loss_coef=0.01)

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None):
         default="auto",
         help=(
             "expert weights: utilization|uniform|fade|task_gate (auto: task_gate for a run with "
-            "moe.task_routing=gate, fade for a run that faded, else utilization)"
+            "moe.router=task_gate, fade for a run that faded, else utilization)"
         ),
     )
     parser.add_argument("--prune", type=int, default=0, help="keep only N experts per layer (0 = all)")

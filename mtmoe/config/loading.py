@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from mtmoe.config.legacy import migrate_router_keys
 from mtmoe.config.sections import Config
 
 
@@ -45,6 +46,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
         node[leaf] = yaml.safe_load(value)
+    migrate_router_keys(raw, where)
     cfg = _build(Config, raw, prefix="", where=where)
     cfg.validate()
     return cfg

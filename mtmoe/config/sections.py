@@ -45,35 +45,24 @@ class MoEConfig:
         rank: LoRA rank of every expert (on gate, up and down projections).
         alpha: LoRA alpha; the LoRA delta is scaled by alpha / rank.
         layers: Decoder layers whose FFN becomes an MoE-LoRA block: `all` or a list of indices.
-        router: `topk` (token choice) or, for `moefied`, `soft` (EMTAL's ω = E·softmax(LN(x)·W/τ) over
-            every slice).
-        score: Top-k scores: `softmax` or `sigmoid` (DeepSeek-V3).
-        router_noise: Std of Gaussian noise on the router logits while training (noisy gating).
-        soft_tau: τ of the soft router.
-        aux_loss_coef: Weight of the load-balance auxiliary loss (mean over blocks) in the total loss.
-        z_loss_coef: Weight of the router z-loss (mean of logsumexp(logits)², ST-MoE).
-        balance_bias_rate: > 0 turns on auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias
-            added to the scores to choose experts, moved by this much after every optimizer step toward
-            the under-loaded experts. It is checkpointed.
-        task_routing: `none`, `embedding` (a learned task embedding is added to the router's input) or
-            `gate` (MOELoRA: each task mixes all experts with its own learned softmax gate, per
-            projection, so each task exports to an exact dense model; `upcycled` only).
+        router: A registered router (`mtmoe.model.routers`): `topk` (token choice, every family),
+            `soft` (EMTAL's ω = E·softmax(LN(x)·W/τ) over every slice, `moefied` only) or `task_gate`
+            (MOELoRA: each task mixes all experts with its own learned softmax gate, per projection, so
+            each task exports to an exact dense model; `upcycled` only).
+        router_options: The chosen router's settings, the fields of its options dataclass (see "Router
+            options" in docs/config.md), e.g. `{score: sigmoid, balance_bias_rate: 0.001}` for `topk`.
         shared_experts: Always-on LoRA experts every token uses (MTLoRA's task-agnostic LoRA,
             DeepSeek's shared expert), `upcycled` only.
         task_experts: Experts reserved for each task group (MTLoRA's task-specific LoRA, HoME's category
             experts), added after the `num_experts` open ones; a token chooses among the open experts and
             its group's. `upcycled` only.
         task_groups: {group: [task, ...]} for `task_experts`; empty = every task is its own group.
-        native_router_trainable: For `native`: train the checkpoint's router (else it stays frozen).
         capacity_factor: 0 (default) routes dropless. A value > 0 caps the assignments an expert takes
             from one rank's micro-batch at ceil(tokens / num_experts * factor * top_k), as DeepSpeed's
             gating computes it; which assignments stay follows DeepSpeed too (first choices, then earlier
             tokens; by score for top_k >= 3). Past it, an upcycled assignment loses its LoRA delta (the
             frozen FFN still runs), a native or MoEfied one contributes nothing; drops are counted in
             `moe/drop_frac`.
-        normalize_top_k: Renormalise the top-k gate weights to sum to one. With it, a freshly injected
-            model (LoRA B factors at zero) computes exactly the base model.
-        router_init_std: Standard deviation of the router's initial weights.
         fade_fraction: Router fading over this final fraction of training: every block blends from the
             routed MoE to its merged expert (W + Σ_e u_e ΔW_e, u = the experts' gate-mass shares measured
             on held-out data when fading starts), ending exactly at the model the export writes.
@@ -90,22 +79,13 @@ class MoEConfig:
     alpha: float = 16.0
     layers: str | list[int] = "all"
     router: str = "topk"
-    score: str = "softmax"
-    router_noise: float = 0.0
-    soft_tau: float = 5.0
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    balance_bias_rate: float = 0.0
-    task_routing: str = "none"
+    router_options: dict[str, Any] = field(default_factory=dict)
     shared_experts: int = 0
     task_experts: int = 0
     task_groups: dict[str, list[str]] = field(default_factory=dict)
-    native_router_trainable: bool = True
     capacity_factor: float = 0.0
     fade_fraction: float = 0.0
     fade_schedule: str = "linear"
-    normalize_top_k: bool = True
-    router_init_std: float = 0.02
     attn_lora_rank: int = 0
     attn_lora_alpha: float = 16.0
     attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -292,28 +272,9 @@ class Config:
         check(
             1 <= m.top_k <= open_to_a_token, "moe.top_k", f"between 1 and {open_to_a_token} (open to a token)"
         )
-        check(m.router in ("topk", "soft"), "moe.router", "topk|soft")
-        check(m.router == "topk" or m.family == "moefied", "moe.router", "topk unless moe.family is moefied")
-        check(m.score in ("softmax", "sigmoid"), "moe.score", "softmax|sigmoid")
-        check(m.router_noise >= 0, "moe.router_noise", ">= 0")
-        check(m.soft_tau > 0, "moe.soft_tau", "> 0")
-        check(m.z_loss_coef >= 0, "moe.z_loss_coef", ">= 0")
-        check(m.balance_bias_rate >= 0, "moe.balance_bias_rate", ">= 0")
-        check(m.task_routing in ("none", "embedding", "gate"), "moe.task_routing", "none|embedding|gate")
-        upcycled_only = {
-            "moe.shared_experts": m.shared_experts,
-            "moe.task_experts": m.task_experts,
-            "moe.task_routing": m.task_routing == "gate",
-        }
+        upcycled_only = {"moe.shared_experts": m.shared_experts, "moe.task_experts": m.task_experts}
         for key, used in upcycled_only.items():
             check(not used or m.family == "upcycled", key, "unused unless moe.family is upcycled")
-        if m.task_routing == "gate":
-            for key, clash in {
-                "moe.task_experts": m.task_experts,
-                "moe.fade_fraction": m.fade_fraction,
-                "parallel.ep_size": p.ep_size > 1,
-            }.items():
-                check(not clash, key, "0/1 with moe.task_routing=gate (every token mixes every expert)")
         check(m.family != "moefied" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=moefied")
         check(m.family != "lora" or p.ep_size == 1, "parallel.ep_size", "1 with moe.family=lora")
         check(m.family != "lora" or m.fade_fraction == 0, "moe.fade_fraction", "0 with moe.family=lora")
@@ -321,11 +282,6 @@ class Config:
             m.family != "native" or m.fade_fraction == 0,
             "moe.fade_fraction",
             "0 with moe.family=native (its experts are distinct FFNs with no dense form to fade to)",
-        )
-        check(
-            m.family != "moefied" or m.router == "soft" or m.top_k < m.num_experts,
-            "moe.top_k",
-            "< moe.num_experts for a top-k MoEfied router (all slices: use moe.router=soft)",
         )
         check(not m.task_groups or m.task_experts, "moe.task_groups", "empty unless moe.task_experts > 0")
         check(d.pack_length >= 0, "data.pack_length", ">= 0")
@@ -336,14 +292,8 @@ class Config:
         )
         check(t.trainable in ("all", "task_routing"), "train.trainable", "all|task_routing")
         check(t.trainable == "all" or t.init_from, "train.trainable", "all unless train.init_from is set")
-        check(
-            t.trainable == "all" or m.task_routing != "none",
-            "train.trainable",
-            "all unless moe.task_routing is embedding or gate",
-        )
         check(m.rank >= 1, "moe.rank", ">= 1")
         check(m.attn_lora_rank >= 0, "moe.attn_lora_rank", ">= 0")
-        check(m.aux_loss_coef >= 0, "moe.aux_loss_coef", ">= 0")
         check(m.capacity_factor >= 0, "moe.capacity_factor", ">= 0 (0 = dropless)")
         check(0 <= m.fade_fraction < 1, "moe.fade_fraction", "in [0, 1)")
         check(m.fade_schedule in ("linear", "cosine"), "moe.fade_schedule", "linear|cosine")

@@ -57,7 +57,7 @@ def merged_deltas(
 
 @torch.no_grad()
 def task_gate_shares(model: MoELM, task: int | None) -> dict[int, torch.Tensor]:
-    """Per layer, a task's learned gate (`moe.task_routing: gate`); None averages the tasks' gates.
+    """Per layer, a task's learned gate (`moe.router: task_gate`); None averages the tasks' gates.
 
     Merging with a task's own gate (`average`, nothing pruned) gives exactly that task's model.
     """

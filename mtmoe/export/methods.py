@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mtmoe.config import build_section, check
+from mtmoe.config.registry import Registry
 from mtmoe.export.merge import breadcrumbs, dare, task_arithmetic, tensor_seed, ties, weighted_average
 
 MergeFn = Callable[[torch.Tensor, torch.Tensor, Any, str], torch.Tensor]
@@ -37,16 +38,14 @@ class MergeMethod:
     options: type
 
 
-MERGES: dict[str, MergeMethod] = {}
+MERGES: Registry[MergeMethod] = Registry("merge method", "--merge")
 
 
 def register_merge(name: str, options: type) -> Callable[[MergeFn], MergeFn]:
     """Function decorator: `--merge name` (or `MergeSpec.of(name, ...)`) chooses the method."""
 
     def add(fn: MergeFn) -> MergeFn:
-        if name in MERGES:
-            raise ValueError(f"merge method {name!r} is registered twice")
-        MERGES[name] = MergeMethod(name, fn, options)
+        MERGES.add(name, MergeMethod(name, fn, options))
         return fn
 
     return add
@@ -58,9 +57,7 @@ def merge_method(name: str) -> MergeMethod:
     Raises:
         ValueError: Naming `--merge` and the registered methods.
     """
-    if name not in MERGES:
-        raise ValueError(f"--merge {name!r}: expected one of {sorted(MERGES)}")
-    return MERGES[name]
+    return MERGES.lookup(name)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ coefficients of Σ_e λ_e ΔW_e by minimising the prediction entropy on unlabell
 Attention LoRA folds exactly. The output loads with plain transformers.
 
 By expert family (`moe.family` of the run):
-- upcycled: as above. A run with MOELoRA task gates (`moe.task_routing: gate`) is weighed by the gate
+- upcycled: as above. A run with MOELoRA task gates (`moe.router: task_gate`) is weighed by the gate
   of the task (exactly that task's model); shared experts always fold in whole.
 - moefied: the dense FFN with every slice's LoRA folded in (exactly the model after router fading).
 - native: an HF MoE of the same architecture with each expert's LoRA folded in; pruning keeps n experts
@@ -48,6 +48,7 @@ from mtmoe.export.prune import keep_experts, renormalise
 from mtmoe.export.run import fade_shares, load_trained_model
 from mtmoe.model.moe_lm import MoELM, build_base
 from mtmoe.model.native import export_native
+from mtmoe.model.routers import router_class
 from mtmoe.model.walk import moe_blocks
 from mtmoe.train.checkpoint import latest_tag
 
@@ -164,7 +165,7 @@ def expert_weighting(cfg: Config, ec: ExportConfig) -> tuple[str, Any, dict | No
         )
     if family in ("moefied", "lora") and ec.prune:
         raise ValueError(f"--prune: a {family} run has no experts to prune; the export writes its FFNs whole")
-    gated = cfg.moe.task_routing == "gate"
+    gated = cfg.moe.family == "upcycled" and router_class(cfg.moe.router).per_task
     auto = "utilization"
     if gated or faded or family in ("moefied", "lora"):
         auto = "task_gate" if gated else "fade" if faded else "uniform"
@@ -172,7 +173,7 @@ def expert_weighting(cfg: Config, ec: ExportConfig) -> tuple[str, Any, dict | No
     if weights not in WEIGHTS:
         raise ValueError(f"--weights {ec.weights!r}: expected auto|{'|'.join(WEIGHTS)}")
     if weights == "task_gate" and not gated:
-        raise ValueError("--weights task_gate needs a run trained with moe.task_routing=gate")
+        raise ValueError("--weights task_gate needs a run trained with moe.router=task_gate")
     if weights == "fade" and (faded is None or ec.task != "all"):
         raise ValueError("--weights fade needs a run trained with moe.fade_fraction > 0 and --task all")
     if (weights == "utilization" or ec.prune) and not util_path.exists():

@@ -11,7 +11,7 @@ the block is exactly the dense FFN that the export folds to.
 Shared experts (`moe.shared_experts`, MTLoRA's task-agnostic LoRA, DeepSeek's shared expert) are LoRA
 factors that every token uses: they join the frozen weights, so each routed expert is W + ΔW_s + ΔW_e.
 
-With MOELoRA's per-task gate (`moe.task_routing: gate`) every token of task t mixes all experts per
+With MOELoRA's per-task gate (`moe.router: task_gate`) every token of task t mixes all experts per
 projection, W + ΔW_s + Σ_e g_{t,e} ΔW_e, so each task has an exact dense model.
 
 Under expert parallelism the LoRA paths of an assignment run on the rank that owns its expert: the rank
@@ -29,7 +29,7 @@ from torch import nn
 from mtmoe.model.dispatch import Dispatch, ExpertGroups, combine
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
-from mtmoe.model.router import RouterOutput, TaskGateRouter, TopKRouter
+from mtmoe.model.routers import Router, RouterOutput
 from mtmoe.parallel.expert_parallel import ExpertPlacement, expert_parallel_apply
 
 try:  # what HF's ACT2FN["silu"] is in recent transformers (nn.SiLU in older ones)
@@ -56,7 +56,7 @@ class MoELoRAFFN(MoEBlock):
     def __init__(
         self,
         base_mlp: nn.Module,
-        router: TopKRouter | TaskGateRouter,
+        router: Router,
         experts: UpcycledLoRAExperts,
         context: RoutingContext,
         placement: ExpertPlacement | None = None,
@@ -81,7 +81,7 @@ class MoELoRAFFN(MoEBlock):
         if self.shared is not None:
             gate_TF = gate_TF + self._shared_delta("gate", x_TD)
             up_TF = up_TF + self._shared_delta("up", x_TD)
-        if isinstance(self.router, TaskGateRouter):
+        if self.router.per_task:
             return self._task_gated(x_TD, gate_TF, up_TF).reshape(B, S, D)
         route = self.route(x_TD)
         d = self.dispatch_route(route, route.weights_TK, self.capacity_factor)

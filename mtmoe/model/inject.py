@@ -12,7 +12,7 @@ from mtmoe.model.lora import LoRALinear
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.moefied import MoEfiedFFN
 from mtmoe.model.native import inject_native_moe
-from mtmoe.model.router import TaskGateRouter, TopKRouter
+from mtmoe.model.routers import RouterShape, build_router, check_family, router_class, router_options
 from mtmoe.model.walk import decoder_layers
 from mtmoe.parallel.expert_parallel import ExpertPlacement, MoEMarker, mark_expert_params
 
@@ -53,24 +53,6 @@ def task_expert_mask(cfg: MoEConfig, task_names: list[str]) -> torch.Tensor | No
     return allowed_XE
 
 
-def build_router(cfg: MoEConfig, dim: int, num_experts: int, num_tasks: int, allowed_XE=None) -> nn.Module:
-    """The router that `cfg` describes, for a block of `num_experts` experts."""
-    if cfg.task_routing == "gate":
-        return TaskGateRouter(num_experts, num_tasks)
-    return TopKRouter(
-        dim,
-        num_experts,
-        cfg.top_k,
-        cfg.normalize_top_k,
-        cfg.router_init_std,
-        score=cfg.score,
-        noise_std=cfg.router_noise,
-        balance_bias=cfg.balance_bias_rate > 0,
-        num_tasks=num_tasks if cfg.task_routing == "embedding" else 0,
-        allowed_XE=allowed_XE,
-    )
-
-
 def inject_moe_lora(
     model: nn.Module,
     cfg: MoEConfig,
@@ -95,6 +77,7 @@ def inject_moe_lora(
     Raises:
         ValueError: For a layer index out of range or an FFN that is not SwiGLU (naming `moe.layers`).
     """
+    check_family(cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     layers = decoder_layers(model)
@@ -111,9 +94,10 @@ def inject_moe_lora(
             f"config key 'parallel.ep_size': the blocks have {num_experts} experts with moe.task_experts, "
             f"placed as {placement.num_experts}"
         )
-    context = RoutingContext(num_tasks=num_tasks, aux_coef=cfg.aux_loss_coef, z_coef=cfg.z_loss_coef)
+    aux_coef, z_coef = router_class(cfg.router).loss_coefs(router_options(cfg))
+    context = RoutingContext(num_tasks=num_tasks, aux_coef=aux_coef, z_coef=z_coef)
     if cfg.family == "native":
-        args = (cfg.rank, cfg.alpha, context, placement, cfg.capacity_factor, cfg.native_router_trainable)
+        args = (cfg.rank, cfg.alpha, context, placement, cfg.capacity_factor, router_options(cfg))
         replaced = inject_native_moe(model, *args)
         if cfg.layers != "all" and sorted(cfg.layers) != replaced:
             raise ValueError(
@@ -171,17 +155,15 @@ def _block(
         raise ValueError(f"config key 'moe.layers': layer {i}'s FFN {type(mlp).__name__} is not a SwiGLU FFN")
     dim, ffn_dim = mlp.gate_proj.in_features, mlp.gate_proj.out_features
     if cfg.family == "moefied":
-        soft = cfg.router == "soft"
-        router = None if soft else build_router(cfg, dim, cfg.num_experts, num_tasks)
+        router = build_router(cfg, RouterShape(dim, cfg.num_experts, cfg.top_k, num_tasks))
         if ffn_dim % cfg.num_experts:
             raise ValueError(
                 f"config key 'moe.num_experts': {cfg.num_experts} does not divide FFN width {ffn_dim}"
             )
-        top_k = 0 if soft else cfg.top_k
-        args = (cfg.rank, cfg.alpha, context, router, cfg.soft_tau, cfg.capacity_factor)
-        return MoEfiedFFN(mlp, cfg.num_experts, top_k, *args)
+        args = (cfg.num_experts, router.top_k, cfg.rank, cfg.alpha, context)
+        return MoEfiedFFN(mlp, *args, router=router, capacity_factor=cfg.capacity_factor)
     num_experts = cfg.num_experts if allowed_XE is None else allowed_XE.shape[1]
-    router = build_router(cfg, dim, num_experts, num_tasks, allowed_XE)
+    router = build_router(cfg, RouterShape(dim, num_experts, cfg.top_k, num_tasks, allowed_XE))
     local = placement.local if placement else None
     experts = UpcycledLoRAExperts(num_experts, dim, ffn_dim, cfg.rank, cfg.alpha, local)
     shared = None

@@ -18,6 +18,7 @@ from mtmoe.model.base import load_base_model, resolve_base, tiny_llama, tiny_moe
 from mtmoe.model.frozen_store import store_frozen_
 from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.moe_base import RoutingContext
+from mtmoe.model.routers import check_router
 from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 from mtmoe.model.walk import moe_blocks
 from mtmoe.parallel.expert_parallel import ExpertPlacement
@@ -50,8 +51,8 @@ class MoELM(nn.Module):
         """Returns (loss_BS, aux_loss), and the target tokens' logits_NV when `return_logits`.
 
         loss_BS is the next-token loss at every target token (0 elsewhere); aux_loss is the weighted
-        router loss (`moe.aux_loss_coef` · load balance + `moe.z_loss_coef` · z-loss) averaged over
-        blocks; logits_NV (fp32) are in row-major order of the targets.
+        router loss (`aux_loss_coef` · load balance + `z_loss_coef` · z-loss, of `moe.router_options`)
+        averaged over blocks; logits_NV (fp32) are in row-major order of the targets.
 
         `task_ids` holds a task per row, (B,), or per token, (B, S). Packed rows (see
         `mtmoe.data.collate.pack`) pass `position_ids_BS`, which restart at 0 with every sample: the
@@ -201,6 +202,7 @@ def build_model(
         placement: The experts this rank holds, for training (see `inject_moe_lora`); None = all.
         task_names: The manifest's task names in id order (needed by `moe.task_experts`).
     """
+    check_router(cfg)
     lm = build_base(cfg, vocab_size)
     torch.manual_seed(cfg.train.seed + 1)
     context = inject_moe_lora(lm, cfg.moe, num_tasks, placement, task_names)

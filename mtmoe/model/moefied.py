@@ -29,7 +29,7 @@ from torch import nn
 from mtmoe.model.dispatch import Dispatch, combine, grouped_linear
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
-from mtmoe.model.router import RouterOutput
+from mtmoe.model.routers.soft import SoftSliceRouter
 
 PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
 
@@ -130,38 +130,6 @@ def _balanced_assign(dist_FE: torch.Tensor, capacity: int) -> torch.Tensor:
     return assign_F
 
 
-class SoftSliceRouter(nn.Module):
-    """EMTAL's soft router: p = softmax(LN(x) W_r / τ) over all E slices (the block uses ω = E · p).
-
-    W_r starts at zero, so a fresh block has ω ≡ 1 and computes exactly the pretrained FFN; its
-    gradient is still non-zero (the softmax Jacobian at the uniform point is not), so it trains.
-
-    Args:
-        dim: D.
-        num_experts: E.
-        tau: Temperature τ; a larger τ keeps ω closer to 1.
-    """
-
-    def __init__(self, dim: int, num_experts: int, tau: float = 5.0):
-        super().__init__()
-        if tau <= 0:
-            raise ValueError(f"config key 'moe.soft_tau': must be > 0, got {tau}")
-        self.num_experts, self.tau = num_experts, tau
-        self.weight_DE = nn.Parameter(torch.zeros(dim, num_experts))
-
-    def forward(
-        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, task_T: torch.Tensor | None = None
-    ) -> RouterOutput:
-        """Probabilities over every slice (ids_TK = 0..E-1 for each token); no auxiliary loss."""
-        # At least fp32, as in TopKRouter; float64 inputs stay float64 so ω ≡ 1 is exact in tests.
-        dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        ln_TD = Fn.layer_norm(x_TD.to(dtype), (x_TD.shape[-1],))
-        probs_TE = (ln_TD @ self.weight_DE.to(dtype) / self.tau).softmax(dim=-1)
-        ids_TE = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
-        zero = probs_TE.new_zeros(())
-        return RouterOutput(weights_TK=probs_TE.to(x_TD.dtype), ids_TK=ids_TE, aux_loss=zero)
-
-
 class MoEfiedFFN(MoEBlock):
     """A SwiGLU FFN (an HF `*MLP` with bias-free gate_proj/up_proj/down_proj and act_fn) split into slices.
 
@@ -183,8 +151,8 @@ class MoEfiedFFN(MoEBlock):
         alpha: LoRA alpha (deltas scaled by alpha / R). The factors are drawn from the global torch RNG.
         context: The model's shared routing context.
         router: The top-k router (interface of `TopKRouter`, with `top_k == K`) in top-k mode; in soft
-            mode None builds a `SoftSliceRouter`.
-        tau: τ of the soft router.
+            mode a router over all E slices (`SoftSliceRouter`), or None to build one.
+        tau: τ of the soft router built when `router` is None.
         capacity_factor: Top-k mode, training only: 0 is dropless, else the capacity of `expert_capacity`.
         kmeans_iters: Rounds of balanced k-means.
         kmeans_seed: Seed of the k-means initialisation.
@@ -214,10 +182,10 @@ class MoEfiedFFN(MoEBlock):
         self.soft = top_k in (0, E)
         if self.soft and router is None:
             router = SoftSliceRouter(base_mlp.gate_proj.in_features, E, tau)
-        elif router is None or getattr(router, "top_k", None) != top_k or self.soft:
+        if router is None or router.top_k != (E if self.soft else top_k):
             raise ValueError(
                 f"config key 'moe.router': top_k={top_k} of {E} needs "
-                + ("no router (the soft router is built here)" if self.soft else f"a top-{top_k} router")
+                + ("a router over every slice (soft)" if self.soft else f"a top-{top_k} router")
             )
         self.router, self.top_k, self.capacity_factor = router, top_k, capacity_factor
         self.act_fn = base_mlp.act_fn

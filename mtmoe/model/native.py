@@ -18,6 +18,7 @@ fused), E experts of the block, L experts on this rank, K top-k, N assignments s
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from transformers import PretrainedConfig
 from mtmoe.model.dispatch import ExpertGroups, combine, grouped_linear
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
-from mtmoe.model.router import TopKRouter
+from mtmoe.model.routers import RouterShape, TopKOptions, TopKRouter
 from mtmoe.model.walk import decoder_layers, lora_linears
 from mtmoe.parallel.expert_parallel import (
     ExpertPlacement,
@@ -59,7 +60,8 @@ class NativeMoELoRA(MoEBlock):
         placement: Where the experts live (default: all on this rank).
         capacity_factor: 0 for dropless routing, else the per-rank expert capacity factor (training only;
             evaluation is always dropless). An assignment over capacity contributes nothing.
-        router_trainable: Train the router (else it stays the checkpoint's gate).
+        router_options: The top-k router's options (`moe.router_options`); the router starts as the
+            checkpoint's gate and keeps its weight normalisation (Mixtral's, or Qwen's `norm_topk_prob`).
 
     Raises:
         ValueError: For an unsupported block, or a placement of another number of experts.
@@ -73,7 +75,7 @@ class NativeMoELoRA(MoEBlock):
         alpha: float,
         placement: ExpertPlacement | None = None,
         capacity_factor: float = 0.0,
-        router_trainable: bool = True,
+        router_options: TopKOptions | None = None,
     ):
         if not _is_sparse_block(hf_block):
             raise ValueError(
@@ -88,10 +90,10 @@ class NativeMoELoRA(MoEBlock):
         self.placement, self.capacity_factor = placement, capacity_factor
         # Mixtral always renormalises the top-k weights; Qwen2/3-MoE as `norm_topk_prob` says.
         normalize = bool(getattr(gate, "norm_topk_prob", True))
-        self.router = TopKRouter(D, E, gate.top_k, normalize)
+        options = dataclasses.replace(router_options or TopKOptions(), normalize=normalize)
+        self.router = TopKRouter.from_options(options, RouterShape(D, E, gate.top_k))
         with torch.no_grad():
             self.router.weight_ED.copy_(gate.weight)
-        self.router.weight_ED.requires_grad_(router_trainable)
         self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0))
 
         local = placement.local
@@ -219,7 +221,7 @@ def inject_native_moe(
     context: RoutingContext,
     placement: ExpertPlacement | None = None,
     capacity_factor: float = 0.0,
-    router_trainable: bool = True,
+    router_options: TopKOptions | None = None,
 ) -> list[int]:
     """Freezes `model` and replaces each of its sparse MoE blocks by a `NativeMoELoRA` (dense FFNs stay).
 
@@ -235,7 +237,7 @@ def inject_native_moe(
             factors and frozen weights) are then marked for DeepSpeed's expert groups, and each block
             carries a `MoEMarker`.
         capacity_factor: See `NativeMoELoRA`.
-        router_trainable: See `NativeMoELoRA`.
+        router_options: See `NativeMoELoRA`.
 
     Returns:
         The indices of the replaced layers.
@@ -250,7 +252,8 @@ def inject_native_moe(
     for i, layer in enumerate(layers):
         if not _is_sparse_block(layer.mlp):
             continue
-        block = NativeMoELoRA(layer.mlp, context, rank, alpha, placement, capacity_factor, router_trainable)
+        args = (rank, alpha, placement, capacity_factor, router_options)
+        block = NativeMoELoRA(layer.mlp, context, *args)
         if placement is not None:
             # Frozen expert weights are marked too: DeepSpeed broadcasts every parameter from rank 0 of
             # its group at start-up, and these differ between the ranks of an expert-parallel group.

@@ -9,6 +9,7 @@ from typing import Any
 from mtmoe.config import Config
 from mtmoe.model.fused_ce import chunk_rows
 from mtmoe.model.moe_lm import MoELM
+from mtmoe.model.routers import router_class
 from mtmoe.plan.probe import FIT_TERMS, BlockFit, LayerSpec, layer_specs, probe_block
 from mtmoe.plan.workload import Workload
 
@@ -39,7 +40,7 @@ def base_dims(config: Any, cfg: Config, workload: Workload, micro_batch: int) ->
     """`Dims` of the base's HF config for this workload."""
     D, H = config.hidden_size, config.num_attention_heads
     K = int(getattr(config, "num_experts_per_tok", 0) or 0) if cfg.moe.family == "native" else cfg.moe.top_k
-    if cfg.moe.family != "native" and cfg.moe.task_routing == "gate":
+    if cfg.moe.family != "native" and router_class(cfg.moe.router).per_task:
         K = 0
     return Dims(
         B=micro_batch,

@@ -14,10 +14,10 @@ from mtmoe.model.base import SMOLLM2_ALIAS
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.frozen_store import store_frozen_
-from mtmoe.model.inject import build_router, inject_moe_lora
+from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.moe_lm import DTYPES, TINY_MOE, MoELM, block_num_experts, build_base
-from mtmoe.model.moefied import SoftSliceRouter
+from mtmoe.model.routers import RouterShape, build_router
 from mtmoe.model.walk import decoder_layers
 from mtmoe.parallel.expert_parallel import ExpertPlacement, check_ep_size
 
@@ -78,10 +78,7 @@ class MoEfiedShapes(MoEBlock):
         for name, shape in (("gate_EDf", (E, D, f)), ("up_EDf", (E, D, f)), ("down_EfD", (E, f, D))):
             setattr(self, name, nn.Parameter(torch.empty(shape, dtype=dt), requires_grad=False))
         self.experts = UpcycledLoRAExperts(E, D, f, cfg.rank, cfg.alpha)
-        if cfg.router == "soft":
-            self.router = SoftSliceRouter(D, E, cfg.soft_tau)
-        else:
-            self.router = build_router(cfg, D, E, num_tasks)
+        self.router = build_router(cfg, RouterShape(D, E, cfg.top_k, num_tasks))
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never called
         """Refuses: a stand-in for counting only."""
@@ -98,7 +95,9 @@ def meta_model(cfg: Config, vocab_size: int, task_names: list[str], world: int =
     E = experts_per_block(cfg, lm.config, task_names)
     check_ep_size(cfg.parallel.ep_size, E, world)
     placement = ExpertPlacement(E, cfg.parallel.ep_size, 0)
-    moe = cfg.moe if cfg.moe.family != "moefied" else dataclasses.replace(cfg.moe, family="upcycled")
+    moe = cfg.moe  # a MoEfied block is injected as an upcycled one, then swapped for its shapes
+    if cfg.moe.family == "moefied":
+        moe = dataclasses.replace(cfg.moe, family="upcycled", router="topk", router_options={})
     # Reserved experts: TopKRouter checks its (task, expert) mask with .item(), which meta tensors refuse,
     # so the new LoRA and router tensors are then made on the CPU (the frozen base stays on meta).
     where = torch.device("cpu" if cfg.moe.task_experts else "meta")

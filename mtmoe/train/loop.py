@@ -32,7 +32,7 @@ from mtmoe.model.moe_lm import (
     build_model,
     freeze_all_but_task_routing,
 )
-from mtmoe.model.router import update_balance_biases
+from mtmoe.model.routers import check_router, router_options, update_balance_biases
 from mtmoe.parallel.dist import DistInfo, all_reduce_sum, device_for, init_distributed
 from mtmoe.parallel.engine import build_engine
 from mtmoe.parallel.expert_parallel import ExpertPlacement, create_placement
@@ -137,7 +137,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
 def _set_up(cfg: Config, resume: bool) -> Job:
     """The data, the process group, the model and its engine, the sampler and the balancing."""
-    weighter_options(cfg.balance)  # a bad weighter or option fails now, before any process group
+    weighter_options(cfg.balance)  # a bad weighter, router or option fails now, before any process group
+    check_router(cfg)
     try:
         manifest = load_manifest(Path(cfg.data.tokenized))
     except ValueError as e:
@@ -245,7 +246,9 @@ def _step(job: Job, step: int, guard: NonFiniteGuard) -> StepOutcome:
         job.engine, batches, counts_X, weights_X, job.weighter.normalize_by, grad_scale, job.device, guard,
         step, job.retainer,
     )  # fmt: skip
-    update_balance_biases(job.routers, 0.0 if skipped else cfg.moe.balance_bias_rate, all_reduce_sum)
+    if job.routers:  # top-k routers with auxiliary-loss-free balancing
+        rate = 0.0 if skipped else router_options(cfg.moe).balance_bias_rate
+        update_balance_biases(job.routers, rate, all_reduce_sum)
     job.counters.add_step(time.perf_counter() - t0, step_tokens, counts_X, skipped)
     return StepOutcome(
         t0, alpha, counts_X, step_tokens, step_positions, weights_X, task_loss_X, aux, skipped, qr_loss

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from mtmoe.config import build_section
+from mtmoe.config.registry import Registry
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -73,7 +74,7 @@ class TaskWeighter:
         """Restores `state_dict`."""
 
 
-WEIGHTERS: dict[str, type[TaskWeighter]] = {}
+WEIGHTERS: Registry[type[TaskWeighter]] = Registry("weighter", "config key 'balance.weighter'")
 
 
 def register_weighter(name: str, options: type = NoOptions) -> Callable[[type], type]:
@@ -82,28 +83,12 @@ def register_weighter(name: str, options: type = NoOptions) -> Callable[[type], 
     Raises:
         ValueError: If the name is taken.
     """
-
-    def add(cls: type[TaskWeighter]) -> type[TaskWeighter]:
-        if name in WEIGHTERS:
-            raise ValueError(
-                f"weighter {name!r} is registered twice ({WEIGHTERS[name].__name__}, {cls.__name__})"
-            )
-        cls.options = options
-        WEIGHTERS[name] = cls
-        return cls
-
-    return add
+    return WEIGHTERS.register_class(name, options)
 
 
 def weighter_class(name: str) -> type[TaskWeighter]:
-    """The registered weighter `name`.
-
-    Raises:
-        ValueError: Naming `balance.weighter` and the registered names, for an unknown one.
-    """
-    if name not in WEIGHTERS:
-        raise ValueError(f"config key 'balance.weighter': {name!r} is not one of {'|'.join(WEIGHTERS)}")
-    return WEIGHTERS[name]
+    """The registered weighter `name` (an unknown one is a `ValueError` naming `balance.weighter`)."""
+    return WEIGHTERS.lookup(name)
 
 
 def build_weighter(cfg, task_names: list[str]) -> TaskWeighter:

@@ -1,15 +1,15 @@
-"""Routers: token-choice top-k (softmax or sigmoid scores) and the per-task gate of MOELoRA.
+"""The token-choice top-k router (`moe.router: topk`, the default), with its balancing options.
 
-Token-choice options:
+Options (`moe.router_options`, `TopKOptions`):
 - scores: `softmax` over experts, or `sigmoid` per expert (DeepSeek-V3); either way the chosen
   weights can be renormalised to sum to one;
 - noisy gating: Gaussian noise of a fixed std on the logits while training;
 - the load-balance auxiliary loss (Switch) and the z-loss (ST-MoE), both returned for the block to report;
 - auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the scores only to choose
   experts, nudged after each optimizer step toward the under-loaded experts (`update_balance_biases`);
-- task-aware routing: a learned task embedding added to the router's input;
-- experts reserved for a task or a group of tasks: a (task, expert) mask that hides the other groups'
-  experts from a token.
+- task-aware routing: a learned task embedding added to the router's input.
+Experts reserved for a task or a group of tasks (`moe.task_experts`) come in as a (task, expert) mask
+that hides the other groups' experts from a token.
 
 Shape legend: T tokens, D hidden size, E experts, K experts per token, X tasks.
 """
@@ -21,31 +21,52 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mtmoe.config import Config
+from mtmoe.model.routers.base import Router, RouterOutput, RouterShape, register_router
+
 SCORES = ("softmax", "sigmoid")
 
 
-@dataclass
-class RouterOutput:
-    """What a router decides for a batch of tokens.
+@dataclass(kw_only=True)
+class TopKOptions:
+    """Settings of the top-k router (`moe.router_options` with `moe.router: topk`).
 
     Attributes:
-        weights_TK: Gate weight of each chosen expert.
-        ids_TK: Chosen expert ids.
-        aux_loss: Switch/Mixtral load-balance loss, E * sum_e f_e * P_e, over the valid tokens
-            (equals 1 when routing is perfectly balanced).
-        z_loss: ST-MoE router z-loss, the mean of logsumexp(logits)² over the valid tokens.
-        scores_TK: The chosen experts' raw scores (before renormalising): what ranks an expert's
-            assignments under a capacity with K >= 3, as in DeepSpeed's top-k gating.
+        score: `softmax` over the experts or `sigmoid` per expert (DeepSeek-V3).
+        normalize: Renormalise the top-k gate weights to sum to one. With it, a freshly injected model
+            (LoRA B factors at zero) computes exactly the base model.
+        init_std: Standard deviation of the router's initial weights (a native block starts from the
+            checkpoint's router instead).
+        noise_std: Std of Gaussian noise on the router logits while training (noisy gating).
+        aux_loss_coef: Weight of the load-balance auxiliary loss (mean over blocks) in the total loss.
+        z_loss_coef: Weight of the router z-loss (mean of logsumexp(logits)², ST-MoE).
+        balance_bias_rate: > 0 turns on auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias
+            added to the scores to choose experts, moved by this much after every optimizer step toward
+            the under-loaded experts. It is checkpointed.
+        task_embedding: Add a learned task embedding to the router's input (task-aware routing).
+        trainable: Train the router (false keeps it as initialised: a native checkpoint's own router).
     """
 
-    weights_TK: torch.Tensor
-    ids_TK: torch.Tensor
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor | None = None
-    scores_TK: torch.Tensor | None = None
+    score: str = "softmax"
+    normalize: bool = True
+    init_std: float = 0.02
+    noise_std: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    balance_bias_rate: float = 0.0
+    task_embedding: bool = False
+    trainable: bool = True
+
+    def __post_init__(self) -> None:
+        _check_score(self.score)
+        for key in ("init_std", "noise_std", "aux_loss_coef", "z_loss_coef", "balance_bias_rate"):
+            value = getattr(self, key)
+            if value < 0:
+                raise ValueError(f"config key 'moe.router_options.{key}': must be >= 0, got {value}")
 
 
-class TopKRouter(nn.Module):
+@register_router("topk", TopKOptions)
+class TopKRouter(Router):
     """Token-choice top-k router (the capacity is applied later, by the dispatch).
 
     Args:
@@ -77,8 +98,7 @@ class TopKRouter(nn.Module):
         allowed_XE: torch.Tensor | None = None,
     ):
         super().__init__()
-        if score not in SCORES:
-            raise ValueError(f"config key 'moe.score': expected {'|'.join(SCORES)}, got {score!r}")
+        _check_score(score)
         self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
         self.score, self.noise_std = score, noise_std
         self.weight_ED = nn.Parameter(torch.randn(num_experts, dim) * init_std)
@@ -93,6 +113,49 @@ class TopKRouter(nn.Module):
         if balance_bias:
             self.register_buffer("bias_E", torch.zeros(num_experts))
             self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+
+    families = ("upcycled", "moefied", "native")
+
+    @classmethod
+    def from_options(cls, options: TopKOptions, shape: RouterShape) -> TopKRouter:
+        """The router of one block (`Router.from_options`)."""
+        router = cls(
+            shape.dim,
+            shape.num_experts,
+            shape.top_k,
+            options.normalize,
+            options.init_std,
+            score=options.score,
+            noise_std=options.noise_std,
+            balance_bias=options.balance_bias_rate > 0,
+            num_tasks=shape.num_tasks if options.task_embedding else 0,
+            allowed_XE=shape.allowed_XE,
+        )
+        router.weight_ED.requires_grad_(options.trainable)
+        return router
+
+    @classmethod
+    def task_aware(cls, options: TopKOptions) -> bool:
+        """With a task embedding."""
+        return options.task_embedding
+
+    @classmethod
+    def loss_coefs(cls, options: TopKOptions) -> tuple[float, float]:
+        """`aux_loss_coef` and `z_loss_coef`."""
+        return options.aux_loss_coef, options.z_loss_coef
+
+    @classmethod
+    def check(cls, cfg: Config, options: TopKOptions) -> None:
+        """A native block keeps its checkpoint's softmax scores; MoEfied top-k leaves some slice out."""
+        if cfg.moe.family == "native" and options.score != "softmax":
+            raise ValueError(
+                "config key 'moe.router_options.score': a native MoE checkpoint's router scores with softmax"
+            )
+        if cfg.moe.family == "moefied" and cfg.moe.top_k >= cfg.moe.num_experts:
+            raise ValueError(
+                "config key 'moe.top_k': < moe.num_experts for a top-k MoEfied router "
+                "(all slices: use moe.router=soft)"
+            )
 
     def logits(self, x_TD: torch.Tensor, task_T: torch.Tensor | None = None) -> torch.Tensor:
         """Router logits in fp32 (before noise)."""
@@ -145,28 +208,9 @@ class TopKRouter(nn.Module):
         )
 
 
-class TaskGateRouter(nn.Module):
-    """MOELoRA's per-task gate: every token of task t mixes all E experts with softmax(g_t).
-
-    The gate does not depend on the token, so the block mixes the experts per projection
-    (W + Σ_e g_{t,e} ΔW_e) and each task has an exact dense model.
-
-    Args:
-        num_experts: E.
-        num_tasks: X.
-    """
-
-    def __init__(self, num_experts: int, num_tasks: int):
-        super().__init__()
-        self.num_experts, self.top_k = num_experts, num_experts
-        self.task_logits_XE = nn.Parameter(torch.zeros(num_tasks, num_experts))  # uniform gates at first
-
-    def gates(self, task_T: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
-        """Per token, the softmax gate of its task (task 0 when unknown)."""
-        gates_XE = self.task_logits_XE.float().softmax(dim=-1)
-        if task_T is None:
-            return gates_XE[0].expand(num_tokens, -1)
-        return gates_XE[task_T]
+def _check_score(score: str) -> None:
+    if score not in SCORES:
+        raise ValueError(f"config key 'moe.router_options.score': expected {'|'.join(SCORES)}, got {score!r}")
 
 
 def _masked_mean(v_T: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
