@@ -471,6 +471,59 @@ def progress(result: dict) -> str:
     return text + (f" Not run yet: {', '.join(missing)}." if missing else "")
 
 
+def is_lora(study: dict, variant: str) -> bool:
+    """Whether a variant is a plain LoRA (no experts)."""
+    return "moe.family=lora" in study["variants"][variant].get("overrides", [])
+
+
+def render_summary(result: dict) -> str:
+    """The headline, for the README: per task, the best plain LoRA against the best mixture (pure).
+
+    Only variants with several seeds compete when there are any, so that every gap has a seed spread to
+    be compared with; a gap counts when it exceeds the larger of the two standard deviations.
+    """
+    study, base = result["study"], result["base"]
+    chosen = chosen_runs(result)
+    pool = {v: runs for v, runs in chosen.items() if len(runs) > 1} or chosen
+    lora = {v: r for v, r in pool.items() if is_lora(study, v)}
+    mixture = {v: r for v, r in pool.items() if not is_lora(study, v)}
+    if not lora or not mixture:
+        return paragraph("No comparison yet: the study has not run both a plain LoRA and a mixture.")
+    rows = []
+    for t in base:
+        name = base[t].get("metric")
+        key, sign = ("score", 1) if name else ("loss", -1)
+
+        def best(group: dict, t: str = t, key: str = key, sign: int = sign) -> tuple[str, list[float]]:
+            values = {v: [r["tasks"][t][key] for r in runs] for v, runs in group.items()}
+            v = max(values, key=lambda v: sign * statistics.mean(values[v]))
+            return v, values[v]
+
+        (lv, lvals), (mv, mvals) = best(lora), best(mixture)
+        gap = statistics.mean(mvals) - statistics.mean(lvals)
+        spreads = [statistics.stdev(x) for x in (lvals, mvals) if len(x) > 1]
+        if not spreads:
+            beyond = "one seed"
+        elif gap == 0:
+            beyond = "tie"
+        else:
+            leader = "mixture" if sign * gap > 0 else "LoRA"
+            beyond = f"{leader} ahead, {'beyond' if abs(gap) > max(spreads) else 'within'} {max(spreads):.2f}"
+        digits = 2 if name else 3
+        base_cell = f"{base[t][key]:.{digits}f}"
+        lora_cell = f"{_short(study, lv)} {_mean_std(lvals, digits)}"
+        mixture_cell = f"{_short(study, mv)} {_mean_std(mvals, digits)}"
+        rows.append([t, name or "loss", base_cell, lora_cell, mixture_cell, f"{gap:+.{digits}f}", beyond])
+    head = ["task", "metric", "base", "best plain LoRA", "best mixture", "mixture − LoRA", "seed spread"]
+    seeds = min(len(r) for r in pool.values())
+    note = (
+        f"Variants with {seeds} or more seeds, each at its own tuned rate (mean ± std over seeds); the last "
+        "column says who is ahead and whether the gap exceeds the larger standard deviation. Every variant, "
+        "the routing and the remedies: [docs/quality-study.md](docs/quality-study.md)."
+    )
+    return table(head, rows, "llrllrl") + "\n\n" + paragraph(note)
+
+
 def verdicts(chosen: dict, study: dict, tasks: list[str], metric: dict) -> list[str]:
     """Per task: the leading variant by its metric (or loss), and whether its lead beats the seed spread."""
     lines = []
