@@ -19,6 +19,7 @@ from mtmoe.model.frozen_store import store_frozen_
 from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.moe_base import RoutingContext
 from mtmoe.model.routers import check_router
+from mtmoe.model.sharded_load import load_local_experts
 from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 from mtmoe.model.walk import moe_blocks
 from mtmoe.parallel.expert_parallel import ExpertPlacement
@@ -175,14 +176,26 @@ def decode_step(
     return out.logits[:, -1].float(), out.past_key_values
 
 
-def build_base(cfg: Config, vocab_size: int, cache_dir: Path | None = None) -> PreTrainedModel:
-    """Loads (or, for `tiny-llama`, builds deterministically) the frozen base model."""
+def build_base(
+    cfg: Config, vocab_size: int, cache_dir: Path | None = None, local_experts: slice | None = None
+) -> PreTrainedModel:
+    """Loads (or, for `tiny-llama`, builds deterministically) the frozen base model.
+
+    Args:
+        cfg: The run config.
+        vocab_size: The tokenizer's vocabulary size (for the tiny random models).
+        cache_dir: Where the demo's converted base lives.
+        local_experts: For a native MoE folder under expert parallelism: the experts this rank keeps.
+            Only their tensors are read (`mtmoe.model.sharded_load`); None reads the whole checkpoint.
+    """
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.base == "tiny-llama":
         return tiny_llama(vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
     if cfg.model.base in TINY_MOE:
         return tiny_moe(cfg.model.base, vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
     folder = resolve_base(cfg.model.base, cache_dir)
+    if local_experts is not None:
+        return load_local_experts(folder, dtype, local_experts)
     return load_base_model(folder, dtype=dtype, frozen_dtype=DTYPES.get(cfg.model.frozen_dtype))
 
 
@@ -203,7 +216,8 @@ def build_model(
         task_names: The manifest's task names in id order (needed by `moe.task_experts`).
     """
     check_router(cfg)
-    lm = build_base(cfg, vocab_size)
+    sharded = cfg.moe.family == "native" and placement is not None and placement.ep_size > 1
+    lm = build_base(cfg, vocab_size, local_experts=placement.local if sharded else None)
     torch.manual_seed(cfg.train.seed + 1)
     context = inject_moe_lora(lm, cfg.moe, num_tasks, placement, task_names)
     # Fresh LoRA parameters are fp32 masters; compute casts them to the model dtype.

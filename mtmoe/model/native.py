@@ -97,12 +97,17 @@ class NativeMoELoRA(MoEBlock):
         self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0))
 
         local = placement.local
+        # A model loaded with only this rank's experts (`sharded_load`) holds exactly their rows.
+        loaded = getattr(hf_experts, "local_experts", None)
+        if loaded is not None and loaded != local:
+            raise ValueError(f"the model was loaded with experts {loaded}, the placement keeps {local}")
+        rows = slice(None) if loaded is not None else local
         # HF keeps nn.Linear layout (out, in); grouped_mm wants (in, out): one copy, of the local slice only.
         self.gate_up_LDG = nn.Parameter(
-            hf_experts.gate_up_proj.detach()[local].transpose(1, 2).contiguous(), requires_grad=False
+            hf_experts.gate_up_proj.detach()[rows].transpose(1, 2).contiguous(), requires_grad=False
         )
         self.down_LFD = nn.Parameter(
-            hf_experts.down_proj.detach()[local].transpose(1, 2).contiguous(), requires_grad=False
+            hf_experts.down_proj.detach()[rows].transpose(1, 2).contiguous(), requires_grad=False
         )
         self.act_fn = hf_experts.act_fn
         ffn_dim = self.down_LFD.shape[1]

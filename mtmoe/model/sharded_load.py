@@ -1,0 +1,192 @@
+"""Loading a native MoE checkpoint with only this rank's experts: each rank reads the tensors it keeps.
+
+Under expert parallelism a rank keeps 1/ep of every MoE block's experts. `load_local_experts` builds the
+model with empty weights and fills it from the checkpoint's safetensors files (one file or the shards of
+`model.safetensors.index.json`) tensor by tensor: every tensor that is not an expert's is read whole, an
+expert's only when the rank keeps that expert. Host memory stays at about the rank's share plus one
+tensor, and the bytes read are counted (`ReadStats`).
+
+Two checkpoint layouts are read:
+- per expert, as HF hubs hold Mixtral (`block_sparse_moe.experts.{e}.w1/w3/w2.weight`) and Qwen-MoE
+  (`mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`), and as transformers saves them;
+- fused, `mlp.experts.gate_up_proj` (E, 2F, D) and `mlp.experts.down_proj` (E, D, F), of which only the
+  rank's rows are read (they are contiguous in the file).
+Both become the model's fused parameters, holding the rank's experts only: gate_up[e] = [w1; w3] (gate
+rows first, as transformers' own conversion concatenates them), down[e] = w2. The experts module is
+marked with `local_experts`, so that `NativeMoELoRA` takes its rows as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from mtmoe.model.base import safetensors_files
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+PER_EXPERT = re.compile(
+    r"^(?P<layer>.*)\.(?:block_sparse_moe|mlp)\.experts\.(?P<e>\d+)\."
+    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
+FUSED = re.compile(r"^(?P<layer>.*)\.mlp\.experts\.(?P<name>gate_up_proj|down_proj)$")
+GATE_HALF = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1}
+
+
+@dataclass
+class ReadStats:
+    """What a load read from disk.
+
+    Attributes:
+        bytes_read: Tensor bytes read (headers not counted).
+        tensors_read: Tensors (or row ranges of one) read.
+        tensors_skipped: Tensors never read: other ranks' experts.
+    """
+
+    bytes_read: int = 0
+    tensors_read: int = 0
+    tensors_skipped: int = 0
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of its first byte in the file
+
+    def read(self, stats: ReadStats, rows: slice | None = None) -> torch.Tensor:
+        """Reads the tensor, or only `rows` of its first dimension, from disk (not memory-mapped).
+
+        Raises:
+            ValueError: Naming the file, if it ends before the tensor does.
+        """
+        shape, offset = list(self.shape), self.offset
+        row_bytes = self.dtype.itemsize * (int(torch.Size(shape[1:]).numel()) if shape else 1)
+        if rows is not None:
+            offset += rows.start * row_bytes
+            shape[0] = rows.stop - rows.start
+        buf = bytearray(int(torch.Size(shape).numel()) * self.dtype.itemsize)
+        with self.path.open("rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{self.path}: the file ends inside a tensor")
+        stats.bytes_read += len(buf)
+        stats.tensors_read += 1
+        return (
+            torch.frombuffer(buf, dtype=self.dtype).view(shape)
+            if buf
+            else torch.empty(shape, dtype=self.dtype)
+        )
+
+
+def stored_tensors(folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of an HF folder's safetensors files, by name, from their headers alone.
+
+    Raises:
+        ValueError: Naming the file and tensor, for a dtype this reader does not handle.
+    """
+    out = {}
+    for path in safetensors_files(folder):
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in _DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, expected F32/BF16/F16")
+            begin = 8 + header_len + meta["data_offsets"][0]
+            out[name] = StoredTensor(path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), begin)
+    return out
+
+
+def load_local_experts(
+    folder: Path, dtype: torch.dtype, local: slice, stats: ReadStats | None = None
+) -> PreTrainedModel:
+    """A native MoE causal LM with every tensor loaded but only experts `local` of each MoE block.
+
+    Args:
+        folder: An HF folder of a Mixtral or Qwen-MoE checkpoint.
+        dtype: The model's dtype.
+        local: The experts this rank keeps (`ExpertPlacement.local`).
+        stats: Filled with what was read.
+
+    Raises:
+        ValueError: Naming the file and tensor the model has no place for, a shape that differs, or the
+            parameters no file provides.
+    """
+    from accelerate import init_empty_weights
+
+    stats = stats if stats is not None else ReadStats()
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    params = dict(model.named_parameters())
+    fused: dict[str, torch.Tensor] = {}  # the local rows of every experts module's fused tensors
+    for name, stored in sorted(stored_tensors(folder).items(), key=lambda kv: (kv[1].path, kv[1].offset)):
+        where = f"{stored.path}: tensor {name!r}"
+        if m := PER_EXPERT.match(name):
+            if local.start <= int(m["e"]) < local.stop:
+                _place_expert(m, stored.read(stats).to(dtype), fused, params, local, where)
+            else:
+                stats.tensors_skipped += 1
+            continue
+        if m := FUSED.match(name):
+            target = name
+            fused[target] = stored.read(stats, local).to(dtype)
+            _check_shape(fused[target], _local_shape(params, target, local, where), where)
+            continue
+        key = name.replace(".block_sparse_moe.", ".mlp.")
+        if key not in params:
+            raise ValueError(f"{where} is not a parameter of the model")
+        tensor = stored.read(stats)
+        _check_shape(tensor, tuple(params[key].shape), where)
+        _set_param(model, key, tensor.to(dtype))
+    for target, rows_LRC in fused.items():
+        _set_param(model, target, rows_LRC)
+        model.get_submodule(target.rpartition(".")[0]).local_experts = local
+    model.tie_weights()
+    if missing := [n for n, p in model.named_parameters() if p.is_meta]:
+        raise ValueError(f"{folder}: the weight files do not provide {missing[:3]}")
+    return model.eval()
+
+
+def _local_shape(params: dict, target: str, local: slice, where: str) -> tuple[int, ...]:
+    if target not in params:
+        raise ValueError(f"{where}: the model has no experts tensor {target!r}")
+    return (local.stop - local.start, *params[target].shape[1:])
+
+
+def _place_expert(
+    m: re.Match, w_RC: torch.Tensor, fused: dict, params: dict, local: slice, where: str
+) -> None:
+    """Copies one expert's projection into its rows of the local fused tensor (made on first use)."""
+    down = m["proj"] in ("w2", "down_proj")
+    target = f"{m['layer']}.mlp.experts.{'down_proj' if down else 'gate_up_proj'}"
+    if target not in fused:
+        fused[target] = torch.zeros(_local_shape(params, target, local, where), dtype=w_RC.dtype)
+    rows_RC = fused[target][int(m["e"]) - local.start]
+    if not down:  # gate rows first, then up
+        half = rows_RC.shape[0] // 2
+        rows_RC = rows_RC[GATE_HALF[m["proj"]] * half :][:half]
+    _check_shape(w_RC, tuple(rows_RC.shape), where)
+    rows_RC.copy_(w_RC)
+
+
+def _check_shape(tensor: torch.Tensor, want: tuple[int, ...], where: str) -> None:
+    if tuple(tensor.shape) != tuple(want):
+        raise ValueError(f"{where} has shape {tuple(tensor.shape)}, the model {tuple(want)}")
+
+
+def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
