@@ -376,6 +376,13 @@ def _short(study: dict, variant: str) -> str:
     return study["variants"][variant]["label"].split(")")[0] + ")"
 
 
+def _rate_cell(result: dict, variant: str, lr: float) -> str:
+    """The chosen rate, marked "(top)" when it is the largest of several tried: the grid ended there."""
+    first = result["study"]["seeds"][0]
+    tried = {r["lr"] for r in result["runs"].values() if r["variant"] == variant and r["seed"] == first}
+    return f"{lr:g} (top)" if len(tried) > 1 and lr == max(tried) else f"{lr:g}"
+
+
 def _spread_cell(spread: dict | None) -> str:
     return "—" if spread is None else f"{spread['entropy']:.2f} / {spread['top_share']:.2f}"
 
@@ -398,7 +405,7 @@ def render_markdown(result: dict) -> str:
         + [f"{base[t]['loss']:.3f}" for t in tasks]
     ]
     for v, runs in chosen.items():
-        cells = [study["variants"][v]["label"], f"{runs[0]['lr']:g}", str(len(runs))]
+        cells = [study["variants"][v]["label"], _rate_cell(result, v, runs[0]["lr"]), str(len(runs))]
         cells += [_mean_std([r["tasks"][t]["score"] for r in runs]) for t in scored]
         cells += [_mean_std([r["tasks"][t]["loss"] for r in runs], 3) for t in tasks]
         rows.append(cells)
