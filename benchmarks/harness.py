@@ -14,6 +14,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -34,6 +35,11 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         **extra,
     }
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries the variants use (from package metadata)."""
+    return {name: metadata.version(name) for name in ("torch", "transformers", "peft", "deepspeed")}
 
 
 def timing_settings(rounds: int, iters: int, warmup: int, **extra: Any) -> dict[str, Any]:

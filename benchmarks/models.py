@@ -57,3 +57,23 @@ def moe_logits(
     """The MoE's full-vocabulary logits: the model's own routed forward, then the LM head everywhere."""
     hidden_BSD, _ = model.hidden_states(ids_BS, attn_BS, task_B)
     return model.lm.get_output_embeddings()(hidden_BSD)
+
+
+def random_batch(
+    batch: int, seq: int, vocab: int, loss_fraction: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """The benchmarks' batch: seeded random tokens, no padding, one task, and a loss mask.
+
+    The mask holds about `loss_fraction` of positions, never position 0; `labels` are HF's (-100 off it).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    input_ids_BS = torch.randint(0, vocab, (batch, seq), generator=gen)
+    loss_mask_BS = (torch.rand(batch, seq, generator=gen) < loss_fraction).long()
+    loss_mask_BS[:, 0] = 0
+    return {
+        "input_ids": input_ids_BS,
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "loss_mask": loss_mask_BS,
+        "labels": torch.where(loss_mask_BS.bool(), input_ids_BS, torch.full_like(input_ids_BS, -100)),
+        "task_ids": torch.zeros(batch, dtype=torch.long),
+    }
