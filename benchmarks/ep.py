@@ -279,8 +279,11 @@ def summary(result: Mapping[str, Any]) -> str:
     return TABLE.format(flat_rows(result))
 
 
+MODE = cli.Mode(CLI, run, render_markdown, summary)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.main(__doc__.splitlines()[0], cli.Mode(CLI, run, render_markdown, summary), argv)
+    return cli.main(__doc__.splitlines()[0], MODE, argv)
 
 
 if __name__ == "__main__":

@@ -118,8 +118,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+MODE = cli.Mode(CLI, run, render_markdown)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.main(__doc__.splitlines()[0], cli.Mode(CLI, run, render_markdown), argv)
+    return cli.main(__doc__.splitlines()[0], MODE, argv)
 
 
 if __name__ == "__main__":
