@@ -52,8 +52,7 @@ class Mode:
     Attributes:
         cli: The command-line defaults.
         run: Builds, checks and times from the parsed arguments; returns the result record.
-        render: The docs' Markdown of a result record (pure: no I/O, nothing built).
-        summary: What a run prints (default: `render`).
+        render: The docs' Markdown of a result record (pure: no I/O, nothing built); a run prints it.
         arguments: Adds the mode's own arguments to its parser.
         help: One line for the mode's entry in `--help`.
     """
@@ -61,7 +60,6 @@ class Mode:
     cli: CliDefaults
     run: Callable[[argparse.Namespace], dict[str, Any]]
     render: Callable[[Mapping[str, Any]], str]
-    summary: Callable[[Mapping[str, Any]], str] | None = None
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
     help: str = ""
 
@@ -94,7 +92,7 @@ def main(description: str, modes: Mode | Mapping[str, Mode], argv: list[str] | N
         return print_rendered(args.render, mode.render)
     warn_unless_one_thread()
     result = mode.run(args)
-    return finish(result, args, mode.cli, (mode.summary or mode.render)(result))
+    return finish(result, args, mode.cli, mode.render(result))
 
 
 def add_arguments(p: argparse.ArgumentParser, mode: Mode) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 from benchmarks import cli
 from benchmarks.harness import machine_info, summarize, time_rounds, timing_settings
 from benchmarks.reference import SwiGLU
-from benchmarks.tables import Table, paragraph, table
+from benchmarks.tables import paragraph, table
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.dispatch import dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
@@ -183,25 +182,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-TABLE = Table(
-    [f"{s}/{v}" for s in SIZES for v in (*STEPS, *PARTS)],
-    header=f"{'size/variant':<26}{'median ms':>11}{'x replicated':>14}{'share of ep2':>14}",
-    row="{name:<26}{ms:>11.1f}{ratio:>14}{share:>14}",
-)
-
-
-def flat_rows(result: dict) -> dict:
-    """The per-row fields of the printed table."""
-    ms, ratio, share = {}, {}, {}
-    for s, r in result["sizes"].items():
-        for v in (*STEPS, *PARTS):
-            key = f"{s}/{v}"
-            ms[key] = r["median_ms"][v]
-            ratio[key] = f"{r['ratio_to_replicated'][v]:.2f}" if v in STEPS else ""
-            share[key] = f"{r['share_of_ep2_step'][v]:.1%}" if v in PARTS else ""
-    return {"ms": ms, "ratio": ratio, "share": share}
-
-
 README_NOTES = {"small": " (the demo's)"}  # after a size's row label
 BYTES_PER_PARAM = 4  # fp32 gradients
 
@@ -274,12 +254,7 @@ def _megabytes(params: int) -> str:
     return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
-def summary(result: Mapping[str, Any]) -> str:
-    """The console table."""
-    return TABLE.format(flat_rows(result))
-
-
-MODE = cli.Mode(CLI, run, render_markdown, summary)
+MODE = cli.Mode(CLI, run, render_markdown)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

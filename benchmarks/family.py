@@ -28,7 +28,7 @@ from benchmarks import cli
 from benchmarks.harness import machine_info, summarize, time_rounds, timing_settings
 from benchmarks.models import perturb_lora_b
 from benchmarks.reference import NaiveMoELoRAFFN, NativeLoRALoop, PlainLoRAFFN, SwiGLU
-from benchmarks.tables import Table, bold_if, paragraph, table
+from benchmarks.tables import bold_if, paragraph, table
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.dispatch import dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
@@ -76,17 +76,6 @@ TARGETS = (
     ("moefied_top1_router_dispatch_share", "moefied_top1_router_dispatch", "moefied_top1", 0.15),
 )
 PAIRED_PER_ROUND = 3  # paired steps per target per main round
-TABLE = Table(
-    VARIANTS,
-    header=f"{'variant':<30}{'median ms':>11}{'x lora_kr':>11}{'x dense':>9}{'trainable':>11}",
-    row="{name:<30}{median_ms:>11.1f}{ratio_to_dense_lora_kr:>11.2f}{ratio_to_dense_ffn:>9.2f}"
-    "{trainable_params:>11,}",
-)
-BLOCK_TABLE = Table(
-    tuple(BLOCK_VARIANTS),
-    header=f"{'variant':<18}{'median ms':>11}{'x dense':>9}{'trainable':>11}",
-    row="{name:<18}{median_ms:>11.1f}{ratio_to_dense:>9.2f}{trainable_params:>11,}",
-)
 # The docs' variant rows, in order (labels formatted with the shapes); the names in bold are mtmoe's.
 README_VARIANTS = {
     "dense_ffn": "dense frozen FFN",
@@ -431,30 +420,6 @@ def run_block(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def families_summary(result: Mapping[str, Any]) -> str:
-    """The console table, the targets and the native block's ratios."""
-    t, native = result["targets"], result["median_per_round_ratio_to_native_hf_frozen"]
-    lines = [TABLE.format(result), "checks passed (every variant computes what it should)"]
-    lines += [
-        f"{name}: {t[name]['ratio']:.3f} (<= {t[name]['max_ratio']}) {'met' if ok else 'NOT met'}"
-        for name, ok in result["met"].items()
-    ]
-    lines.append(
-        f"native / HF frozen block: {native['native']:.2f}, HF + LoRA loop / HF frozen: "
-        f"{native['native_hf_lora_loop']:.2f}"
-    )
-    return "\n".join(lines)
-
-
-def block_summary(result: Mapping[str, Any]) -> str:
-    """The console table and the equivalence line."""
-    eq = result["equivalence_mtmoe_vs_naive"]
-    return BLOCK_TABLE.format(result) + (
-        f"\nmtmoe_block == naive_moe: output max |diff| {eq['output_max_abs_diff']:.2e} "
-        f"(vs dense FFN: {eq['mtmoe_vs_dense_max_abs_diff']:.2e})"
-    )
-
-
 def render_markdown(result: Mapping[str, Any]) -> str:
     """The docs' "Expert families" caption, its two tables and the native line, from a result record."""
     return "\n\n".join(
@@ -526,11 +491,11 @@ def render_block(result: Mapping[str, Any]) -> str:
 MODES = {
     "families": cli.Mode(
         cli.CliDefaults(cli.RESULTS / "family.json", rounds=12, iters=3, warmup=2, quick=(2, 1, 1)),
-        run_families, render_markdown, families_summary, help="every expert family, paired targets",
+        run_families, render_markdown, help="every expert family, paired targets",
     ),
     "block": cli.Mode(
         cli.CliDefaults(cli.RESULTS / "family_block.json", rounds=7, iters=5, warmup=3, quick=(2, 1, 1)),
-        run_block, render_block, block_summary, help="the upcycled block against dense, LoRA and a naive MoE",
+        run_block, render_block, help="the upcycled block against dense, LoRA and a naive MoE",
     ),
 }  # fmt: skip
 

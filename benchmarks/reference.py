@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.lora import LoRALinear
-from mtmoe.model.native import NativeMoELoRA
+from mtmoe.model.router import RouterOutput
 
 
 class SwiGLU(nn.Module):
@@ -45,98 +44,96 @@ class PlainLoRAFFN(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class NaiveMoELoRAFFN(nn.Module):
-    """The obvious MoE-LoRA: expert e is a whole FFN with weights W + ΔW_e, run on its own tokens.
+class ExpertLoop(nn.Module):
+    """A block's function as a Python loop over the hit experts: gather, compute, weight, add back.
 
-    Shares the router, base FFN and LoRA factors of an `MoELoRAFFN`, so both compute the same function;
-    only the way of computing it differs (no shared-base identity: one full gate/up/down per expert).
+    Subclasses say how to route (`route`), what to prepare once per call (`prepare`) and what one expert
+    computes on its tokens (`expert`).
     """
 
-    def __init__(self, block: MoELoRAFFN):
+    def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """Loops experts; each one gathers its tokens and runs a full FFN with its merged weights."""
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
-        base, experts, router = self.block.base, self.block.experts, self.block.router
-        route = router(x_TD)
-        merged = {
-            proj: getattr(base, f"{proj}_proj").weight + experts.weight_delta(proj)  # (E, out, in)
-            for proj in ("gate", "up", "down")
-        }
-        out_TD = x_TD.new_zeros(B * S, D)
-        for e in range(router.num_experts):
-            tok_M, slot_M = (route.ids_TK == e).nonzero(as_tuple=True)
-            if tok_M.numel() == 0:
-                continue
-            x_MD = x_TD.index_select(0, tok_M)
-            h_MF = F.silu(F.linear(x_MD, merged["gate"][e])) * F.linear(x_MD, merged["up"][e])
-            y_MD = F.linear(h_MF, merged["down"][e]) * route.weights_TK[tok_M, slot_M, None]
-            out_TD = out_TD.index_add(0, tok_M, y_MD)
-        return out_TD.reshape(B, S, D)
+    def route(self, x_TD: torch.Tensor) -> RouterOutput:
+        """The block's routing of the tokens."""
+        return self.block.router(x_TD)
 
+    def prepare(self) -> object:
+        """What every expert of one call needs (nothing by default)."""
+        return None
 
-class LoopMoELoRAFFN(nn.Module):
-    """An `MoELoRAFFN`'s function, computed with a Python loop over experts (the usual LoRA-MoE code).
-
-    Shares the block's router, frozen FFN and LoRA factors; reports the router loss to the same context.
-    """
-
-    def __init__(self, block: MoELoRAFFN):
-        super().__init__()
-        self.block = block
+    def expert(self, e: int, x_MD: torch.Tensor, prepared: object) -> torch.Tensor:
+        """Expert `e`'s output on its tokens, before the gate weight."""
+        raise NotImplementedError
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """Per expert: its tokens through W x + s·(x A_e) B_e on gate, up and down, weighted, summed."""
+        """Loops the hit experts in ascending order; each one's tokens go through `expert`."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        blk = self.block
-        ctx, base, ex = blk.context, blk.base, blk.experts
-        route = blk.router(x_TD, ctx.valid_T, ctx.task_T)
-        ctx.add_route(route)
-        out_TD = torch.zeros_like(x_TD)
-        for e in range(blk.num_experts):
-            tok_M, slot_M = (route.ids_TK == e).nonzero(as_tuple=True)
-            if tok_M.numel() == 0:
-                continue
-            x_MD = x_TD.index_select(0, tok_M)
-
-            def lora(proj: str, v: torch.Tensor, e: int = e) -> torch.Tensor:
-                a, b = ex.factors(proj)
-                return (v @ a[e]) @ b[e] * ex.scaling
-
-            h_MF = F.silu(base.gate_proj(x_MD) + lora("gate", x_MD)) * (base.up_proj(x_MD) + lora("up", x_MD))
-            y_MD = (base.down_proj(h_MF) + lora("down", h_MF)) * route.weights_TK[tok_M, slot_M, None]
-            out_TD = out_TD.index_add(0, tok_M, y_MD)
-        return out_TD.reshape(B, S, D)
-
-
-class NativeLoRALoop(nn.Module):
-    """HF's Mixtral expert loop with per-expert LoRA added the obvious way.
-
-    Shares a `NativeMoELoRA`'s router, frozen experts and LoRA factors, so both compute the same function.
-    """
-
-    def __init__(self, block: NativeMoELoRA):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """Loops the hit experts: gather tokens, frozen W_e plus LoRA per projection, weight, add back."""
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
-        blk, ex = self.block, self.block.experts
-        route = blk.router(x_TD)
+        route, prepared = self.route(x_TD), self.prepare()
         out_TD = torch.zeros_like(x_TD)
         for e in route.ids_TK.unique().tolist():
             tok_M, slot_M = (route.ids_TK == e).nonzero(as_tuple=True)
-            x_MD = x_TD[tok_M]
-            gate_MF, up_MF = (x_MD @ blk.gate_up_LDG[e]).chunk(2, dim=-1)
-            gate_MF = gate_MF + (x_MD @ ex.gate_a[e]) @ ex.gate_b[e] * ex.scaling
-            up_MF = up_MF + (x_MD @ ex.up_a[e]) @ ex.up_b[e] * ex.scaling
-            h_MF = blk.act_fn(gate_MF) * up_MF
-            y_MD = h_MF @ blk.down_LFD[e] + (h_MF @ ex.down_a[e]) @ ex.down_b[e] * ex.scaling
+            y_MD = self.expert(e, x_TD.index_select(0, tok_M), prepared)
             out_TD = out_TD.index_add(0, tok_M, y_MD * route.weights_TK[tok_M, slot_M, None])
         return out_TD.reshape(B, S, D)
+
+
+class NaiveMoELoRAFFN(ExpertLoop):
+    """The obvious MoE-LoRA: expert e is a whole FFN with weights W + ΔW_e, run on its own tokens.
+
+    Shares the router, base FFN and LoRA factors of an `MoELoRAFFN` (no shared-base identity: one full
+    gate/up/down per expert).
+    """
+
+    def prepare(self) -> dict[str, torch.Tensor]:
+        """Per projection, the merged weights of every expert, (E, out, in)."""
+        base, experts = self.block.base, self.block.experts
+        return {
+            p: getattr(base, f"{p}_proj").weight + experts.weight_delta(p) for p in ("gate", "up", "down")
+        }
+
+    def expert(self, e: int, x_MD: torch.Tensor, merged: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A full SwiGLU with expert `e`'s merged weights."""
+        h_MF = F.silu(F.linear(x_MD, merged["gate"][e])) * F.linear(x_MD, merged["up"][e])
+        return F.linear(h_MF, merged["down"][e])
+
+
+class LoopMoELoRAFFN(ExpertLoop):
+    """An `MoELoRAFFN`'s function as most LoRA-MoE code runs it (MixLoRA-style, HF's per-expert loop).
+
+    Per expert: the frozen gate/up/down on its tokens plus its LoRA paths, so each token pays the frozen FFN
+    once per chosen expert. Reports the router loss to the block's context.
+    """
+
+    def route(self, x_TD: torch.Tensor) -> RouterOutput:
+        """Routes as the block does in the model (padding and task ids from the context)."""
+        ctx = self.block.context
+        route = self.block.router(x_TD, ctx.valid_T, ctx.task_T)
+        ctx.add_route(route)
+        return route
+
+    def expert(self, e: int, x_MD: torch.Tensor, prepared: object) -> torch.Tensor:
+        """W x + s·(x A_e) B_e on gate, up and down."""
+        base, ex = self.block.base, self.block.experts
+
+        def lora(proj: str, v: torch.Tensor) -> torch.Tensor:
+            a, b = ex.factors(proj)
+            return (v @ a[e]) @ b[e] * ex.scaling
+
+        h_MF = F.silu(base.gate_proj(x_MD) + lora("gate", x_MD)) * (base.up_proj(x_MD) + lora("up", x_MD))
+        return base.down_proj(h_MF) + lora("down", h_MF)
+
+
+class NativeLoRALoop(ExpertLoop):
+    """HF's Mixtral expert loop with per-expert LoRA added the obvious way, on a `NativeMoELoRA`'s weights."""
+
+    def expert(self, e: int, x_MD: torch.Tensor, prepared: object) -> torch.Tensor:
+        """Frozen W_e plus s·(x A_e) B_e on gate, up and down."""
+        blk, ex = self.block, self.block.experts
+        gate_MF, up_MF = (x_MD @ blk.gate_up_LDG[e]).chunk(2, dim=-1)
+        gate_MF = gate_MF + (x_MD @ ex.gate_a[e]) @ ex.gate_b[e] * ex.scaling
+        up_MF = up_MF + (x_MD @ ex.up_a[e]) @ ex.up_b[e] * ex.scaling
+        h_MF = blk.act_fn(gate_MF) * up_MF
+        return h_MF @ blk.down_LFD[e] + (h_MF @ ex.down_a[e]) @ ex.down_b[e] * ex.scaling

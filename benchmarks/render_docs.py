@@ -162,7 +162,7 @@ def diff(old: str, new: str, path: Path) -> str:
         old.splitlines(keepends=True),
         new.splitlines(keepends=True),
         fromfile=f"{path} (as is)",
-        tofile=f"{path} (rendered from benchmarks/results/)",
+        tofile=f"{path} (rendered from its sources)",
     )
     return "".join(lines)
 
@@ -177,15 +177,37 @@ def config_reference() -> str:
 
     rows = []
     for section in dataclasses.fields(Config):
-        cls = type(section.default_factory())
-        described = attribute_docs(inspect.getdoc(cls) or "")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            text = described.get(f.name)
-            if text is None:
-                raise RenderError(f"config_reference: {cls.__name__}.{f.name} has no Attributes entry")
-            rows.append([f"`{section.name}.{f.name}`", default_cell(default), text.replace("|", "\\|")])
+        for name, default, text in documented_fields(type(section.default_factory())):
+            rows.append([f"`{section.name}.{name}`", default, text.replace("|", "\\|")])
     return table(["key", "default", "meaning"], rows, "lll")
+
+
+def weighter_options_reference() -> str:
+    """Each registered weighter's options (`balance.options`), from its options dataclass."""
+    from mtmoe.balance.weighters import WEIGHTERS
+
+    rows = []
+    for weighter, cls in sorted(WEIGHTERS.items()):
+        fields = documented_fields(cls.options)
+        rows += [[f"`{weighter}`", "—", "", "no options"]] if not fields else []
+        rows += [[f"`{weighter}`", f"`balance.options.{n}`", default, text] for n, default, text in fields]
+    return table(["weighter", "key", "default", "meaning"], rows, "llll")
+
+
+def documented_fields(cls: type) -> list[tuple[str, str, str]]:
+    """Per field of the dataclass `cls`: its name, its default as a cell, its `Attributes:` entry.
+
+    Raises:
+        RenderError: If a field has no entry in the docstring's `Attributes:` section.
+    """
+    described = attribute_docs(inspect.getdoc(cls) or "")
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name not in described:
+            raise RenderError(f"{cls.__name__}.{f.name} has no Attributes entry")
+        out.append((f.name, default_cell(default), described[f.name]))
+    return out
 
 
 def attribute_docs(doc: str) -> dict[str, str]:
@@ -211,26 +233,6 @@ def default_cell(value: Any) -> str:
     if isinstance(value, (int, float)):
         return f"{value:g}"
     return f"`{value}`" if isinstance(value, str) else f"`{json.dumps(value)}`"
-
-
-def weighter_options_reference() -> str:
-    """Each registered weighter's options (`balance.options`), from its options dataclass."""
-    from mtmoe.balance.weighters import WEIGHTERS
-
-    rows = []
-    for name, cls in sorted(WEIGHTERS.items()):
-        described = attribute_docs(inspect.getdoc(cls.options) or "")
-        fields = dataclasses.fields(cls.options)
-        if not fields:
-            rows.append([f"`{name}`", "—", "", "no options"])
-        for f in fields:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            text = described.get(f.name)
-            if text is None:
-                where = f"{cls.options.__name__}.{f.name}"
-                raise RenderError(f"weighter_options: {where} has no Attributes entry")
-            rows.append([f"`{name}`", f"`balance.options.{f.name}`", default_cell(default), text])
-    return table(["weighter", "key", "default", "meaning"], rows, "llll")
 
 
 BUILT_IN: dict[str, Callable[[], str]] = {

@@ -1,4 +1,4 @@
-"""Tables: Markdown for the docs (`render_markdown` functions) and the fixed-width console table.
+"""Markdown for the docs: tables and wrapped paragraphs for the benchmarks' renderers.
 
 Pure string functions: no torch, no I/O, so a benchmark's table renders without building anything.
 """
@@ -6,9 +6,7 @@ Pure string functions: no torch, no I/O, so a benchmark's table renders without 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 WIDTH = 105  # the README's line width for prose
 _ALIGN = {"l": "---", "r": "---:"}
@@ -47,27 +45,3 @@ def bold_if(text: str, condition: bool) -> str:
 
 def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
-
-
-@dataclass(frozen=True)
-class Table:
-    """The per-variant console table a benchmark prints.
-
-    Attributes:
-        names: The variants, in row order.
-        header: The header line.
-        row: A `str.format` template of one row; it gets `name` (the variant) and, by its key, every entry
-            of the result record that maps variants to values.
-    """
-
-    names: Sequence[str]
-    header: str
-    row: str
-
-    def format(self, result: Mapping[str, Any]) -> str:
-        """The header and one line per variant of `result`, joined by newlines."""
-        lines = [self.header]
-        for name in self.names:
-            fields = {k: v[name] for k, v in result.items() if isinstance(v, Mapping) and name in v}
-            lines.append(self.row.format(name=name, **fields))
-        return "\n".join(lines)

@@ -30,7 +30,6 @@ from benchmarks.step.common import (
     make_step,
     moe_setup,
 )
-from benchmarks.tables import Table
 from mtmoe.model.moe_lm import MoELM
 
 BASELINE = "peft_lora_r16"
@@ -43,14 +42,6 @@ TERMS = dict(zip(VARIANTS, ("peft", "mtmoe", "full_head", "loop", "floor"), stri
 TARGETS = (
     ("mtmoe_over_peft", "mtmoe_moe_lora", BASELINE, 1.15, "<="),
     ("loop_over_mtmoe", "loop_moe_lora", "mtmoe_moe_lora", 1.5, ">="),
-)
-TABLE = Table(
-    VARIANTS,
-    header=f"{'variant':<26}{'median s':>10}{'x peft':>8}{'x floor':>9}{'tokens/s':>10}{'trainable':>12}",
-    row=(
-        "{name:<26}{median_s:>10.3f}{ratio_to_peft_lora_r16:>8.2f}{ratio_to_frozen_floor:>9.2f}"
-        "{tokens_per_s:>10.1f}{trainable_params:>12,}"
-    ),
 )
 CLI = cli.CliDefaults(cli.RESULTS / "step.json", rounds=8, iters=1, warmup=1, quick=(1, 1, 1), tiny=True)
 
@@ -150,19 +141,6 @@ def run(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def summary(result: Mapping[str, Any]) -> str:
-    """The console table, the objective check and the targets, then the docs' Markdown."""
-    obj = result["objective_check"]
-    ce = ", ".join(f"{v:.5f}" for v in obj["init_cross_entropy"].values())
-    line = (
-        f"same objective: initial cross-entropy {ce}; adapted mtmoe target vs full head: "
-        f"grads max |diff| {obj['adapted_param_grad_max_abs_diff']:.2e}; "
-        f"mtmoe {result['ratio_to_frozen_floor']['mtmoe_moe_lora']:.2f}x the frozen floor; "
-        + "; ".join(f"{n} {t['value']:.2f} {t['bound']} met={t['met']}" for n, t in result["targets"].items())
-    )
-    return "\n".join([TABLE.format(result), line, render_markdown(result)])
-
-
 def variant_labels(result: Mapping[str, Any]) -> dict[str, str]:
     """The docs' description of each variant, from the result's setup."""
     setup = result["setup"]
@@ -210,4 +188,4 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-MODE = cli.Mode(CLI, run, render_markdown, summary, help="mtmoe against PEFT LoRA, a loop and the floor")
+MODE = cli.Mode(CLI, run, render_markdown, help="mtmoe against PEFT LoRA, a loop and the floor")

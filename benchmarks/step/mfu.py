@@ -22,7 +22,6 @@ from benchmarks import cli
 from benchmarks.harness import machine_info, time_rounds, timing_settings
 from benchmarks.models import build_mtmoe, recipe
 from benchmarks.step.common import SETUP, count_flops, make_batch, mtmoe_and_floor
-from benchmarks.tables import Table
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.moe_lm import MoELM
 
@@ -43,11 +42,6 @@ CONFIGS: dict[str, list[str]] = {
 }
 KINDS = ("mtmoe", "floor")
 VARIANTS = (PEAK, *(f"{c}_{k}" for c in CONFIGS for k in KINDS))
-TABLE = Table(
-    VARIANTS,
-    header=f"{'variant':<22}{'median s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'x peak':>8}",
-    row="{name:<22}{median_s:>10.3f}{counted_gflop:>9.1f}{gflop_per_s:>9.1f}{ratio_to_peak:>8.3f}",
-)
 CLI = cli.CliDefaults(cli.RESULTS / "step_mfu.json", rounds=8, iters=1, warmup=1, quick=(1, 1, 1), tiny=True)
 
 Step = Callable[[], object]
@@ -230,18 +224,6 @@ def judge_targets(shapes: Mapping[str, Mapping[str, int]], ratio: Mapping[str, f
     return out
 
 
-def summary(result: Mapping[str, Any]) -> str:
-    """The console table, counted vs analytic FLOPs and the targets, then the docs' Markdown."""
-    parts = []
-    for name in CONFIGS:
-        for kind in KINDS:
-            counted = result["flops"]["per_call"][f"{name}_{kind}"]
-            estimate = result["flops"]["analytic"][name][kind]["total"]
-            parts.append(f"{name}_{kind} counted/analytic {counted / estimate:.3f}")
-    targets = "; ".join(f"{n} MFU {t['mfu']:.2f} met={t['met']}" for n, t in result["targets"].items())
-    return "\n".join([TABLE.format(result), "; ".join(parts), targets, render_markdown(result)])
-
-
 def render_markdown(result: Mapping[str, Any]) -> str:
     """The README table of a result record (a pure function of it, as read back from the JSON)."""
     setup, flops, gfs = result["setup"], result["flops"], result["gflop_per_s"]
@@ -272,6 +254,4 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-MODE = cli.Mode(
-    CLI, run, render_markdown, summary, help="the step's FLOP/s over a large matmul's (MFU on CPU)"
-)
+MODE = cli.Mode(CLI, run, render_markdown, help="the step's FLOP/s over a large matmul's (MFU on CPU)")
