@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,8 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks import cli
 from benchmarks.harness import machine_info, summarize, time_rounds, timing_settings, versions
-from benchmarks.models import VOCAB, build_mtmoe, moe_logits, perturb_lora_b, recipe
+from benchmarks.models import VOCAB, build_mtmoe, logit_forwards, perturb_lora_b, recipe
+from benchmarks.tables import bold_if, table
 from mtmoe.export.dense import fold_to_dense, save_dense
 from mtmoe.model.base import ensure_smollm2, load_base_model, load_tokenizer
 
@@ -39,64 +38,12 @@ LABELS = {
     "exported_dense": "**dense export** (`fold_to_dense` + `save_dense`, reloaded with plain transformers)",
     "moe_unmerged": "unmerged mtmoe MoE-LoRA (top-2 of 4, r8)",
 }
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One timed input shape.
-
-    Attributes:
-        batch: Rows.
-        seq: Tokens per row.
-    """
-
-    batch: int
-    seq: int
-
-    @property
-    def name(self) -> str:
-        """The shape's key in the result, e.g. `4x128`."""
-        return f"{self.batch}x{self.seq}"
-
-
-SHAPES = (Shape(4, 128), Shape(1, 512))
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How the benchmark times.
-
-    Attributes:
-        shapes: The timed shapes; the target is judged on the first.
-        rounds: Interleaved rounds per shape.
-        warmup: Untimed forwards per variant before the first round of a shape.
-        seed: Seed of the LoRA B factors and of the tokens.
-    """
-
-    shapes: tuple[Shape, ...] = SHAPES
-    rounds: int = 16
-    warmup: int = 1
-    seed: int = 0
-
-
-QUICK = Settings(shapes=SHAPES[:1], rounds=2)
-
-
-@dataclass
-class Models:
-    """The three models, built once.
-
-    Attributes:
-        base: The base HF model.
-        export: The dense export, reloaded from disk with plain transformers.
-        moe: The unmerged mtmoe model (an `MoELM`).
-        checks: What `check_export` found.
-    """
-
-    base: nn.Module
-    export: nn.Module
-    moe: nn.Module
-    checks: dict[str, Any]
+SHAPES = ((4, 128), (1, 512))  # (batch, seq); the target is judged on the first, `--quick` times only it
+SEED = 0  # of the LoRA B factors and of the tokens
+CLI = cli.CliDefaults(
+    cli.RESULTS / "inference.json", rounds=16, iters=1, warmup=1, quick=(2, 1, 1),
+    quick_help="2 rounds of the first shape; prints only",
+)  # fmt: skip
 
 
 def build_moe(seed: int) -> nn.Module:
@@ -161,8 +108,8 @@ def _same_config(base: nn.Module, export: nn.Module) -> bool:
     return a == b
 
 
-def build_models(seed: int, work: Path) -> Models:
-    """Builds the base, the mtmoe model and its dense export (saved under `work`, reloaded), and checks them.
+def build_models(seed: int, work: Path) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """The base, the dense export (saved under `work`, reloaded) and the mtmoe model; the export's checks.
 
     The reloaded export's weights stay mapped from `work`, as a served model's are: keep it until done.
     """
@@ -170,36 +117,29 @@ def build_models(seed: int, work: Path) -> Models:
     moe = build_moe(seed)
     folded = export_dense(moe, work / "export")
     export = AutoModelForCausalLM.from_pretrained(work / "export").eval()
-    checks = check_export(base, export, folded, seed)
-    return Models(base=base, export=export, moe=moe, checks=checks)
+    return {BASELINE: base, "exported_dense": export, "moe_unmerged": moe}, check_export(
+        base, export, folded, seed
+    )
 
 
-def forwards(models: Models, ids_BS: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
-    """One no-grad forward per variant, each returning full-vocabulary logits."""
-    attn_BS = torch.ones_like(ids_BS)
-    task_B = torch.zeros(ids_BS.shape[0], dtype=torch.long)
-
-    def dense(lm: nn.Module) -> Callable[[], torch.Tensor]:
-        return lambda: lm(input_ids=ids_BS, attention_mask=attn_BS, use_cache=False).logits
-
-    return {
-        BASELINE: dense(models.base),
-        "exported_dense": dense(models.export),
-        "moe_unmerged": lambda: moe_logits(models.moe, ids_BS, attn_BS, task_B),
-    }
-
-
-def time_shape(models: Models, shape: Shape, s: Settings) -> dict[str, Any]:
-    """Times the three forwards at one shape; returns medians, ratios and every round."""
-    gen = torch.Generator().manual_seed(s.seed + shape.batch * 1000 + shape.seq)
-    ids_BS = torch.randint(0, VOCAB, (shape.batch, shape.seq), generator=gen)
+def time_shape(
+    models: dict[str, nn.Module], batch: int, seq: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Times the three no-grad forwards at one shape; returns medians, ratios and every round."""
+    ids_BS = torch.randint(
+        0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(SEED + batch * 1000 + seq)
+    )
+    moe = ("moe_unmerged", models["moe_unmerged"])
+    steps = logit_forwards(
+        {v: models[v] for v in VARIANTS[:2]}, moe, ids_BS, torch.zeros(batch, dtype=torch.long)
+    )
     with torch.no_grad():
-        per_round_ms = time_rounds(forwards(models, ids_BS), s.rounds, 1, s.warmup, scale=1e3)
+        per_round_ms = time_rounds(steps, args.rounds, args.iters, args.warmup, scale=1e3)
     # median_ms, ratio_to_base, median_per_round_ratio_to_base
     return {
-        "batch": shape.batch,
-        "seq": shape.seq,
-        "tokens": shape.batch * shape.seq,
+        "batch": batch,
+        "seq": seq,
+        "tokens": batch * seq,
         **summarize(per_round_ms, BASELINE, "ms"),
         "per_round_ms": per_round_ms,
     }
@@ -220,15 +160,16 @@ def target_record(shapes: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(s: Settings) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Builds, checks and times the variants at every shape; returns the result record."""
     torch.set_num_threads(1)
     wall0 = time.perf_counter()
+    timed = SHAPES[:1] if args.quick else SHAPES
     with tempfile.TemporaryDirectory(prefix="mtmoe-inference-bench-") as work:
-        models = build_models(s.seed, Path(work))
+        models, checks = build_models(SEED, Path(work))
         build_s = time.perf_counter() - wall0
-        print(f"export checks: {models.checks}", flush=True)
-        shapes = {shape.name: time_shape(models, shape, s) for shape in s.shapes}
+        print(f"export checks: {checks}", flush=True)
+        shapes = {f"{b}x{s}": time_shape(models, b, s, args) for b, s in timed}
     return {
         "benchmark": "SmolLM2-135M-Instruct forward (no grad, full-vocabulary logits), fp32, CPU",
         "machine": machine_info(),
@@ -239,11 +180,11 @@ def run(s: Settings) -> dict[str, Any]:
             "AutoModelForCausalLM.from_pretrained",
             "lora_b": "random normal x 0.02 (benchmarks.models.perturb_lora_b)",
             "dtype": "float32",
-            "seed": s.seed,
-            "shapes": [shape.name for shape in s.shapes],
+            "seed": SEED,
+            "shapes": list(shapes),
         },
-        "timing": {**timing_settings(s.rounds, 1, s.warmup), "build_wall_s": build_s},
-        "export_checks": models.checks,
+        "timing": timing_settings(args.rounds, args.iters, args.warmup, build_wall_s=build_s),
+        "export_checks": checks,
         "shapes": shapes,
         "target": target_record(shapes),
         "wall_s": time.perf_counter() - wall0,
@@ -254,12 +195,16 @@ def shape_table(summary: Mapping[str, Any]) -> str:
     """One shape's table: median forward ms and the ratios to the base."""
     ms = summary["median_ms"]
     per_round, of_medians = summary["median_per_round_ratio_to_base"], summary["ratio_to_base"]
-    lines = ["| variant | ms | × base | × base (ratio of medians) |", "|---|---:|---:|---:|"]
-    for v in ms:
-        bold = "**" if v == TARGET_VARIANT else ""
-        cells = [LABELS.get(v, v), f"{ms[v]:.0f}", f"{bold}{per_round[v]:.3f}{bold}", f"{of_medians[v]:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [
+            LABELS.get(v, v),
+            f"{ms[v]:.0f}",
+            bold_if(f"{per_round[v]:.3f}", v == TARGET_VARIANT),
+            f"{of_medians[v]:.3f}",
+        ]
+        for v in ms
+    ]
+    return table(["variant", "ms", "× base", "× base (ratio of medians)"], rows, "lrrr")
 
 
 def render_markdown(result: Mapping[str, Any]) -> str:
@@ -282,24 +227,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def arguments(p: argparse.ArgumentParser) -> None:
-    """`--rounds`, `--warmup` and `--seed` over the defaults of `Settings`."""
-    p.add_argument("--rounds", type=int, default=None, help=f"default {Settings.rounds}")
-    p.add_argument("--warmup", type=int, default=None, help=f"default {Settings.warmup}")
-    p.add_argument("--seed", type=int, default=None, help=f"default {Settings.seed}")
-
-
-def run_mode(args: argparse.Namespace) -> dict[str, Any]:
-    """`run` with the settings of the command line (`--quick`: 2 rounds of the first shape)."""
-    s = QUICK if args.quick else Settings()
-    overrides = {"rounds": args.rounds, "warmup": args.warmup, "seed": args.seed}
-    result = run(dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None}))
-    print(f"{result['wall_s'] / 60:.1f} min wall")
-    return result
-
-
-CLI = cli.CliDefaults(cli.RESULTS / "inference.json", quick_help="2 rounds of the first shape; prints only")
-MODE = cli.Mode(CLI, run_mode, render_markdown, arguments=arguments)
+MODE = cli.Mode(CLI, run, render_markdown)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cli
+from benchmarks.tables import bold_if, table
 
 REPO = Path(__file__).resolve().parent.parent
 LOSS_FRACTION = 0.25
@@ -468,22 +469,13 @@ def shape_table(summary: Mapping[str, Any]) -> str:
     ratio = summary[f"peak_ratio_to_{BASELINE}"]
     step_mib = summary.get("median_step_mib", {})
     step_ratio = summary.get(f"step_mib_ratio_to_{BASELINE}", {})
-    lines = [
-        "| variant | peak RSS MiB | × full FT | step MiB (peak − imports) | × full FT | step CPU s |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for v in peak:
-        bold = "**" if v in TARGET_VARIANTS else ""
-        cells = [
-            LABELS.get(v, v),
-            f"{peak[v]:.0f}",
-            f"{bold}{ratio[v]:.2f}{bold}",
-            _fmt(step_mib.get(v), ".0f"),
-            _fmt(step_ratio.get(v), ".2f"),
-            _fmt(step[v], ".2f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [LABELS.get(v, v), f"{peak[v]:.0f}", bold_if(f"{ratio[v]:.2f}", v in TARGET_VARIANTS),
+         _fmt(step_mib.get(v), ".0f"), _fmt(step_ratio.get(v), ".2f"), _fmt(step[v], ".2f")]
+        for v in peak
+    ]  # fmt: skip
+    header = ["variant", "peak RSS MiB", "× full FT", "step MiB (peak − imports)", "× full FT", "step CPU s"]
+    return table(header, rows, "lrrrrr")
 
 
 def grad_ckpt_line(summary: Mapping[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -57,6 +58,20 @@ def moe_logits(
     """The MoE's full-vocabulary logits: the model's own routed forward, then the LM head everywhere."""
     hidden_BSD, _ = model.hidden_states(ids_BS, attn_BS, task_B)
     return model.lm.get_output_embeddings()(hidden_BSD)
+
+
+def logit_forwards(
+    dense: Mapping[str, nn.Module], moe: tuple[str, MoELM], ids_BS: torch.Tensor, task_B: torch.Tensor
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """One forward per model with full-vocabulary logits (no padding): each dense HF model, then the MoE."""
+    attn_BS = torch.ones_like(ids_BS)
+    steps = {
+        name: functools.partial(
+            lambda lm: lm(input_ids=ids_BS, attention_mask=attn_BS, use_cache=False).logits, lm
+        )
+        for name, lm in dense.items()
+    }
+    return {**steps, moe[0]: functools.partial(moe_logits, moe[1], ids_BS, attn_BS, task_B)}
 
 
 def random_batch(

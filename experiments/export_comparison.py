@@ -37,7 +37,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from benchmarks.cli import print_rendered, result_path, write_result
 from benchmarks.harness import machine_info, summarize, time_rounds, timing_settings
-from benchmarks.models import moe_logits
+from benchmarks.models import logit_forwards
+from benchmarks.tables import table
 from mtmoe.config import Config
 from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.eval.heldout import LossFn, heldout_losses, hf_loss_fn
@@ -238,19 +239,10 @@ def time_forward(loaded: Loaded, export_dir: Path, label: str, s: Settings) -> d
     export = AutoModelForCausalLM.from_pretrained(export_dir).eval()
     gen = torch.Generator().manual_seed(s.seed)
     ids_BS = torch.randint(0, len(loaded.tokenizer), (s.batch, s.seq), generator=gen)
-    attn_BS = torch.ones_like(ids_BS)
     task_B = torch.arange(s.batch) % len(loaded.shards)
     model, alpha = loaded.model, loaded.model.context.fade_alpha
     model.context.fade_alpha = 1.0  # the routed MoE (top-k), what serving without an export runs
-
-    def dense(lm):
-        return lambda: lm(input_ids=ids_BS, attention_mask=attn_BS, use_cache=False).logits
-
-    steps = {
-        "base": dense(base),
-        "dense_export": dense(export),
-        "moe_lora": lambda: moe_logits(model, ids_BS, attn_BS, task_B),
-    }
+    steps = logit_forwards({"base": base, "dense_export": export}, ("moe_lora", model), ids_BS, task_B)
     try:
         per_round_ms = time_rounds(steps, s.rounds, 1, s.warmup, scale=1e3)
     finally:
@@ -413,25 +405,22 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         *(f"{t} kept %" for t in tasks),
         "mean kept %",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     faded = ", faded" if settings["fade_fraction"] else ""
     references = (
         ("base model", "—", "base"),
         (f"trained MoE-LoRA (top-{settings['top_k']}{faded})", str(settings["experts"]), "moe"),
     )
-    for name, experts, key in references:
-        cells = [name, experts, *(f"{result[key][t]:.4f}" for t in tasks), *["—"] * (len(tasks) + 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    for row in result["rows"]:
-        cells = [
-            row_label(row),
-            str(row["experts_kept"]),
-            *(f"{row['loss'][t]:.4f}" for t in tasks),
-            *(_fmt(row["retention_pct"][t], ".1f") for t in tasks),
-            f"**{_fmt(row['mean_retention_pct'], '.1f')}**",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + timing_line(result["inference"])
+    rows = [
+        [name, experts, *(f"{result[key][t]:.4f}" for t in tasks), *["—"] * (len(tasks) + 1)]
+        for name, experts, key in references
+    ]
+    rows += [
+        [row_label(row), str(row["experts_kept"]), *(f"{row['loss'][t]:.4f}" for t in tasks),
+         *(_fmt(row["retention_pct"][t], ".1f") for t in tasks),
+         f"**{_fmt(row['mean_retention_pct'], '.1f')}**"]
+        for row in result["rows"]
+    ]  # fmt: skip
+    return table(head, rows, "l" + "r" * (len(head) - 1)) + "\n\n" + timing_line(result["inference"])
 
 
 def timing_line(inf: Mapping[str, Any]) -> str:

@@ -24,6 +24,7 @@ from benchmarks import cli
 from benchmarks.harness import machine_info, time_rounds
 from benchmarks.models import REPO, build_mtmoe, build_peft, random_batch, recipe, trainable
 from benchmarks.step.common import count_flops, loss_fns, make_step
+from benchmarks.tables import table
 
 LOSS_FRACTION = 0.25
 VARIANTS = ("mtmoe", "peft_lora_r16", "frozen_floor")
@@ -198,27 +199,19 @@ def run(configs: list[str], dtype: str, device: torch.device, rounds: int, warmu
 def render_markdown(result: Mapping[str, Any]) -> str:
     """One table: per config and variant, step time, ratios, tokens/s and MFU; no I/O."""
     sheet = result["datasheet_peak"]
-    head = "| config | variant | step ms | × PEFT | × floor | tokens/s | MFU (matmul) |"
-    sep = "|---|---|---:|---:|---:|---:|---:|"
-    if sheet is not None:
-        head, sep = head + " MFU (datasheet) |", sep + "---:|"
-    lines = [head, sep]
+    header = ["config", "variant", "step ms", "× PEFT", "× floor", "tokens/s", "MFU (matmul)"]
+    header += ["MFU (datasheet)"] if sheet is not None else []
+    rows = []
     for name, r in result["configs"].items():
         for v in VARIANTS:
-            cells = [
-                name,
-                v,
-                f"{r['median_s'][v] * 1e3:.1f}",
-                f"{r['ratio_to_peft'][v]:.2f}",
-                f"{r['ratio_to_floor'][v]:.2f}",
-                f"{r['tokens_per_s'][v]:,.0f}",
-                f"{r['mfu_vs_matmul'][v]:.2f}",
-            ]
-            if sheet is not None:
-                cells.append(f"{r['mfu_vs_datasheet'][v]:.2f}")
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(
+                [name, v, f"{r['median_s'][v] * 1e3:.1f}", f"{r['ratio_to_peft'][v]:.2f}",
+                 f"{r['ratio_to_floor'][v]:.2f}", f"{r['tokens_per_s'][v]:,.0f}",
+                 f"{r['mfu_vs_matmul'][v]:.2f}"]
+                + ([f"{r['mfu_vs_datasheet'][v]:.2f}"] if sheet is not None else [])
+            )  # fmt: skip
     peak = result["matmul_peak"]
-    lines.append("")
+    lines = [table(header, rows, "ll" + "r" * (len(header) - 2)), ""]
     lines.append(
         f"{result['settings']['dtype']} on {result['machine']['device']}; matmul peak {peak['n']}³: "
         f"{peak['flop_per_s'] / 1e12:.1f} TFLOP/s; medians of {result['settings']['rounds']} interleaved "
