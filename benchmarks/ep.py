@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     sizes = queue.get()
     return {
-        "benchmark": "ep_bench",
+        "benchmark": "ep",
         "shape": SHAPE,
         "world": WORLD,
         "backend": "gloo",
@@ -192,7 +192,7 @@ def render_markdown(result: dict) -> str:
     Pure: no I/O and no timing. Every number comes from `result`.
 
     Args:
-        result: The record `run` returns (as written to `results/ep_bench.json`).
+        result: The record `run` returns (as written to `results/ep.json`).
 
     Returns:
         The caption; per expert size, the expert parameters per rank, both layouts' median ms, the ratio

@@ -25,8 +25,8 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from benchmarks import cli
-from benchmarks.harness import machine_info, summarize, time_rounds, timing_settings
-from benchmarks.models import perturb_lora_b
+from benchmarks.harness import machine_info, ratios, summarize, time_rounds, timing_settings
+from benchmarks.models import n_trainable, perturb_lora_b
 from benchmarks.reference import NaiveMoELoRAFFN, NativeLoRALoop, PlainLoRAFFN, SwiGLU
 from benchmarks.tables import bold_if, paragraph, table
 from mtmoe.model.block import MoELoRAFFN
@@ -150,10 +150,6 @@ def build_variants(seed: int = 0) -> dict[str, nn.Module]:
         "native_hf_frozen": hf,
         "native_hf_lora_loop": NativeLoRALoop(native),
     }
-
-
-def trainable_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -365,7 +361,8 @@ def run_families(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     steps = build_steps(variants, x, grad_out)
     rounds = args.rounds
     per_round_ms = time_rounds(steps, rounds, args.iters, args.warmup, scale=1e3, warm_step_per_round=True)
-    targets, met = evaluate_targets(steps, per_round_ms, PAIRED_PER_ROUND * rounds)
+    pairs = PAIRED_PER_ROUND * rounds
+    targets, met = evaluate_targets(steps, per_round_ms, pairs)
     experts_impl = getattr(
         getattr(variants["native_hf_frozen"].experts, "config", None), "_experts_implementation", None
     )
@@ -378,19 +375,16 @@ def run_families(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
             f"up and down; HF experts implementation: {experts_impl or 'eager (default)'}"
         ),
         "timing": timing_settings(
-            rounds,
-            args.iters,
-            args.warmup,
-            targets=f"paired, one step each, alternating: {PAIRED_PER_ROUND * rounds} pairs",
-        ),  # fmt: skip
-        "trainable_params": {n: trainable_params(variants[n]) if n in variants else 0 for n in VARIANTS},
+            rounds, args.iters, args.warmup, targets=f"paired, one step each, alternating: {pairs} pairs"
+        ),
+        "trainable_params": {n: n_trainable(variants[n]) if n in variants else 0 for n in VARIANTS},
         "checks": checks,
         "targets": targets,
         "met": met,
         # median_ms, then the ratios to dense_lora_kr, dense_ffn and native_hf_frozen
         **summarize(per_round_ms, "dense_lora_kr", "ms"),
-        **{k: v for k, v in summarize(per_round_ms, "dense_ffn", "ms").items() if k != "median_ms"},
-        **{k: v for k, v in summarize(per_round_ms, "native_hf_frozen", "ms").items() if k != "median_ms"},
+        **ratios(per_round_ms, "dense_ffn"),
+        **ratios(per_round_ms, "native_hf_frozen"),
         "per_round_ms": per_round_ms,
     }
 
@@ -411,11 +405,10 @@ def run_block(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
         "machine": machine_info(),
         "shapes": {**SHAPES, "tokens": SHAPES["batch"] * SHAPES["seq"], "dtype": "float32"},
         "timing": timing_settings(args.rounds, args.iters, args.warmup),
-        "trainable_params": {n: trainable_params(m) for n, m in modules.items()},
+        "trainable_params": {n: n_trainable(m) for n, m in modules.items()},
         "equivalence_mtmoe_vs_naive": equivalence,
-        **summarize(
-            per_round_ms, "dense", "ms"
-        ),  # median_ms, ratio_to_dense, median_per_round_ratio_to_dense
+        # median_ms, ratio_to_dense, median_per_round_ratio_to_dense
+        **summarize(per_round_ms, "dense", "ms"),
         "per_round_ms": per_round_ms,
     }
 

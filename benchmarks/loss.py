@@ -110,7 +110,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Checks and times both heads at every target count; returns the result record."""
     return {
-        "benchmark": "loss_bench",
+        "benchmark": "loss",
         "setup": {"hidden": D, "vocab": V, "dtype": "float32"},
         "timing": timing_settings(args.rounds, args.iters, args.warmup),
         "machine": machine_info(),

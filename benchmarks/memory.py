@@ -417,18 +417,17 @@ def target_record(shapes: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def run(
-    shapes: Sequence[Shape], repeats: int, seed: int, env: Mapping[str, str], tiny: bool = False
-) -> dict[str, Any]:
-    """Runs every shape's variants in fresh processes; returns the result record.
-
-    Args:
-        shapes: The batch shapes, each with its variants.
-        repeats: Fresh processes per (shape, variant), interleaved.
-        seed: Seed of the tokens and of the adapters' initialisation.
-        env: Environment variables set for every child (e.g. glibc malloc tunables).
-        tiny: The smoke test's tiny random Llama instead of SmolLM2 (the numbers mean nothing).
-    """
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every shape's variants in fresh processes (`--quick`: 4x128 once); returns the result record."""
+    known = {s.name: s for s in SHAPES}
+    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in known]:
+        raise SystemExit(f"--shapes: unknown {unknown}; choose from {', '.join(known)}")
+    if bad := [item for item in args.child_env if "=" not in item or not item.partition("=")[0]]:
+        raise SystemExit(f"--child-env: expected KEY=VALUE, got {bad}")
+    env = dict(item.split("=", 1) for item in args.child_env)
+    shapes, repeats = ([SHAPES[0]], 1) if args.quick else ([known[n] for n in names], args.repeats)
+    seed, tiny = args.seed, args.tiny
     t0 = time.perf_counter()
     measured = {s.name: summarize_shape(s, run_shape(s, repeats, seed, env, tiny)) for s in shapes}
     from benchmarks.harness import machine_info, versions  # imports torch: only after the children ran
@@ -530,25 +529,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def run_mode(args: argparse.Namespace) -> dict[str, Any]:
-    """`run` with the shapes, repeats and child environment of the command line (`--quick`: 4x128 once)."""
-    known = {s.name: s for s in SHAPES}
-    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in known]:
-        raise SystemExit(f"--shapes: unknown {unknown}; choose from {', '.join(known)}")
-    if bad := [item for item in args.child_env if "=" not in item or not item.partition("=")[0]]:
-        raise SystemExit(f"--child-env: expected KEY=VALUE, got {bad}")
-    env = dict(item.split("=", 1) for item in args.child_env)
-    shapes, repeats = ([SHAPES[0]], 1) if args.quick else ([known[n] for n in names], args.repeats)
-    result = run(shapes, repeats, args.seed, env, args.tiny)
-    print(f"{result['wall_s'] / 60:.1f} min wall")
-    return result
-
-
 CLI = cli.CliDefaults(
     cli.RESULTS / "memory.json", quick_help="1 repeat of the 4x128 shape; prints only", tiny=True
 )
-MODE = cli.Mode(CLI, run_mode, render_markdown, arguments=arguments)
+MODE = cli.Mode(CLI, run, render_markdown, arguments=arguments)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

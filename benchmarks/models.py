@@ -43,6 +43,11 @@ def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
+def n_trainable(module: nn.Module) -> int:
+    """How many parameters require grad."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 def perturb_lora_b(module: nn.Module, seed: int, std: float = 0.02) -> None:
     """B factors start at zero (the adapted model is the base); give them small seeded random values."""
     gen = torch.Generator().manual_seed(seed)

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pos = {v: sum(s[v]["positions"] for s in shape) for v in VARIANTS}
     tokens = sum(s["padded"]["tokens"] for s in shape)
     return {
-        "benchmark": "packing_bench",
+        "benchmark": "step packing",
         "setup": {
             "recipe": "launch/recipes/demo.yaml",
             "samples_per_micro_batch": SAMPLES,
