@@ -29,7 +29,7 @@ class CliDefaults:
     Attributes:
         out: Where a full run writes its JSON when `--out` is not given.
         rounds: Default of `--rounds` (None: the benchmark takes no `--rounds/--iters/--warmup`).
-        iters: Default of `--iters`.
+        iters: Default of `--iters` (None: one timed call per variant per round, no `--iters`).
         warmup: Default of `--warmup`.
         quick: (rounds, iters, warmup) of a `--quick` run.
         quick_help: What `--quick` does.
@@ -38,7 +38,7 @@ class CliDefaults:
 
     out: Path
     rounds: int | None = None
-    iters: int = 1
+    iters: int | None = 1
     warmup: int = 1
     quick: tuple[int, int, int] = (1, 1, 1)
     quick_help: str = "short run; prints only"
@@ -103,7 +103,8 @@ def add_arguments(p: argparse.ArgumentParser, mode: Mode) -> None:
     p.add_argument("--render", type=Path, default=None, help="only print the Markdown of this JSON")
     if cli.rounds is not None:
         p.add_argument("--rounds", type=int, default=cli.rounds, help="interleaved rounds")
-        p.add_argument("--iters", type=int, default=cli.iters, help="timed calls per variant per round")
+        if cli.iters is not None:
+            p.add_argument("--iters", type=int, default=cli.iters, help="timed calls per variant per round")
         p.add_argument("--warmup", type=int, default=cli.warmup, help="untimed calls per variant first")
     if cli.tiny:
         p.add_argument("--tiny", action="store_true", help=TINY_HELP)

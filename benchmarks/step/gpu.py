@@ -34,7 +34,7 @@ DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 CLI = cli.CliDefaults(
     cli.RESULTS / "step_gpu.json",
     rounds=8,
-    iters=1,
+    iters=None,
     warmup=2,
     quick=(2, 1, 1),
     quick_help="2 rounds; prints only",

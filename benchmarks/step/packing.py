@@ -31,7 +31,7 @@ DATA = REPO / "data" / "demo" / "tokenized"
 SAMPLES = 8  # per micro-batch
 VARIANTS = ("padded", "packed")
 CLI = cli.CliDefaults(
-    cli.RESULTS / "step_packing.json", rounds=8, iters=1, warmup=1, quick=(2, 1, 1), tiny=True
+    cli.RESULTS / "step_packing.json", rounds=8, iters=None, warmup=1, quick=(2, 1, 1), tiny=True
 )
 
 
