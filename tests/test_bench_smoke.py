@@ -18,7 +18,10 @@ from conftest import ROOT, run_cmd
 pytestmark = pytest.mark.timeout(300)
 
 # Modules the benchmarks share; every other module of benchmarks/ and experiments/ is run below.
-HELPERS = {"cli", "harness", "models", "reference", "tables", "render_docs", "step.common", "step.__main__"}
+HELPERS = {
+    "cli", "harness", "models", "reference", "tables", "render_docs",
+    "step.common", "step.attribution", "step.__main__",
+}  # fmt: skip
 # Modes whose quick path has a test file of its own.
 TESTED_ELSEWHERE = {
     "experiments.export_comparison": "test_export_comparison.py",

@@ -6,5 +6,6 @@
     packing   packed against padded micro-batches of the demo data
     gpu       issue #8's GPU run, prepared: mtmoe, PEFT and the floor with MFU on random-weight Llamas
 
-`common` holds what the modes share: the batch, the variants' losses, the floor and the step itself.
+`common` holds what the modes share: the batch, the variants' losses, the floor and the step itself;
+`attribution` labels a profiled step's parts and attributes its time.
 """
