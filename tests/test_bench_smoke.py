@@ -100,6 +100,33 @@ def test_tiny_never_writes_the_real_result():
         assert proc.returncode != 0 and ("--tiny: give" in proc.stderr or "--smoke: give" in proc.stderr)
 
 
+def test_time_rounds_rotates_the_order_and_times_between_the_hooks():
+    from benchmarks.harness import summarize, time_rounds
+
+    now, calls, hooks = [0.0], [], []
+
+    def step(name, cost):
+        def run():
+            calls.append(name)
+            now[0] += cost
+
+        return run
+
+    def after():  # a device synchronization that takes time: it is inside the timed block
+        hooks.append("after")
+        now[0] += 1.0
+
+    per_round = time_rounds(
+        {"a": step("a", 1.0), "b": step("b", 3.0)}, rounds=2, iters=2, warmup=1,
+        clock=lambda: now[0], before=lambda: hooks.append("before"), after=after, reduce=lambda s: 10 * s,
+    )  # fmt: skip
+    assert calls == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]  # warm-up, then rotated rounds
+    assert hooks == ["before", "after"] * 4
+    assert per_round == {"a": [15.0, 15.0], "b": [35.0, 35.0]}  # (2 calls + sync) / 2, x 10
+    summary = summarize(per_round, "a", "s")
+    assert summary["ratio_to_a"]["b"] == summary["median_per_round_ratio_to_a"]["b"] == 35 / 15
+
+
 def test_every_balance_study_scheme_is_a_valid_config():
     from experiments import balance_study as study
     from mtmoe.config import load_config
