@@ -138,7 +138,7 @@ def import_stack() -> None:
     import torch
     import transformers  # noqa: F401
 
-    import mtmoe.model.moe_lm  # noqa: F401  (imports deepspeed too)
+    import benchmarks.models  # noqa: F401  (imports mtmoe, and with it deepspeed)
 
     torch.set_num_threads(1)
 
@@ -431,6 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     measured = {s.name: summarize_shape(s, run_shape(s, repeats, seed, env, tiny)) for s in shapes}
     from benchmarks.harness import machine_info, versions  # imports torch: only after the children ran
+    from benchmarks.models import PEFT_LORA
 
     return {
         "benchmark": f"{'tiny random Llama (smoke test)' if tiny else 'SmolLM2-135M-Instruct'} peak RSS of a "
@@ -443,7 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "steps_per_process": STEPS,
             "optimizer": f"torch.optim.AdamW(lr={LR}), defaults otherwise",
             "loss_fraction": LOSS_FRACTION,
-            "peft_lora": {"r": 16, "lora_alpha": 32, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+            "peft_lora": PEFT_LORA,
             "dtype": "float32",
             "repeats": repeats,
             "order": "interleaved: every variant of a shape once per repeat, in a fresh process each",
