@@ -30,6 +30,7 @@ from benchmarks.step.common import (
     make_step,
     moe_setup,
 )
+from benchmarks.tables import bold_if, table
 from mtmoe.model.moe_lm import MoELM
 
 BASELINE = "peft_lora_r16"
@@ -166,26 +167,25 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     median, to_floor = result["median_s"], result[f"ratio_to_{FLOOR}"]
     to_peft = result[f"ratio_to_{BASELINE}"]
     labels = variant_labels(result)
-    lines = ["| variant | s/step | × PEFT |", "|---|---:|---:|"]
-    for name in (FLOOR, BASELINE, *MOE_VARIANTS):
-        ratio = f"**{to_peft[name]:.2f}**" if name == "mtmoe_moe_lora" else f"{to_peft[name]:.2f}"
-        lines.append(f"| {labels[name]} | {median[name]:.2f} | {ratio} |")
-    per_round = result[f"median_per_round_ratio_to_{FLOOR}"]["mtmoe_moe_lora"]
-    lines += [
-        "",
-        f"mtmoe's step costs **{to_floor['mtmoe_moe_lora']:.2f}×** the floor (median of per-round ratios "
-        f"{per_round:.2f}); PEFT LoRA costs {to_floor[BASELINE]:.2f}× it.",
-        "",
-        "| target (issue #8) | ratio of medians | bound | met |",
-        "|---|---:|---:|---|",
+    variants = [
+        [labels[n], f"{median[n]:.2f}", bold_if(f"{to_peft[n]:.2f}", n == "mtmoe_moe_lora")]
+        for n in (FLOOR, BASELINE, *MOE_VARIANTS)
     ]
+    per_round = result[f"median_per_round_ratio_to_{FLOOR}"]["mtmoe_moe_lora"]
+    floor = (
+        f"mtmoe's step costs **{to_floor['mtmoe_moe_lora']:.2f}×** the floor (median of per-round ratios "
+        f"{per_round:.2f}); PEFT LoRA costs {to_floor[BASELINE]:.2f}× it."
+    )
     names = {"mtmoe_over_peft": "mtmoe ÷ PEFT LoRA", "loop_over_mtmoe": "per-expert loop ÷ mtmoe"}
-    for key, t in result["targets"].items():
-        bound = t["bound"].replace("<=", "≤").replace(">=", "≥")
-        lines.append(
-            f"| {names.get(key, key)} | {t['value']:.2f} | {bound} | {'yes' if t['met'] else 'no'} |"
-        )
-    return "\n".join(lines)
+    targets = [
+        [names.get(key, key), f"{t['value']:.2f}", t["bound"].replace("<=", "≤").replace(">=", "≥"),
+         "yes" if t["met"] else "no"]
+        for key, t in result["targets"].items()
+    ]  # fmt: skip
+    return "\n\n".join([
+        table(["variant", "s/step", "× PEFT"], variants, "lrr"), floor,
+        table(["target (issue #8)", "ratio of medians", "bound", "met"], targets, "lrrl"),
+    ])  # fmt: skip
 
 
 MODE = cli.Mode(CLI, run, render_markdown, help="mtmoe against PEFT LoRA, a loop and the floor")
