@@ -23,15 +23,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q --durations=15 tests
 
-# Every benchmark, one after another (about 2 h on 2 cores, memory_bench alone about 55 min); each writes
-# benchmarks/results/*.json, then the README's tables are regenerated from the JSON. export_comparison needs a finished demo run
+# Every benchmark, one after another (about 2 h on 2 cores, memory alone about 55 min); each writes
+# benchmarks/results/*.json, then the docs' tables are regenerated from the JSON. export_comparison needs a finished demo run
 # (make demo) in runs/demo; the balancing study (40 min) runs on its own: see the README.
-BENCHES := block_bench family_bench model_step_bench loss_bench packing_bench memory_bench inference_bench \
-	mfu_bench profile_step ep_bench
+BENCHES := "family block" "family families" "step compare" loss "step packing" memory inference "step mfu" \
+	"step profile" ep
 bench: $(STAMP)
-	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) benchmarks/$$b.py; done
-	$(PY) benchmarks/export_comparison.py --run runs/demo
-	$(PY) benchmarks/render_docs.py
+	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) -m benchmarks.$$b; done
+	$(PY) -m experiments.export_comparison --run runs/demo
+	$(PY) -m benchmarks.render_docs
 
 lint: $(STAMP)
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from bench_cli import TINY_OVERRIDES, print_rendered, write_result
-from md_tables import paragraph, table
+
+from benchmarks.cli import TINY_OVERRIDES, print_rendered, write_result
+from benchmarks.tables import paragraph, table
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = Path(__file__).resolve().parent / "quality_study.yaml"

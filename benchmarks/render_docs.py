@@ -6,31 +6,30 @@ A page marks every generated region with a pair of HTML comments:
     ... generated, do not edit by hand ...
     <!-- /bench:NAME -->
 
-For each pair this script loads `benchmarks/NAME.py`, reads `benchmarks/results/NAME.json` and puts the
-module's `render_markdown(result)` between the markers; `config_reference` is the recipe keys' table,
-made from the dataclasses of `mtmoe.config` (their defaults and docstrings). Text outside the markers is
-left as it is.
+`SOURCES` names, per NAME, the module that renders it: its `MODE` (or `MODES[mode]`) gives the renderer
+and the JSON a full run writes; a module without modes (a study) gives `render_markdown` and `RESULT`.
+`config_reference`, `weighter_options` and `router_options` are made from the dataclasses of `mtmoe`
+(their defaults and docstrings). Text outside the markers is left as it is.
 
-Run from anywhere:
-    .venv/bin/python benchmarks/render_docs.py           # rewrites README.md and docs/*.md in place
-    .venv/bin/python benchmarks/render_docs.py --check   # exits 1 with a diff if a page is stale
+    .venv/bin/python -m benchmarks.render_docs           # rewrites README.md and docs/*.md in place
+    .venv/bin/python -m benchmarks.render_docs --check   # exits 1 with a diff if a page is stale
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
-import importlib.util
+import importlib
 import inspect
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from benchmarks.tables import table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/*.md")
@@ -40,42 +39,58 @@ END = re.compile(r"<!-- /bench:([A-Za-z0-9_]+) -->")
 Renderer = Callable[[dict[str, Any]], str]
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a marker's table comes from.
+
+    Attributes:
+        module: The importable module that renders it.
+        mode: The key of its mode in the module's `MODES`; None for its `MODE`, or for a module without
+            modes, its `render_markdown` and `RESULT`.
+    """
+
+    module: str
+    mode: str | None = None
+
+
+SOURCES = {
+    "family": Source("benchmarks.family", "families"),
+    "family_block": Source("benchmarks.family", "block"),
+    "step": Source("benchmarks.step.compare"),
+    "step_mfu": Source("benchmarks.step.mfu"),
+    "step_profile": Source("benchmarks.step.profile"),
+    "step_packing": Source("benchmarks.step.packing"),
+    "loss": Source("benchmarks.loss"),
+    "ep": Source("benchmarks.ep"),
+    "memory": Source("benchmarks.memory"),
+    "inference": Source("benchmarks.inference"),
+    "quality_study": Source("benchmarks.quality_study"),
+    "balance_study": Source("experiments.balance_study"),
+    "export_comparison": Source("experiments.export_comparison"),
+}
+
+
 class RenderError(RuntimeError):
-    """A marker whose table cannot be rendered (no module, no render_markdown, no JSON, no end marker)."""
+    """A marker whose table cannot be rendered (no source, no renderer, no JSON, no end marker)."""
 
 
-def render(readme_text: str, root: Path = ROOT) -> str:
-    """Replaces the text between every marker pair with what its benchmark renders from its JSON.
-
-    Args:
-        readme_text: The README's text.
-        root: The repository root: modules are read from `root/benchmarks/NAME.py` and results from
-            `root/benchmarks/results/NAME.json`.
-
-    Returns:
-        The README's text with every generated region rewritten.
+def render(text: str, sources: Mapping[str, Source] = SOURCES) -> str:
+    """Replaces the text between every marker pair with what its source renders from its JSON.
 
     Raises:
-        RenderError: If a marker has no end marker, or its module, `render_markdown` or JSON is missing.
+        RenderError: If a marker has no end marker, or its source, renderer or JSON is missing.
     """
     out, pos = [], 0
-    for name, body_start, body_end in marker_spans(readme_text):
-        out.append(readme_text[pos:body_start])
-        out.append("\n\n" + render_one(name, root).strip("\n") + "\n\n")
+    for name, body_start, body_end in marker_spans(text):
+        out.append(text[pos:body_start])
+        out.append("\n\n" + render_one(name, sources).strip("\n") + "\n\n")
         pos = body_end
-    out.append(readme_text[pos:])
+    out.append(text[pos:])
     return "".join(out)
 
 
 def marker_spans(text: str) -> Iterator[tuple[str, int, int]]:
-    """The marker pairs of `text`, in order.
-
-    Args:
-        text: The README's text.
-
-    Yields:
-        Per pair: its name, and the span between the markers (from the end of the start marker to the
-        start of the end marker).
+    """Per marker pair of `text`, in order: its name and the span between the markers.
 
     Raises:
         RenderError: If a start marker has no end marker after it or holds another start marker, or if
@@ -100,91 +115,45 @@ def marker_spans(text: str) -> Iterator[tuple[str, int, int]]:
         pos = end.end()
 
 
-def render_one(name: str, root: Path) -> str:
-    """The Markdown of one marker: its module's `render_markdown` applied to its JSON.
-
-    Args:
-        name: The marker's name (the benchmark script's stem).
-        root: The repository root.
-
-    Returns:
-        The rendered Markdown.
+def render_one(name: str, sources: Mapping[str, Source]) -> str:
+    """The Markdown of one marker: its source's renderer applied to its JSON.
 
     Raises:
-        RenderError: If the JSON, the module or its `render_markdown` is missing, or if `render_markdown`
-            fails on the JSON (a key or value it does not find).
+        RenderError: If the marker has no source, the module has no renderer, the JSON is missing, or the
+            renderer fails on the JSON (a key or value it does not find).
     """
     marker = f"<!-- bench:{name} -->"
     if name in BUILT_IN:
         return BUILT_IN[name]()
-    json_path = root / "benchmarks" / "results" / f"{name}.json"
-    if not json_path.is_file():
-        raise RenderError(f"{marker}: no results file {json_path} (run benchmarks/{name}.py first)")
-    renderer = load_renderer(name, root)
+    if name not in sources:
+        raise RenderError(f"{marker}: no source; add it to SOURCES in benchmarks/render_docs.py")
+    renderer, path = load_source(marker, sources[name])
+    if not path.is_file():
+        raise RenderError(f"{marker}: no results file {path} (run {sources[name].module} first)")
     try:
-        return renderer(json.loads(json_path.read_text()))
-    except (KeyError, TypeError, ValueError, IndexError) as e:  # a JSON of another schema than the script's
+        return renderer(json.loads(path.read_text()))
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # a JSON of another schema than the code's
         raise RenderError(
-            f"{marker}: render_markdown failed on {json_path} ({type(e).__name__}: {e}); "
-            f"is the JSON from the current benchmarks/{name}.py?"
+            f"{marker}: rendering failed on {path} ({type(e).__name__}: {e}); "
+            f"is the JSON from the current {sources[name].module}?"
         ) from e
 
 
-def load_renderer(name: str, root: Path) -> Renderer:
-    """Imports `root/benchmarks/NAME.py` by path and returns its `render_markdown`.
-
-    The module is registered as `NAME` in `sys.modules` (reused when already loaded from the same file),
-    with `root/benchmarks` on `sys.path` while it loads, so its own `import harness` works.
-
-    Args:
-        name: The benchmark script's stem.
-        root: The repository root.
-
-    Returns:
-        The module's `render_markdown`.
+def load_source(marker: str, source: Source) -> tuple[Renderer, Path]:
+    """Imports the source's module; returns its renderer and the path of its JSON.
 
     Raises:
-        RenderError: If the module does not exist or has no callable `render_markdown`.
+        RenderError: If the module has neither the mode nor a callable `render_markdown` and a `RESULT`.
     """
-    marker = f"<!-- bench:{name} -->"
-    path = root / "benchmarks" / f"{name}.py"
-    if not path.is_file():
-        raise RenderError(f"{marker}: no benchmark script {path}")
-    renderer = getattr(import_path(name, path), "render_markdown", None)
-    if not callable(renderer):
-        raise RenderError(f"{marker}: {path} has no render_markdown(result: dict) -> str")
-    return renderer
-
-
-def import_path(name: str, path: Path) -> ModuleType:
-    """Imports the file `path` as module `name`, or returns it if `sys.modules` has it from that file."""
-    loaded = sys.modules.get(name)
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
-        return loaded
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        with on_sys_path(path.parent):
-            spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-@contextlib.contextmanager
-def on_sys_path(folder: Path) -> Iterator[None]:
-    """Puts `folder` first on `sys.path` for the duration (left alone if it is already there)."""
-    entry = str(folder)
-    added = entry not in sys.path
-    if added:
-        sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        if added:
-            sys.path.remove(entry)
+    module = importlib.import_module(source.module)
+    mode = getattr(module, "MODES", {}).get(source.mode) if source.mode else getattr(module, "MODE", None)
+    if mode is not None:
+        return mode.render, mode.cli.out
+    renderer, result = getattr(module, "render_markdown", None), getattr(module, "RESULT", None)
+    if source.mode is not None or not callable(renderer) or result is None:
+        what = f"no mode {source.mode}" if source.mode else "no MODE, nor render_markdown and RESULT"
+        raise RenderError(f"{marker}: {source.module} has {what}")
+    return renderer, Path(result)
 
 
 def diff(old: str, new: str, path: Path) -> str:
@@ -193,7 +162,7 @@ def diff(old: str, new: str, path: Path) -> str:
         old.splitlines(keepends=True),
         new.splitlines(keepends=True),
         fromfile=f"{path} (as is)",
-        tofile=f"{path} (rendered from benchmarks/results/)",
+        tofile=f"{path} (rendered from its sources)",
     )
     return "".join(lines)
 
@@ -204,21 +173,55 @@ def config_reference() -> str:
     Each row holds the field's default and the text of its entry in its dataclass's `Attributes:`
     docstring, so the code is the one source of the reference.
     """
-    from md_tables import table
-
     from mtmoe.config import Config
 
     rows = []
     for section in dataclasses.fields(Config):
-        cls = type(section.default_factory())
-        described = attribute_docs(inspect.getdoc(cls) or "")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            text = described.get(f.name)
-            if text is None:
-                raise RenderError(f"config_reference: {cls.__name__}.{f.name} has no Attributes entry")
-            rows.append([f"`{section.name}.{f.name}`", default_cell(default), text.replace("|", "\\|")])
+        for name, default, text in documented_fields(type(section.default_factory())):
+            rows.append([f"`{section.name}.{name}`", default, text.replace("|", "\\|")])
     return table(["key", "default", "meaning"], rows, "lll")
+
+
+def options_reference(registry: dict[str, type], kind: str, key: str) -> str:
+    """Each registered class's options (its `options` dataclass), one row per field."""
+    rows = []
+    for name, cls in sorted(registry.items()):
+        fields = documented_fields(cls.options)
+        rows += [[f"`{name}`", "—", "", "no options"]] if not fields else []
+        rows += [
+            [f"`{name}`", f"`{key}.{n}`", default, text.replace("|", "\\|")] for n, default, text in fields
+        ]
+    return table([kind, "key", "default", "meaning"], rows, "llll")
+
+
+def weighter_options_reference() -> str:
+    """Each registered weighter's options (`balance.options`)."""
+    from mtmoe.balance.weighters import WEIGHTERS
+
+    return options_reference(WEIGHTERS, "weighter", "balance.options")
+
+
+def router_options_reference() -> str:
+    """Each registered router's options (`moe.router_options`)."""
+    from mtmoe.model.routers import ROUTERS
+
+    return options_reference(ROUTERS, "router", "moe.router_options")
+
+
+def documented_fields(cls: type) -> list[tuple[str, str, str]]:
+    """Per field of the dataclass `cls`: its name, its default as a cell, its `Attributes:` entry.
+
+    Raises:
+        RenderError: If a field has no entry in the docstring's `Attributes:` section.
+    """
+    described = attribute_docs(inspect.getdoc(cls) or "")
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name not in described:
+            raise RenderError(f"{cls.__name__}.{f.name} has no Attributes entry")
+        out.append((f.name, default_cell(default), described[f.name]))
+    return out
 
 
 def attribute_docs(doc: str) -> dict[str, str]:
@@ -246,39 +249,6 @@ def default_cell(value: Any) -> str:
     return f"`{value}`" if isinstance(value, str) else f"`{json.dumps(value)}`"
 
 
-def options_reference(registry: dict[str, type], kind: str, key: str) -> str:
-    """The registered classes' options (their `options` dataclasses): kind | key.field | default | meaning."""
-    from md_tables import table
-
-    rows = []
-    for name, cls in sorted(registry.items()):
-        described = attribute_docs(inspect.getdoc(cls.options) or "")
-        fields = dataclasses.fields(cls.options)
-        if not fields:
-            rows.append([f"`{name}`", "—", "", "no options"])
-        for f in fields:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            text = described.get(f.name)
-            if text is None:
-                raise RenderError(f"{kind} options: {cls.options.__name__}.{f.name} has no Attributes entry")
-            rows.append([f"`{name}`", f"`{key}.{f.name}`", default_cell(default), text.replace("|", "\\|")])
-    return table([kind, "key", "default", "meaning"], rows, "llll")
-
-
-def weighter_options_reference() -> str:
-    """Each registered weighter's options (`balance.options`)."""
-    from mtmoe.balance.weighters import WEIGHTERS
-
-    return options_reference(WEIGHTERS, "weighter", "balance.options")
-
-
-def router_options_reference() -> str:
-    """Each registered router's options (`moe.router_options`)."""
-    from mtmoe.model.routers import ROUTERS
-
-    return options_reference(ROUTERS, "router", "moe.router_options")
-
-
 BUILT_IN: dict[str, Callable[[], str]] = {
     "config_reference": config_reference,
     "weighter_options": weighter_options_reference,
@@ -300,13 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     for page in args.file or pages():
         old = page.read_text()
         try:
-            new = render(old, ROOT)
+            new = render(old)
         except RenderError as e:
             print(f"error: {page}: {e}", file=sys.stderr)
             return 2
         if args.check and new != old:
             print(diff(old, new, page), end="")
-            print(f"{page} is stale: run python benchmarks/render_docs.py", file=sys.stderr)
+            print(f"{page} is stale: run python -m benchmarks.render_docs", file=sys.stderr)
             stale = 1
         elif new != old:
             page.write_text(new)

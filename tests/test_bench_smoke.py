@@ -1,11 +1,13 @@
 """Every benchmark's quick mode runs end to end on the current code, and its JSON renders as its table.
 
-A benchmark that re-implements part of the library goes stale silently; this runs each script as a user
-would (`python benchmarks/<name>.py --quick ...`, in its own process), with a tiny random Llama where
-the real model is too slow (`--tiny`). Timings mean nothing here and nothing asserts on them.
+A benchmark that re-implements part of the library goes stale silently; this runs each benchmark and
+experiment as a user would (`python -m benchmarks.NAME [MODE] --quick ...`, in its own process), with a
+tiny random Llama where the real model is too slow (`--tiny`). Timings mean nothing here and nothing
+asserts on them.
 """
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -15,79 +17,130 @@ from conftest import ROOT, run_cmd
 
 pytestmark = pytest.mark.timeout(300)
 
-HELPERS = {"harness", "bench_cli", "md_tables", "render_docs"}  # libraries of the scripts, not benchmarks
-# Scripts whose quick path has a test file of its own.
-TESTED_ELSEWHERE = {"export_comparison": "test_export_comparison.py", "gpu_bench": "test_gpu_bench.py"}
-# The quick command line of every other benchmark; {data} is the tests' tokenized demo slices ({metrics_data}
-# with metrics declared).
-QUICK = {
-    "block_bench": ["--quick"],
-    "family_bench": ["--quick"],
-    "loss_bench": ["--quick"],
-    "ep_bench": ["--quick"],
-    "mfu_bench": ["--quick", "--tiny"],
-    "profile_step": ["--quick", "--tiny"],
-    "inference_bench": ["--quick"],
-    "model_step_bench": ["--quick", "--tiny"],
-    "memory_bench": ["--quick", "--tiny"],
-    "packing_bench": ["--quick", "--tiny", "--data", "{data}"],
-    "balance_study": ["--quick", "--data", "{data}", "--only", "coba", "--out", "{tmp}/runs"],
-    "quality_study": ["--smoke", "--data", "{metrics_data}", "--out", "{tmp}/runs"],
+# Modules the benchmarks share; every other module of benchmarks/ and experiments/ is run below.
+HELPERS = {
+    "cli", "harness", "models", "reference", "tables", "render_docs",
+    "step.common", "step.attribution", "step.__main__",
+}  # fmt: skip
+# Modes whose quick path has a test file of its own.
+TESTED_ELSEWHERE = {
+    "experiments.export_comparison": "test_export_comparison.py",
+    "benchmarks.step.gpu": "test_gpu_bench.py",
 }
-JSON_FLAG = {"balance_study": "--json", "quality_study": "--json"}  # the others take --out
+# The quick command line of every other benchmark mode, after `python -m`; {data} is the tests' tokenized
+# demo slices ({metrics_data} with metrics declared).
+QUICK = {
+    "benchmarks.family:block": ["benchmarks.family", "block", "--quick"],
+    "benchmarks.family:families": ["benchmarks.family", "families", "--quick"],
+    "benchmarks.loss": ["benchmarks.loss", "--quick"],
+    "benchmarks.ep": ["benchmarks.ep", "--quick"],
+    "benchmarks.step.compare": ["benchmarks.step", "compare", "--quick", "--tiny"],
+    "benchmarks.step.mfu": ["benchmarks.step", "mfu", "--quick", "--tiny"],
+    "benchmarks.step.profile": ["benchmarks.step", "profile", "--quick", "--tiny"],
+    "benchmarks.step.packing": ["benchmarks.step", "packing", "--quick", "--tiny", "--data", "{data}"],
+    "benchmarks.inference": ["benchmarks.inference", "--quick"],
+    "benchmarks.memory": ["benchmarks.memory", "--quick", "--tiny"],
+    "experiments.balance_study": [
+        "experiments.balance_study", "--quick", "--data", "{data}", "--only", "coba", "--out", "{tmp}/runs",
+    ],
+    "benchmarks.quality_study": [
+        "benchmarks.quality_study", "--smoke", "--data", "{metrics_data}", "--out", "{tmp}/runs",
+    ],
+}  # fmt: skip
+JSON_FLAG = {"experiments.balance_study": "--json", "benchmarks.quality_study": "--json"}  # others: --out
 
 
-def test_every_benchmark_script_has_a_smoke_test():
-    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - HELPERS
-    assert scripts == set(QUICK) | set(TESTED_ELSEWHERE)
+def runnable() -> set[str]:
+    """Every module of benchmarks/ and experiments/ that is not a helper, as `module` or `module:mode`."""
+    names = set()
+    for package in ("benchmarks", "experiments"):
+        for path in (ROOT / package).rglob("*.py"):
+            dotted = ".".join(path.relative_to(ROOT / package).with_suffix("").parts)
+            if dotted not in HELPERS and not dotted.endswith("__init__"):
+                module = importlib.import_module(f"{package}.{dotted}")
+                modes = getattr(module, "MODES", None) if package == "benchmarks" else None
+                names |= {f"{module.__name__}:{m}" for m in modes} if modes else {module.__name__}
+    return names
+
+
+def renderer(key):
+    """The docs' renderer of a quick command's JSON."""
+    name, _, mode = key.partition(":")
+    module = importlib.import_module(name)
+    found = module.MODES[mode] if mode else getattr(module, "MODE", None)
+    return found.render if found is not None else module.render_markdown
+
+
+def test_every_benchmark_has_a_smoke_test():
+    assert runnable() == set(QUICK) | set(TESTED_ELSEWHERE)
     for test_file in TESTED_ELSEWHERE.values():
         assert (ROOT / "tests" / test_file).exists()
 
 
-@pytest.fixture
-def bench_module(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import `harness` as top-level
-
-    def load(name):
-        return __import__(name)
-
-    return load
-
-
-@pytest.mark.parametrize("name", sorted(QUICK))
-def test_quick_mode_runs_and_renders(name, demo_data, demo_data_metrics, tmp_path, bench_module):
-    out = tmp_path / f"{name}.json"
-    args = [a.format(data=demo_data, metrics_data=demo_data_metrics, tmp=tmp_path) for a in QUICK[name]]
-    run_cmd([sys.executable, f"benchmarks/{name}.py", *args, JSON_FLAG.get(name, "--out"), out])
-    result = json.loads(out.read_text())
-    table = bench_module(name).render_markdown(result)
+@pytest.mark.parametrize("key", sorted(QUICK))
+def test_quick_mode_runs_and_renders(key, demo_data, demo_data_metrics, tmp_path):
+    out = tmp_path / "result.json"
+    args = [a.format(data=demo_data, metrics_data=demo_data_metrics, tmp=tmp_path) for a in QUICK[key]]
+    run_cmd([sys.executable, "-m", *args, JSON_FLAG.get(key, "--out"), out])
+    table = renderer(key)(json.loads(out.read_text()))
     assert table.count("\n|") >= 2, table  # a header, its rule and rows
 
 
-def test_tiny_never_writes_the_real_result(bench_module):
-    cli = bench_module("bench_cli")
+def test_tiny_never_writes_the_real_result():
+    from benchmarks import cli
+
     parser = argparse.ArgumentParser()
     with pytest.raises(SystemExit):
         cli.check_tiny(parser, tiny=True, quick=False, has_out=False)
     cli.check_tiny(parser, tiny=True, quick=True, has_out=False)  # prints only
     cli.check_tiny(parser, tiny=True, quick=False, has_out=True)  # writes where it is told
-    for name in ("model_step_bench", "quality_study"):  # end to end: the shared parser and the study's own
-        flag = "--tiny" if name == "model_step_bench" else "--smoke"
-        proc = subprocess.run([sys.executable, f"benchmarks/{name}.py", flag], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+    for args in (["benchmarks.step", "compare", "--tiny"], ["benchmarks.quality_study", "--smoke"]):
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
         assert proc.returncode != 0 and ("--tiny: give" in proc.stderr or "--smoke: give" in proc.stderr)
 
 
-def test_every_balance_study_scheme_is_a_valid_config(bench_module):
+def test_time_rounds_rotates_the_order_and_times_between_the_hooks():
+    from benchmarks.harness import summarize, time_rounds
+
+    now, calls, hooks = [0.0], [], []
+
+    def step(name, cost):
+        def run():
+            calls.append(name)
+            now[0] += cost
+
+        return run
+
+    def after():  # a device synchronization that takes time: it is inside the timed block
+        hooks.append("after")
+        now[0] += 1.0
+
+    per_round = time_rounds(
+        {"a": step("a", 1.0), "b": step("b", 3.0)}, rounds=2, iters=2, warmup=1,
+        clock=lambda: now[0], before=lambda: hooks.append("before"), after=after, reduce=lambda s: 10 * s,
+    )  # fmt: skip
+    assert calls == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]  # warm-up, then rotated rounds
+    assert hooks == ["before", "after"] * 4
+    assert per_round == {"a": [15.0, 15.0], "b": [35.0, 35.0]}  # (2 calls + sync) / 2, x 10
+    summary = summarize(per_round, "a", "s")
+    assert summary["ratio_to_a"]["b"] == summary["median_per_round_ratio_to_a"]["b"] == 35 / 15
+
+
+def test_every_balance_study_scheme_is_a_valid_config():
+    from experiments import balance_study as study
     from mtmoe.config import load_config
 
-    study = bench_module("balance_study")
-    for _, overrides in study.SCHEMES.values():
-        load_config(ROOT / "launch" / "recipes" / "demo.yaml", [*study.COMMON, *overrides])
+    plan = study.load_study()
+    assert list(plan.schemes) == ["plain", "balanced", "temperature", "coba", "famo", "quality_retain"]
+    for scheme in plan.schemes.values():
+        cfg = load_config(ROOT / plan.recipe, study.scheme_overrides(plan, scheme, plan.steps))
+        assert cfg.balance.qr_warmup == 10
 
 
-def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid(bench_module):
-    study = bench_module("quality_study")
+def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid():
+    from benchmarks import quality_study as study
+
     plan = {"seeds": [0, 1], "max_lr": 4e-3}
 
     def run(variant, lr, loss, seed=0):
@@ -102,8 +155,9 @@ def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid(bench_module):
     assert study.edge_rates(plan, runs, ["a", "b", "c", "d"]) == [("a", 2e-3, 0)]
 
 
-def test_quality_study_starts_a_run_once_what_it_depends_on_is_known(bench_module):
-    study = bench_module("quality_study")
+def test_quality_study_starts_a_run_once_what_it_depends_on_is_known():
+    from benchmarks import quality_study as study
+
     plan = {
         "seeds": [0, 1], "lrs": [5e-4, 1e-3], "max_lr": 4e-3,
         "variants": {"a": {}, "d": {}, "e": {}, "g": {"lrs": [5e-4]}},

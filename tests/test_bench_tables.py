@@ -1,5 +1,5 @@
-"""The generated parts of README.md and docs/*.md (`benchmarks/render_docs.py`): every page as committed is
-what its sources render (benchmarks/results/*.json, the config dataclasses), a marker that cannot be
+"""The generated parts of README.md and docs/*.md (`python -m benchmarks.render_docs`): every page as
+committed is what its sources render (the results JSON, the config dataclasses), a marker that cannot be
 rendered fails by name, and the README stays a short door into docs/."""
 
 import json
@@ -10,28 +10,31 @@ from conftest import ROOT
 # The generated regions of the pages; others may be added, none may silently disappear.
 EXPECTED = {
     "config_reference", "weighter_options",
-    "block_bench", "family_bench", "ep_bench", "balance_study", "export_comparison", "model_step_bench",
-    "mfu_bench", "profile_step", "loss_bench", "packing_bench", "memory_bench", "inference_bench",
-    "quality_study",
+    "family_block", "family", "ep", "balance_study", "export_comparison", "step", "step_mfu", "step_profile",
+    "loss", "step_packing", "memory", "inference", "quality_study",
 }  # fmt: skip
 
 
 @pytest.fixture
-def rr(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import `harness` as top-level
-    import render_docs
+def rr():
+    from benchmarks import render_docs
 
     return render_docs
 
 
-def fake_root(tmp_path, modules=(), results=()):
-    """A repository root with `benchmarks/NAME.py` for each (name, source) and a JSON per (name, record)."""
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    for name, source in modules:
-        (tmp_path / "benchmarks" / f"{name}.py").write_text(source)
-    for name, record in results:
-        (tmp_path / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(record))
-    return tmp_path
+@pytest.fixture
+def fake_sources(rr, tmp_path, monkeypatch):
+    """Importable modules NAME (given their code), each with `RESULT` at tmp/NAME.json; and their Sources."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(modules=(), results=()):
+        for name, source in modules:
+            (tmp_path / f"{name}.py").write_text(f"RESULT = {str(tmp_path / f'{name}.json')!r}\n{source}")
+        for name, record in results:
+            (tmp_path / f"{name}.json").write_text(json.dumps(record))
+        return {name: rr.Source(name) for name, _ in modules}
+
+    return make
 
 
 def test_pages_match_their_sources(rr):
@@ -39,10 +42,10 @@ def test_pages_match_their_sources(rr):
     for page in rr.pages():
         text = page.read_text()
         names |= {name for name, _, _ in rr.marker_spans(text)}
-        rendered = rr.render(text, ROOT)
+        rendered = rr.render(text)
         assert rendered == text, (
             f"{page}'s generated parts differ from their sources; run "
-            "`python benchmarks/render_docs.py`:\n" + rr.diff(text, rendered, page)
+            "`python -m benchmarks.render_docs`:\n" + rr.diff(text, rendered, page)
         )
     assert EXPECTED <= names, f"the pages lost the markers of {sorted(EXPECTED - names)}"
 
@@ -72,7 +75,7 @@ def test_readme_is_a_short_door_into_docs():
 
 
 def test_check_fails_on_a_stale_table_and_passes_on_a_fresh_one(rr, tmp_path, capsys):
-    marked = rr.render("<!-- bench:balance_study -->\n<!-- /bench:balance_study -->\n", ROOT)
+    marked = rr.render("<!-- bench:balance_study -->\n<!-- /bench:balance_study -->\n")
     fresh, stale = tmp_path / "fresh.md", tmp_path / "stale.md"
     fresh.write_text(marked)
     stale.write_text(marked.replace("| 1.221 |", "| 1.222 |"))
@@ -87,41 +90,38 @@ def test_check_fails_on_a_stale_table_and_passes_on_a_fresh_one(rr, tmp_path, ca
     assert stale.read_text() != marked  # --check never writes
 
 
-def test_only_the_text_between_markers_is_rewritten(rr, tmp_path):
+def test_only_the_text_between_markers_is_rewritten(rr, fake_sources):
     source = "def render_markdown(result):\n    return f\"| x |\\n|---|\\n| {result['x']} |\"\n"
-    root = fake_root(tmp_path, modules=[("fake_table", source)], results=[("fake_table", {"x": 3})])
+    sources = fake_sources(modules=[("fake_table", source)], results=[("fake_table", {"x": 3})])
     readme = "intro 1.0\n\n<!-- bench:fake_table -->\n| x |\n| 2 |\n<!-- /bench:fake_table -->\n\noutro 2.0\n"
 
-    rendered = rr.render(readme, root)
+    rendered = rr.render(readme, sources)
     start, end = "<!-- bench:fake_table -->", "<!-- /bench:fake_table -->"
     assert rendered == f"intro 1.0\n\n{start}\n\n| x |\n|---|\n| 3 |\n\n{end}\n\noutro 2.0\n"
-    assert rr.render(rendered, root) == rendered
+    assert rr.render(rendered, sources) == rendered
 
 
-def test_a_marker_without_its_json_fails_by_name(rr, tmp_path):
-    root = fake_root(tmp_path)  # no results at all
-    readme = "<!-- bench:block_bench -->\nold table\n<!-- /bench:block_bench -->\n"
-    with pytest.raises(
-        rr.RenderError, match=r"<!-- bench:block_bench -->: no results file .*block_bench\.json"
-    ):
-        rr.render(readme, root)
+def test_a_marker_without_a_source_or_its_json_fails_by_name(rr, fake_sources):
+    sources = fake_sources(modules=[("no_json", "def render_markdown(result):\n    return ''\n")])
+    with pytest.raises(rr.RenderError, match=r"<!-- bench:no_json -->: no results file .*no_json\.json"):
+        rr.render("<!-- bench:no_json -->\nold table\n<!-- /bench:no_json -->\n", sources)
+    with pytest.raises(rr.RenderError, match=r"<!-- bench:unknown -->: no source"):
+        rr.render("<!-- bench:unknown -->\n<!-- /bench:unknown -->\n", sources)
 
 
-def test_a_module_without_render_markdown_fails_by_name(rr, tmp_path):
-    root = fake_root(tmp_path, modules=[("no_renderer", "X = 1\n")], results=[("no_renderer", {})])
+def test_a_module_without_render_markdown_fails_by_name(rr, fake_sources):
+    sources = fake_sources(modules=[("no_renderer", "X = 1\n")], results=[("no_renderer", {})])
     readme = "<!-- bench:no_renderer -->\n<!-- /bench:no_renderer -->\n"
-    with pytest.raises(
-        rr.RenderError, match=r"<!-- bench:no_renderer -->: .*no_renderer\.py has no render_markdown"
-    ):
-        rr.render(readme, root)
+    with pytest.raises(rr.RenderError, match=r"<!-- bench:no_renderer -->: no_renderer has no MODE"):
+        rr.render(readme, sources)
 
 
-def test_a_json_of_another_schema_fails_by_name(rr, tmp_path):
+def test_a_json_of_another_schema_fails_by_name(rr, fake_sources):
     source = "def render_markdown(result):\n    return result['median_ms']\n"
-    root = fake_root(tmp_path, modules=[("old_schema", source)], results=[("old_schema", {"median_s": 1})])
+    sources = fake_sources(modules=[("old_schema", source)], results=[("old_schema", {"median_s": 1})])
     readme = "<!-- bench:old_schema -->\n<!-- /bench:old_schema -->\n"
-    with pytest.raises(rr.RenderError, match=r"<!-- bench:old_schema -->: render_markdown failed .*KeyError"):
-        rr.render(readme, root)
+    with pytest.raises(rr.RenderError, match=r"<!-- bench:old_schema -->: rendering failed .*KeyError"):
+        rr.render(readme, sources)
 
 
 @pytest.mark.parametrize(
@@ -132,6 +132,6 @@ def test_a_json_of_another_schema_fails_by_name(rr, tmp_path):
         "text\n<!-- /bench:a -->\n",  # closed, never opened
     ],
 )
-def test_unpaired_markers_fail(rr, tmp_path, readme):
+def test_unpaired_markers_fail(rr, readme):
     with pytest.raises(rr.RenderError, match="bench:a"):
-        rr.render(readme, fake_root(tmp_path))
+        rr.render(readme, {})

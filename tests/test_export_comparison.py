@@ -1,37 +1,32 @@
-"""The export comparison (`benchmarks/export_comparison.py`) on a tiny faded run: every row is scored,
+"""The export comparison (`python -m experiments.export_comparison`) on a tiny faded run: every row is scored,
 the exact row keeps all of the gain, the export reloads without mtmoe, and the JSON renders as the README
 table."""
 
+import dataclasses
 import json
 import sys
 
 import pytest
-from conftest import ROOT, run_cmd
+from conftest import run_cmd
+
+from experiments import export_comparison as comparison
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def comparison(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import `harness` as top-level
-    import export_comparison
-
-    return export_comparison
-
-
-def test_every_merge_and_pruning_level_is_scored_and_the_faded_export_is_exact(
-    demo_data, tmp_path, comparison, capsys
-):
+def test_every_merge_and_pruning_level_is_scored_and_the_faded_export_is_exact(demo_data, tmp_path, capsys):
     run = tmp_path / "run"
     run_cmd([sys.executable, "launch/train.py", "--config", "launch/recipes/tiny.yaml",
              f"data.tokenized={demo_data}", f"train.output_dir={run}", "train.steps=6",
              "moe.fade_fraction=0.5"])  # fmt: skip
-    settings = comparison.Settings(samples=3, ada_steps=2, ada_samples=1, batch=2, seq=16, rounds=2, warmup=0)
+    settings = dataclasses.replace(
+        comparison.load_settings(), samples=3, ada_steps=2, ada_samples=1, batch=2, seq=16, rounds=2, warmup=0
+    )
     result = comparison.run_comparison(run, settings)
 
     rows = result["rows"]
     assert [(r["method"], r["experts_kept"]) for r in rows[1:]] == [
-        (m, k) for m in comparison.METHODS for k in (4, 2, 1)
+        (m, k) for m in settings.methods for k in (4, 2, 1)
     ]
     exact = rows[0]
     assert (exact["weights"], exact["method"], exact["experts_kept"]) == ("fade", "average", 4)

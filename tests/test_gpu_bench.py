@@ -1,19 +1,14 @@
-"""The prepared GPU benchmark runs end to end on CPU (tiny config), and its objective check bites."""
+"""The step benchmark's prepared GPU mode runs end to end on CPU (tiny config), and its objective check
+bites."""
 
 import pytest
-from conftest import ROOT
+
+from benchmarks import cli
+from benchmarks.step import gpu as gb
 
 
-@pytest.fixture
-def gb(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import gpu_bench
-
-    return gpu_bench
-
-
-def test_gpu_bench_runs_on_cpu_and_counts_what_it_times(gb):
-    result = gb.main(["--configs", "tiny", "--device", "cpu", "--quick"])
+def test_gpu_bench_runs_on_cpu_and_counts_what_it_times():
+    result = cli.main("gpu", gb.MODE, ["--configs", "tiny", "--device", "cpu", "--quick"])
     r = result["configs"]["tiny"]
     losses = r["losses_fresh_adapters"]
     assert losses["peft_lora_r16"] == pytest.approx(losses["frozen_floor"], rel=1e-4)
@@ -25,7 +20,7 @@ def test_gpu_bench_runs_on_cpu_and_counts_what_it_times(gb):
     assert table.count("| tiny |") == 3
 
 
-def test_objective_check_refuses_a_step_with_another_loss(gb):
+def test_objective_check_refuses_a_step_with_another_loss():
     steps = {"mtmoe": lambda: 2.0, "peft_lora_r16": lambda: 2.5, "frozen_floor": lambda: 2.0}
     with pytest.raises(AssertionError):
         gb.check_objective(steps, "float32")

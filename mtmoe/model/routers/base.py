@@ -131,7 +131,10 @@ def router_class(name: str) -> type[Router]:
 
 def router_options(cfg: MoEConfig) -> Any:
     """`moe.router_options` as the chosen router's options dataclass (keys and types checked)."""
-    return build_section(router_class(cfg.router).options, cfg.router_options, "moe.router_options.")
+    try:
+        return build_section(router_class(cfg.router).options, cfg.router_options, "moe.router_options.")
+    except ValueError as e:  # a recipe's options of one router, with another chosen by an override
+        raise ValueError(f"{e} (the options of moe.router={cfg.router})") from None
 
 
 def check_family(cfg: MoEConfig) -> None:

@@ -1,44 +1,30 @@
 """Expert parallelism on 2 processes: one MoE-LoRA block step with `ep_size` 2 against replicated experts.
 
-Two real gloo processes each hold 4 x 128 tokens at SmolLM2-135M's FFN shape (D 576, F 1536, top-2).
-A step is the block's forward and backward plus the gradient reduction each layout needs:
+Two gloo processes each hold 4 x 128 tokens at SmolLM2-135M's FFN shape, top-2. A step is the block's
+forward and backward plus the gradient reduction its layout needs: `replicated` all-reduces expert and
+router gradients; `ep2` moves assignment rows to their expert's owner and back by all-to-all and
+all-reduces only the router's. Two expert sizes; the ep2 step's parts (router, dispatch, all-to-all) are
+timed as variants of their own. Wall clock after a barrier, the slower rank, interleaved rounds.
 
-    replicated: every rank holds all E experts; expert and router gradients are all-reduced over both
-        ranks (what DeepSpeed does for `ep_size` 1).
-    ep2: each rank holds E/2 experts; assignment rows go to their expert's owner and back by
-        all-to-all; expert gradients need no reduction (the expert-data-parallel group has one rank),
-        router gradients are all-reduced.
-
-Two expert sizes: `small` (E 4, LoRA rank 8: the demo's experts) and `large` (E 8, rank 256).
-For `ep2` the parts are timed too, each as its own variant: the router (forward and backward), the
-dispatch (sort and capacity index math) and the two all-to-all exchanges with their backward (rows of
-the real sizes, experts replaced by the identity). Their share is reported against the ep2 step.
-
-Timing: wall clock (the exchanges block on the peer, so CPU time would hide them), after a barrier,
-the slower rank's time, variants interleaved and rotated each round, median of the rounds.
-
-Run:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ep_bench.py           # full, writes JSON
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ep_bench.py --quick   # short, prints only
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.ep [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import statistics
-import sys
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_cli import result_path, write_result
-from block_bench import SwiGLU
-from harness import CliDefaults, Table, format_table, machine_info, parse_cli, rotated
-from md_tables import paragraph, table
 from torch import nn
 
+from benchmarks import cli
+from benchmarks.harness import machine_info, summarize, time_rounds, timing_settings
+from benchmarks.reference import SwiGLU
+from benchmarks.tables import paragraph, table
 from mtmoe.model.block import MoELoRAFFN, RoutingContext
 from mtmoe.model.dispatch import dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
@@ -49,8 +35,7 @@ from mtmoe.parallel.expert_parallel import ExpertPlacement, expert_parallel_appl
 WORLD = 2
 SHAPE = {"batch": 4, "seq": 128, "hidden": 576, "ffn": 1536, "top_k": 2}
 SIZES = {"small": {"experts": 4, "rank": 8}, "large": {"experts": 8, "rank": 256}}
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ep_bench.json"
-CLI = CliDefaults(rounds=8, iters=3, warmup=2, quick=(2, 1, 1), iter_name="steps", out=DEFAULT_OUT)
+CLI = cli.CliDefaults(cli.RESULTS / "ep.json", rounds=8, iters=3, warmup=2, quick=(2, 1, 1))
 STEPS = ("replicated", "ep2")
 PARTS = ("ep2_router", "ep2_dispatch", "ep2_all_to_all")
 
@@ -135,25 +120,6 @@ def make_variants(size: dict, rank: int, ep_group) -> tuple[dict, dict]:
     return steps, info
 
 
-def time_variants(steps: dict, rounds: int, iters: int, warmup: int) -> dict[str, list[float]]:
-    """Per variant, the slower rank's wall time per step (ms) of every round."""
-    names = list(steps)
-    for name in names:
-        for _ in range(warmup):
-            steps[name]()
-    per_round: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in rotated(names, r):
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                steps[name]()
-            ms = torch.tensor((time.perf_counter() - t0) / iters * 1e3)
-            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-            per_round[name].append(float(ms))
-    return per_round
-
-
 def _worker(rank: int, port: int, rounds: int, iters: int, warmup: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -162,19 +128,22 @@ def _worker(rank: int, port: int, rounds: int, iters: int, warmup: int, queue) -
     result = {}
     for size_name, size in SIZES.items():
         steps, info = make_variants(size, rank, group)
-        per_round = time_variants(steps, rounds, iters, warmup)
-        median = {n: statistics.median(t) for n, t in per_round.items()}
+        per_round = time_rounds(
+            steps,
+            rounds,
+            iters,
+            warmup,
+            scale=1e3,
+            clock=time.perf_counter,
+            before=dist.barrier,
+            reduce=slowest,
+        )
+        summary = summarize(per_round, "replicated", "ms")  # median_ms, ratio_to_replicated, ...per_round...
+        median = summary["median_ms"]
         result[size_name] = {
             **size,
             **info,
-            "median_ms": median,
-            "ratio_to_replicated": {n: median[n] / median["replicated"] for n in STEPS},
-            "median_per_round_ratio_to_replicated": {
-                n: statistics.median(
-                    a / b for a, b in zip(per_round[n], per_round["replicated"], strict=True)
-                )
-                for n in STEPS
-            },
+            **summary,
             "share_of_ep2_step": {n: median[n] / median["ep2"] for n in PARTS},
             "per_round_ms": per_round,
         }
@@ -184,8 +153,16 @@ def _worker(rank: int, port: int, rounds: int, iters: int, warmup: int, queue) -
     dist.destroy_process_group()
 
 
-def run(rounds: int, iters: int, warmup: int) -> dict:
+def slowest(ms: float) -> float:
+    """The slowest rank's time."""
+    t = torch.tensor(ms)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Times both expert sizes in 2 processes; returns the result record."""
+    rounds, iters, warmup = args.rounds, args.iters, args.warmup
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(
@@ -193,39 +170,16 @@ def run(rounds: int, iters: int, warmup: int) -> dict:
     )
     sizes = queue.get()
     return {
-        "benchmark": "ep_bench",
+        "benchmark": "ep",
         "shape": SHAPE,
         "world": WORLD,
         "backend": "gloo",
         "sizes": sizes,
-        "timing": {
-            "clock": "time.perf_counter (wall), after a barrier; the slower rank",
-            "rounds": rounds,
-            "iters_per_round": iters,
-            "warmup_iters": warmup,
-            "order": "interleaved, rotated each round",
-        },
+        "timing": timing_settings(
+            rounds, iters, warmup, clock="time.perf_counter (wall), after a barrier; the slower rank"
+        ),
         "machine": machine_info(),
     }
-
-
-TABLE = Table(
-    [f"{s}/{v}" for s in SIZES for v in (*STEPS, *PARTS)],
-    header=f"{'size/variant':<26}{'median ms':>11}{'x replicated':>14}{'share of ep2':>14}",
-    row="{name:<26}{ms:>11.1f}{ratio:>14}{share:>14}",
-)
-
-
-def flat_rows(result: dict) -> dict:
-    """The per-row fields of the printed table."""
-    ms, ratio, share = {}, {}, {}
-    for s, r in result["sizes"].items():
-        for v in (*STEPS, *PARTS):
-            key = f"{s}/{v}"
-            ms[key] = r["median_ms"][v]
-            ratio[key] = f"{r['ratio_to_replicated'][v]:.2f}" if v in STEPS else ""
-            share[key] = f"{r['share_of_ep2_step'][v]:.1%}" if v in PARTS else ""
-    return {"ms": ms, "ratio": ratio, "share": share}
 
 
 README_NOTES = {"small": " (the demo's)"}  # after a size's row label
@@ -238,7 +192,7 @@ def render_markdown(result: dict) -> str:
     Pure: no I/O and no timing. Every number comes from `result`.
 
     Args:
-        result: The record `run` returns (as written to `results/ep_bench.json`).
+        result: The record `run` returns (as written to `results/ep.json`).
 
     Returns:
         The caption; per expert size, the expert parameters per rank, both layouts' median ms, the ratio
@@ -247,8 +201,8 @@ def render_markdown(result: dict) -> str:
     """
     s, sizes, timing = result["shape"], result["sizes"], result["timing"]
     caption = paragraph(
-        f"**Expert parallelism on {result['world']} processes** (`benchmarks/ep_bench.py` → "
-        "`benchmarks/results/ep_bench.json`). One block's forward and backward plus its gradient "
+        f"**Expert parallelism on {result['world']} processes** (`python -m benchmarks.ep` → "
+        "`benchmarks/results/ep.json`). One block's forward and backward plus its gradient "
         f"reduction, at SmolLM2's FFN shape (D={s['hidden']}, F={s['ffn']}) with {s['batch']} × {s['seq']} "
         f"tokens per rank and top-{s['top_k']}, on {result['world']} {result['backend']} processes. Times "
         f"are wall clock, the slower rank, with medians over {timing['rounds']} interleaved rounds:"
@@ -300,15 +254,12 @@ def _megabytes(params: int) -> str:
     return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parses the command line, runs, prints the table and writes the JSON."""
-    args = parse_cli(__doc__.splitlines()[0], argv, CLI)
-    result = run(args.rounds, args.iters, args.warmup)
-    result["quick"] = args.quick
-    print(format_table(flat_rows(result), TABLE))
-    write_result(result, result_path(args.out, args.quick, CLI.out))
-    return result
+MODE = cli.Mode(CLI, run, render_markdown)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli.main(__doc__.splitlines()[0], MODE, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

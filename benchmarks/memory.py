@@ -1,50 +1,12 @@
 """Peak memory of a training step of the real SmolLM2-135M: mtmoe against full fine-tuning with AdamW.
 
-fp32, CPU, one thread. Each variant runs in its own fresh process (`--child`), which imports the same
-modules (torch, transformers, peft, mtmoe and with it deepspeed), builds its model, and takes two full
-training steps (clear grads, forward, backward, `torch.optim.AdamW.step()`), so the optimizer state
-exists while the second step peaks. The peak is the process's peak resident set size,
-`resource.getrusage(RUSAGE_SELF).ru_maxrss`; the child also records `VmHWM` from `/proc/self/status`
-(the peak of its own address space, which a fork cannot inherit) and the parent imports nothing heavy
-before the children run, so neither can carry the parent's memory. The step's time is the CPU time
-(`time.process_time`) of the second step.
+fp32, CPU, one thread. Each variant runs in a fresh process (`--child`) that imports the same modules,
+builds its model and takes two AdamW steps, so the optimizer state exists while the second step peaks.
+The peak is the child's `getrusage(RUSAGE_SELF).ru_maxrss` (and `VmHWM`); the parent imports nothing
+heavy before the children run. Step memory is the peak less the RSS after the imports. Each (shape,
+variant) runs `--repeats` times, interleaved; medians. benchmarks/README.md lists the variants and shapes.
 
-Every variant sees the same seeded tokens: `batch` x `seq` random tokens, the loss on a fixed random
-~25% of positions (never position 0), one task.
-
-Variants:
-    full_ft_adamw: the plain HF model (`AutoModelForCausalLM` from the cached folder mtmoe loads), every
-        parameter trainable, HF causal-LM loss via `labels` (-100 off the mask). The baseline.
-    full_ft_grad_ckpt: the same with HF's non-reentrant gradient checkpointing.
-    mtmoe: `build_model` with `launch/recipes/demo.yaml` (4 experts, top-2, rank 8 on all 30 FFNs); loss
-        = target CE (LM head only at the target positions) + the weighted router loss; AdamW on its
-        trainable parameters.
-    mtmoe_grad_ckpt: the same with `model.gradient_checkpointing=true`, which `build_model` (the training
-        loop's path) turns into HF's non-reentrant gradient checkpointing.
-    mtmoe_bf16_base_grad_ckpt: the same with `model.frozen_dtype=bfloat16`: the frozen base's Linear and
-        Embedding weights stored in bf16 (loaded tensor by tensor from the fp32 file), activations,
-        LoRA, routers and AdamW in fp32. Its base is the fp32 base rounded to bf16.
-    peft_lora_r16: PEFT `LoraConfig(r=16, lora_alpha=32)` on gate/up/down, HF loss via `labels`, AdamW
-        on the LoRA factors. For reference.
-    idle: imports and the loaded base model, every weight read once (the weights are mapped from the
-        safetensors file lazily, so they only become resident when touched), no step: the fixed cost
-        every variant pays.
-
-Besides the peak RSS, each run reports its step memory: the peak less the RSS after the imports (the
-libraries' code and data, alike in every variant), the analogue of a GPU's memory allocated. Shapes:
-4 x 128 (the batch of the other benchmarks); the same with glibc's mmap threshold fixed at 1 MiB, which
-shows the allocator's share; 8 x 512, where activations matter more, with full FT and mtmoe each with
-and without gradient checkpointing; and 8 x 512 with the fixed mmap threshold (full FT, and both with
-checkpointing). Issue #8's target (mtmoe's peak RSS <= 0.35x full fine-tuning's, with or without
-checkpointing; the issue names no batch) is reported at every shape. Each (shape, variant) runs
-`--repeats` times, interleaved (all variants once, then again), and the medians are reported.
-
-Run from the repository root (the base model is the cached HF folder under .cache/):
-    OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_bench.py
-    ... --quick            # 1 repeat of the 4 x 128 shape; prints only
-    ... --quick --tiny     # the smoke test: every variant's code path on a tiny random Llama
-    ... --shapes 4x128     # only the listed shapes
-    ... --render benchmarks/results/memory_bench.json   # only print the README tables of a JSON
+    OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.memory [--quick]
 
 Importing this module is cheap (standard library only); torch and the models load in the children.
 """
@@ -61,28 +23,16 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench_cli import (
-    TINY_HELP,
-    TINY_OVERRIDES,
-    check_tiny,
-    print_rendered,
-    result_path,
-    warn_unless_one_thread,
-    write_result,
-)
+from benchmarks import cli
+from benchmarks.tables import bold_if, table
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "memory_bench.json"
-VOCAB = 49152
 LOSS_FRACTION = 0.25
 STEPS = 2
 LR = 5e-4  # the demo recipe's; the value does not change the memory
-PEFT_LORA = {"r": 16, "lora_alpha": 32, "target_modules": ["gate_proj", "up_proj", "down_proj"]}
 BASELINE = "full_ft_adamw"
 VARIANTS = (
     BASELINE,
@@ -188,14 +138,14 @@ def import_stack() -> None:
     import torch
     import transformers  # noqa: F401
 
-    import mtmoe.model.moe_lm  # noqa: F401  (imports deepspeed too)
+    import benchmarks.models  # noqa: F401  (imports mtmoe, and with it deepspeed)
 
     torch.set_num_threads(1)
 
 
 def make_batch(batch: int, seq: int, seed: int) -> dict[str, Any]:
     """Seeded random tokens, no padding, a fixed random loss mask (~25%, never position 0), one task."""
-    from harness import random_batch  # the child runs from this folder; harness imports torch
+    from benchmarks.models import VOCAB, random_batch
 
     return random_batch(batch, seq, VOCAB, LOSS_FRACTION, seed)
 
@@ -228,15 +178,9 @@ def hf_loss(model: Any) -> Callable[[dict[str, Any]], Any]:
     return loss
 
 
-def recipe(tiny: bool, overrides: Sequence[str] = ()) -> Any:
-    """The demo recipe's config (on a tiny random Llama when `tiny`), with `overrides`."""
-    from mtmoe.config import load_config
-
-    return load_config(RECIPE, [*(TINY_OVERRIDES if tiny else ()), *overrides])
-
-
 def base_model(tiny: bool) -> Any:
     """The recipe's frozen base model as transformers loads it (SmolLM2-135M, or the tiny Llama)."""
+    from benchmarks.models import VOCAB, recipe
     from mtmoe.model.moe_lm import build_base
 
     return build_base(recipe(tiny), VOCAB)
@@ -254,22 +198,20 @@ def build_full_ft(tiny: bool, grad_ckpt: bool = False) -> Trainee:
 
 def build_peft(tiny: bool) -> Trainee:
     """The base model with one plain rank-16 LoRA on every FFN projection."""
-    from peft import LoraConfig, get_peft_model
+    from benchmarks.models import build_peft, recipe
 
-    config = LoraConfig(
-        r=PEFT_LORA["r"], lora_alpha=PEFT_LORA["lora_alpha"], target_modules=PEFT_LORA["target_modules"]
-    )
-    model = get_peft_model(base_model(tiny), config).train()
+    model = build_peft(recipe(tiny))
     return Trainee(model, hf_loss(model))
 
 
 def build_mtmoe(tiny: bool, grad_ckpt: bool, frozen_dtype: str = "float32") -> Trainee:
     """The demo recipe's mtmoe model; `grad_ckpt` and `frozen_dtype` set the recipe's keys of those names."""
-    from mtmoe.model.moe_lm import build_model
+    from benchmarks.models import build_mtmoe, recipe
 
     ckpt = str(grad_ckpt).lower()
-    cfg = recipe(tiny, [f"model.gradient_checkpointing={ckpt}", f"model.frozen_dtype={frozen_dtype}"])
-    model = build_model(cfg, VOCAB, num_tasks=1).train()
+    model = build_mtmoe(
+        recipe(tiny, [f"model.gradient_checkpointing={ckpt}", f"model.frozen_dtype={frozen_dtype}"])
+    )
 
     def loss(b: dict[str, Any]) -> Any:
         loss_BS, aux = model(b["input_ids"], b["attention_mask"], b["loss_mask"], b["task_ids"])
@@ -380,7 +322,7 @@ def run_child(
         env: Environment variables set for the child on top of this process's.
         tiny: The smoke test's tiny random Llama instead of SmolLM2.
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant]
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--child", variant]
     cmd += ["--batch", str(shape.batch), "--seq", str(shape.seq), "--seed", str(seed)]
     cmd += ["--tiny"] if tiny else []
     t0 = time.perf_counter()
@@ -444,11 +386,6 @@ def summarize_shape(shape: Shape, runs: Mapping[str, Sequence[Mapping[str, Any]]
     return summary
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of the libraries the variants use (from package metadata, no import)."""
-    return {name: metadata.version(name) for name in ("torch", "transformers", "peft", "deepspeed")}
-
-
 def target_record(shapes: Mapping[str, Any]) -> dict[str, Any] | None:
     """Issue #8's memory target at every shape that measured full FT and mtmoe (None if none did).
 
@@ -480,22 +417,21 @@ def target_record(shapes: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def run(
-    shapes: Sequence[Shape], repeats: int, seed: int, env: Mapping[str, str], tiny: bool = False
-) -> dict[str, Any]:
-    """Runs every shape's variants in fresh processes; returns the result record.
-
-    Args:
-        shapes: The batch shapes, each with its variants.
-        repeats: Fresh processes per (shape, variant), interleaved.
-        seed: Seed of the tokens and of the adapters' initialisation.
-        env: Environment variables set for every child (e.g. glibc malloc tunables).
-        tiny: The smoke test's tiny random Llama instead of SmolLM2 (the numbers mean nothing).
-    """
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every shape's variants in fresh processes (`--quick`: 4x128 once); returns the result record."""
+    known = {s.name: s for s in SHAPES}
+    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in known]:
+        raise SystemExit(f"--shapes: unknown {unknown}; choose from {', '.join(known)}")
+    if bad := [item for item in args.child_env if "=" not in item or not item.partition("=")[0]]:
+        raise SystemExit(f"--child-env: expected KEY=VALUE, got {bad}")
+    env = dict(item.split("=", 1) for item in args.child_env)
+    shapes, repeats = ([SHAPES[0]], 1) if args.quick else ([known[n] for n in names], args.repeats)
+    seed, tiny = args.seed, args.tiny
     t0 = time.perf_counter()
     measured = {s.name: summarize_shape(s, run_shape(s, repeats, seed, env, tiny)) for s in shapes}
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from harness import machine_info  # imports torch: only after the children ran
+    from benchmarks.harness import machine_info, versions  # imports torch: only after the children ran
+    from benchmarks.models import PEFT_LORA
 
     return {
         "benchmark": f"{'tiny random Llama (smoke test)' if tiny else 'SmolLM2-135M-Instruct'} peak RSS of a "
@@ -523,9 +459,6 @@ def run(
     }
 
 
-# ------------------------------------------------------------------------------------------ markdown
-
-
 def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
@@ -536,22 +469,13 @@ def shape_table(summary: Mapping[str, Any]) -> str:
     ratio = summary[f"peak_ratio_to_{BASELINE}"]
     step_mib = summary.get("median_step_mib", {})
     step_ratio = summary.get(f"step_mib_ratio_to_{BASELINE}", {})
-    lines = [
-        "| variant | peak RSS MiB | × full FT | step MiB (peak − imports) | × full FT | step CPU s |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for v in peak:
-        bold = "**" if v in TARGET_VARIANTS else ""
-        cells = [
-            LABELS.get(v, v),
-            f"{peak[v]:.0f}",
-            f"{bold}{ratio[v]:.2f}{bold}",
-            _fmt(step_mib.get(v), ".0f"),
-            _fmt(step_ratio.get(v), ".2f"),
-            _fmt(step[v], ".2f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [LABELS.get(v, v), f"{peak[v]:.0f}", bold_if(f"{ratio[v]:.2f}", v in TARGET_VARIANTS),
+         _fmt(step_mib.get(v), ".0f"), _fmt(step_ratio.get(v), ".2f"), _fmt(step[v], ".2f")]
+        for v in peak
+    ]  # fmt: skip
+    header = ["variant", "peak RSS MiB", "× full FT", "step MiB (peak − imports)", "× full FT", "step CPU s"]
+    return table(header, rows, "lrrrrr")
 
 
 def grad_ckpt_line(summary: Mapping[str, Any]) -> str:
@@ -594,61 +518,36 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 repeat of the 4x128 shape; prints only")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per variant and shape")
-    parser.add_argument(
-        "--shapes",
-        default=",".join(s.name for s in SHAPES),
-        help=f"comma-separated, from: {','.join(s.name for s in SHAPES)}",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
-    parser.add_argument("--render", type=Path, default=None, help="only print the markdown of this JSON")
-    parser.add_argument("--tiny", action="store_true", help=TINY_HELP)
-    parser.add_argument(
-        "--child-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
+def arguments(p: argparse.ArgumentParser) -> None:
+    """`--repeats`, `--shapes`, `--seed`, `--child-env`."""
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per variant and shape")
+    names = ",".join(s.name for s in SHAPES)
+    p.add_argument("--shapes", default=names, help=f"comma-separated, from: {names}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--child-env", action="append", default=[], metavar="KEY=VALUE",
         help="set in every child's environment (repeatable), e.g. MALLOC_MMAP_THRESHOLD_=1048576",
-    )
-    parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    known = {s.name: s for s in SHAPES}
-    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in known]:
-        parser.error(f"--shapes: unknown {unknown}; choose from {', '.join(known)}")
-    args.shapes = [known[n] for n in names]
-    if bad := [item for item in args.child_env if not item.partition("=")[0] or "=" not in item]:
-        parser.error(f"--child-env: expected KEY=VALUE, got {bad}")
-    args.child_env = dict(item.split("=", 1) for item in args.child_env)
-    if args.quick:
-        args.repeats, args.shapes = 1, [SHAPES[0]]
-    if args.child is None:
-        check_tiny(parser, args.tiny, args.quick, args.out is not None)
-    return args
+    )  # fmt: skip
+
+
+CLI = cli.CliDefaults(
+    cli.RESULTS / "memory.json", quick_help="1 repeat of the 4x128 shape; prints only", tiny=True
+)
+MODE = cli.Mode(CLI, run, render_markdown, arguments=arguments)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    args = parse_args(argv)
-    if args.child is not None:
-        print(CHILD_TAG + json.dumps(measure(args.child, args.batch, args.seq, args.seed, args.tiny)))
-        return None
-    if args.render is not None:
-        return print_rendered(args.render, render_markdown)
-    warn_unless_one_thread()
-    result = {**run(args.shapes, args.repeats, args.seed, args.child_env, args.tiny), "quick": args.quick}
-    print(render_markdown(result))
-    print(f"{result['wall_s'] / 60:.1f} min wall")
-    write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))
-    return result
+    """Runs the benchmark; with `--child VARIANT` (internal) measures one variant in this process."""
+    child = argparse.ArgumentParser()
+    child.add_argument("--child", choices=VARIANTS)
+    for flag in ("--batch", "--seq", "--seed"):
+        child.add_argument(flag, type=int)
+    child.add_argument("--tiny", action="store_true")
+    known, _ = child.parse_known_args(argv)
+    if known.child is None:
+        return cli.main(__doc__.splitlines()[0], MODE, argv)
+    print(CHILD_TAG + json.dumps(measure(known.child, known.batch, known.seq, known.seed, known.tiny)))
+    return None
 
 
 if __name__ == "__main__":

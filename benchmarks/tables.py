@@ -1,7 +1,6 @@
-"""Markdown helpers for the benchmark scripts' `render_markdown` functions.
+"""Markdown for the docs: tables and wrapped paragraphs for the benchmarks' renderers.
 
-Pure string functions: no torch, no I/O, so a script's table renders without building anything. The
-folder is not a package; scripts import this module as `md_tables` (their folder is first on `sys.path`).
+Pure string functions: no torch, no I/O, so a benchmark's table renders without building anything.
 """
 
 from __future__ import annotations
@@ -14,14 +13,7 @@ _ALIGN = {"l": "---", "r": "---:"}
 
 
 def paragraph(text: str) -> str:
-    """Wraps one paragraph to the README's line width.
-
-    Args:
-        text: The paragraph, on one line.
-
-    Returns:
-        The paragraph wrapped at `WIDTH`, never inside a word or at a hyphen.
-    """
+    """Wraps one paragraph (given on one line) at `WIDTH`, never inside a word or at a hyphen."""
     return textwrap.fill(text, WIDTH, break_long_words=False, break_on_hyphens=False)
 
 

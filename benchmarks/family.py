@@ -1,63 +1,34 @@
-"""Micro-benchmark of the three expert families against the dense FFN and a plain LoRA, with router shares.
+"""One MoE-LoRA FFN block of each expert family against the dense FFN and a plain LoRA, forward + backward.
 
-Forward + backward, fp32, one CPU thread, at SmolLM2-135M's FFN shape (D=576, F=1536, 4 x 128 tokens),
-E=4 experts, rank 8 per expert. Every variant gets an input that requires grad and a real random output
-grad; frozen weights stay frozen, only LoRA factors and routers train.
+fp32, one CPU thread, SmolLM2-135M's FFN shape. Two modes (benchmarks/README.md has the variants):
+    families: every family, the router/dispatch and index-op parts, HF's Mixtral block; issue #4's
+        targets timed paired (variant and baseline alternating) → results/family.json.
+    block: the upcycled block against the dense FFN, a plain LoRA and a naive per-expert FFN with
+        W + ΔW_e → results/family_block.json.
+Every mtmoe variant is asserted equal to its reference (output and every grad) before timing.
 
-Variants:
-    dense_ffn: the frozen SwiGLU FFN alone (input grad only).
-    dense_lora_kr: the frozen FFN with one plain LoRA of rank K·r = 16 on gate, up and down — the
-        baseline of the MoE-LoRA blocks (the same trainable rank per token).
-    upcycled: `MoELoRAFFN`, 4 experts, top-2, rank 8.
-    upcycled_router_dispatch: its router forward + backward (gate weights and the aux and z losses) and
-        `dispatch()`, on the same tokens.
-    upcycled_index_ops: the gathers (N rows of x, W1 x, W3 x) and combines (N rows of h and of ΔW2 h) of
-        the composed path, standalone, forward + backward. The block's fast path runs them fused on
-        cache-sized row blocks, so this is an upper bound of their share.
-    moefied_soft: `MoEfiedFFN`, soft router over E=4 slices, rank 8 per slice (every slice runs).
-    moefied_top1: `MoEfiedFFN`, top-1 of E=4 slices: a quarter of the neurons per token.
-    moefied_top1_router_dispatch, moefied_top1_index_ops: as for upcycled (x gathered, N×D combined).
-    native: `NativeMoELoRA` on a Mixtral block of E=4 experts, each a full SwiGLU of width F, top-2,
-        rank 8 on every expert's gate, up and down. Each token runs two full-width experts, so its
-        frozen work is about twice the dense FFN's; the fair comparisons are the next two.
-    native_hf_frozen: HF's own `MixtralSparseMoeBlock` (the same weights), frozen, input grad only.
-    native_hf_lora_loop: HF's computation with LoRA added the obvious way: a Python loop over the hit
-        experts, each gathering its tokens and running W_e x + s (x A_e) B_e for gate, up and down (what
-        PEFT does on per-expert linears).
-
-Before timing the script asserts that each mtmoe variant computes what it should: upcycled equals a
-naive per-expert FFN with W + ΔW_e (output and every grad); moefied soft with ω ≡ 1 equals the dense FFN
-(fresh adapters) and the dense FFN with its LoRA folded in (random adapters); moefied top-1 equals its
-dense path with ω the one-hot of the chosen slice; native equals HF's block with fresh adapters and the
-LoRA loop with random ones (output and every grad).
-
-Timing is CPU time (`time.process_time`), interleaved rounds with the order rotated each round, the
-median per variant; ratios to `dense_lora_kr` and to `dense_ffn` from the same run. On the shared 2-core
-machine a variant's time drifts by up to ±20% over the seconds between its turns in a round, so each
-target is then timed on its own, paired: its variant and its baseline alternate one step each (rotated),
-for `PAIRED_PER_ROUND` x rounds pairs, and the target is met when the median of the pairs' ratios is
-within it. Both the paired ratio and the ratios of the main rounds are in the JSON.
-
-Run:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/family_bench.py           # full, writes JSON
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/family_bench.py --quick   # short, prints only
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family families [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family block [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from block_bench import NaiveMoELoRAFFN, PlainLoRAFFN, SwiGLU, check_equivalence, trainable_params
-from harness import CliDefaults, Table, cli_main, machine_info, summarize, time_rounds, timing_settings
-from md_tables import paragraph, table
 from torch import nn
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from benchmarks import cli
+from benchmarks.harness import machine_info, ratios, summarize, time_rounds, timing_settings
+from benchmarks.models import n_trainable, perturb_lora_b
+from benchmarks.reference import NaiveMoELoRAFFN, NativeLoRALoop, PlainLoRAFFN, SwiGLU
+from benchmarks.tables import bold_if, paragraph, table
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.dispatch import dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
@@ -80,7 +51,6 @@ SHAPES = {
     "native_expert_ffn": 1536,
     "native_top_k": 2,
 }
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "family_bench.json"
 VARIANTS = (
     "dense_ffn",
     "dense_lora_kr",
@@ -95,6 +65,9 @@ VARIANTS = (
     "native_hf_frozen",
     "native_hf_lora_loop",
 )
+# The block mode's variants, by the families' module each one times.
+BLOCK_VARIANTS = {"dense": "dense_ffn", "peft_style_lora": "dense_lora_kr", "mtmoe_block": "upcycled"}
+BLOCK_VARIANTS["naive_moe"] = "naive_moe"
 # (name, variant, baseline, bound): met when the median paired ratio variant / baseline <= bound.
 TARGETS = (
     ("upcycled_vs_dense_lora_kr", "upcycled", "dense_lora_kr", 1.15),
@@ -103,14 +76,7 @@ TARGETS = (
     ("moefied_top1_router_dispatch_share", "moefied_top1_router_dispatch", "moefied_top1", 0.15),
 )
 PAIRED_PER_ROUND = 3  # paired steps per target per main round
-CLI = CliDefaults(rounds=12, iters=3, warmup=2, quick=(2, 1, 1), iter_name="iterations", out=DEFAULT_OUT)
-TABLE = Table(
-    VARIANTS,
-    header=f"{'variant':<30}{'median ms':>11}{'x lora_kr':>11}{'x dense':>9}{'trainable':>11}",
-    row="{name:<30}{median_ms:>11.1f}{ratio_to_dense_lora_kr:>11.2f}{ratio_to_dense_ffn:>9.2f}"
-    "{trainable_params:>11,}",
-)
-# The README's variant rows, in order (labels formatted with the shapes); the names in bold are mtmoe's.
+# The docs' variant rows, in order (labels formatted with the shapes); the names in bold are mtmoe's.
 README_VARIANTS = {
     "dense_ffn": "dense frozen FFN",
     "dense_lora_kr": "dense FFN + LoRA rank k·r = {lora_rank} (baseline of the MoE-LoRA blocks)",
@@ -127,44 +93,14 @@ README_TARGETS = {
     "upcycled_router_dispatch_share": "router + dispatch, share of the upcycled block",
     "moefied_top1_router_dispatch_share": "router + dispatch, share of the MoEfied top-1 block",
 }
+BLOCK_LABELS = {
+    "dense": "dense frozen SwiGLU FFN (baseline)",
+    "peft_style_lora": "plain LoRA r{lora_rank} on gate/up/down",
+    "mtmoe_block": "**mtmoe MoE-LoRA block** (shared base, cache-blocked SwiGLU kernel)",
+    "naive_moe": "naive MoE-LoRA (a full FFN with W+ΔW per expert)",
+}
 
-
-def randomize_lora_b(*modules: nn.Module, std: float = 0.02) -> None:
-    """LoRA B factors start at zero; make the adapters non-trivial and the experts differ."""
-    with torch.no_grad():
-        for module in modules:
-            for name, p in module.named_parameters():
-                if name.endswith(("_b", "lora_b")):
-                    p.normal_(std=std)
-
-
-class NativeLoRALoop(nn.Module):
-    """HF's Mixtral expert loop with per-expert LoRA added the obvious way.
-
-    Shares a `NativeMoELoRA`'s router, frozen experts and LoRA factors, so both compute the same function.
-    """
-
-    def __init__(self, block: NativeMoELoRA):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """Loops the hit experts: gather tokens, frozen W_e plus LoRA per projection, weight, add back."""
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
-        blk, ex = self.block, self.block.experts
-        route = blk.router(x_TD)
-        out_TD = torch.zeros_like(x_TD)
-        for e in route.ids_TK.unique().tolist():
-            tok_M, slot_M = (route.ids_TK == e).nonzero(as_tuple=True)
-            x_MD = x_TD[tok_M]
-            gate_MF, up_MF = (x_MD @ blk.gate_up_LDG[e]).chunk(2, dim=-1)
-            gate_MF = gate_MF + (x_MD @ ex.gate_a[e]) @ ex.gate_b[e] * ex.scaling
-            up_MF = up_MF + (x_MD @ ex.up_a[e]) @ ex.up_b[e] * ex.scaling
-            h_MF = blk.act_fn(gate_MF) * up_MF
-            y_MD = h_MF @ blk.down_LFD[e] + (h_MF @ ex.down_a[e]) @ ex.down_b[e] * ex.scaling
-            out_TD = out_TD.index_add(0, tok_M, y_MD * route.weights_TK[tok_M, slot_M, None])
-        return out_TD.reshape(B, S, D)
+Step = Callable[[], None]
 
 
 def mixtral_block(seed: int) -> MixtralSparseMoeBlock:
@@ -207,6 +143,7 @@ def build_variants(seed: int = 0) -> dict[str, nn.Module]:
         "dense_ffn": base,
         "dense_lora_kr": lora,
         "upcycled": upcycled,
+        "naive_moe": NaiveMoELoRAFFN(upcycled),
         "moefied_soft": soft,
         "moefied_top1": top1,
         "native": native,
@@ -235,23 +172,48 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor)
     return out.detach(), xi.grad, grads
 
 
-def check_families(v: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor) -> dict:
-    """Asserts each mtmoe variant computes what it should; randomizes the adapters for the timing."""
-    checks = {}
-    up = v["upcycled"]
-    randomize_lora_b(v["dense_lora_kr"], up)
-    checks["upcycled_vs_naive_per_expert_ffn"] = check_equivalence(up, NaiveMoELoRAFFN(up), x, grad_out)
+def assert_same(a: nn.Module, b: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, Any]:
+    """Asserts `a` and `b` agree in output, input grad and every parameter grad; returns the differences."""
+    (out_a, dx_a, g_a), (out_b, dx_b, g_b) = (
+        forward_backward(a, x, grad_out),
+        forward_backward(b, x, grad_out),
+    )
+    torch.testing.assert_close(out_a, out_b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dx_a, dx_b, atol=1e-4, rtol=1e-4)
+    assert g_a.keys() == g_b.keys(), (g_a.keys(), g_b.keys())
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], atol=1e-4, rtol=1e-3, msg=n)
+    return {
+        "output_max_abs_diff": max_diff(out_a, out_b),
+        "input_grad_max_abs_diff": max_diff(dx_a, dx_b),
+        "param_grads_checked": sorted(g_a),
+    }
 
+
+def check_upcycled(v: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, Any]:
+    """Randomizes the LoRA B factors; asserts upcycled == the naive per-expert FFN, and how far from dense."""
+    perturb_lora_b(v["dense_lora_kr"], 1)
+    perturb_lora_b(v["upcycled"], 2)
+    checks = assert_same(v["upcycled"], v["naive_moe"], x, grad_out)
+    with torch.no_grad():  # the adapted block is not the base: the check above is not vacuous
+        checks["mtmoe_vs_dense_max_abs_diff"] = max_diff(v["upcycled"](x), v["dense_ffn"](x))
+        v["upcycled"].context.aux_losses.clear()
+    return checks
+
+
+def check_families(v: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, Any]:
+    """Asserts each mtmoe variant computes what it should; randomizes the adapters for the timing."""
+    checks = {"upcycled_vs_naive_per_expert_ffn": check_upcycled(v, x, grad_out)}
     soft, dense = v["moefied_soft"], v["dense_ffn"]
     with torch.no_grad():  # fresh adapters and ω ≡ 1: exactly the dense FFN
         d_fresh = max_diff(soft(x), dense(x))
-        randomize_lora_b(soft)
+        perturb_lora_b(soft, 3)
         d_folded = max_diff(soft(x), soft.to_dense_mlp()(x))  # ω ≡ 1 still (router weights zero)
     assert d_fresh < 1e-4 and d_folded < 1e-4, (d_fresh, d_folded)
     checks["moefied_soft_vs_dense"] = {"fresh_max_abs_diff": d_fresh, "lora_folded_max_abs_diff": d_folded}
 
     top1 = v["moefied_top1"]
-    randomize_lora_b(top1)
+    perturb_lora_b(top1, 4)
     out_f, dx_f, _ = forward_backward(top1, x, grad_out)
     xi = x.detach().clone().requires_grad_()
     x_TD = xi.reshape(-1, SHAPES["hidden"])
@@ -267,29 +229,22 @@ def check_families(v: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Ten
         "input_grad_max_abs_diff": max_diff(dx_f, xi.grad),
     }
 
-    native, hf, loop = v["native"], v["native_hf_frozen"], v["native_hf_lora_loop"]
+    native, hf = v["native"], v["native_hf_frozen"]
     with torch.no_grad():
         d_hf = max_diff(native(x), hf(x))
         native.context.aux_losses.clear()
     assert d_hf < 1e-5, d_hf
-    randomize_lora_b(native)
-    (out_n, dx_n, g_n), (out_l, dx_l, g_l) = (
-        forward_backward(native, x, grad_out),
-        forward_backward(loop, x, grad_out),
-    )
-    assert g_n.keys() == g_l.keys() and max_diff(out_n, out_l) < 1e-4 and max_diff(dx_n, dx_l) < 1e-4
-    for n in g_n:
-        torch.testing.assert_close(g_n[n], g_l[n], atol=1e-4, rtol=1e-3, msg=n)
+    perturb_lora_b(native, 5)
+    loop = assert_same(native, v["native_hf_lora_loop"], x, grad_out)
     checks["native_vs_hf"] = {
         "fresh_vs_hf_block_max_abs_diff": d_hf,
-        "vs_lora_loop_output_max_abs_diff": max_diff(out_n, out_l),
-        "vs_lora_loop_input_grad_max_abs_diff": max_diff(dx_n, dx_l),
-        "param_grads_checked": sorted(g_n),
+        **{f"vs_lora_loop_{k}": loop[k] for k in ("output_max_abs_diff", "input_grad_max_abs_diff")},
+        "param_grads_checked": loop["param_grads_checked"],
     }
     return checks
 
 
-def block_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Callable[[], None]:
+def block_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Step:
     """One training-like step: clear grads (and a block's router losses), forward, backward."""
     params = [p for p in module.parameters() if p.requires_grad]
     contexts = [m.context for m in module.modules() if isinstance(m, MoEBlock)]
@@ -305,7 +260,7 @@ def block_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Ca
     return step
 
 
-def router_dispatch_step(router: TopKRouter, x_TD: torch.Tensor, num_experts: int) -> Callable[[], None]:
+def router_dispatch_step(router: TopKRouter, x_TD: torch.Tensor, num_experts: int) -> Step:
     """Router forward + `dispatch()` + the router's backward (gate weights with a random grad, aux, z)."""
     params = [p for p in router.parameters() if p.requires_grad]
     grad_TK = torch.randn(x_TD.shape[0], router.top_k, generator=torch.Generator().manual_seed(7))
@@ -321,7 +276,7 @@ def router_dispatch_step(router: TopKRouter, x_TD: torch.Tensor, num_experts: in
     return step
 
 
-def index_ops_step(router: TopKRouter, x_TD: torch.Tensor, wide: int | None) -> Callable[[], None]:
+def index_ops_step(router: TopKRouter, x_TD: torch.Tensor, wide: int | None) -> Step:
     """The composed path's gathers and combines at the block's shapes, forward + backward.
 
     Gathers N rows of x (and, when `wide` is given, of two T×wide tensors: W1 x and W3 x), and combines N
@@ -349,10 +304,10 @@ def index_ops_step(router: TopKRouter, x_TD: torch.Tensor, wide: int | None) -> 
     return step
 
 
-def build_steps(v: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, Callable]:
+def build_steps(v: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, Step]:
     x_TD = x.detach().reshape(-1, SHAPES["hidden"]).clone().requires_grad_()
     up, top1 = v["upcycled"], v["moefied_top1"]
-    steps = {name: block_step(m, x, grad_out) for name, m in v.items()}
+    steps = {name: block_step(m, x, grad_out) for name, m in v.items() if name != "naive_moe"}
     steps["upcycled_router_dispatch"] = router_dispatch_step(up.router, x_TD, SHAPES["experts"])
     steps["upcycled_index_ops"] = index_ops_step(up.router, x_TD, SHAPES["ffn"])
     steps["moefied_top1_router_dispatch"] = router_dispatch_step(top1.router, x_TD, SHAPES["experts"])
@@ -361,7 +316,7 @@ def build_steps(v: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor
 
 
 def evaluate_targets(
-    steps: dict[str, Callable[[], None]], per_round: dict[str, list[float]], pairs: int
+    steps: dict[str, Step], per_round: dict[str, list[float]], pairs: int
 ) -> tuple[dict, dict]:
     """Times each target's variant and baseline paired (one step each, alternating); checks the bounds.
 
@@ -389,83 +344,87 @@ def evaluate_targets(
     return targets, met
 
 
-def checks_line(result: dict) -> str:
-    t, met = result["targets"], result["met"]
-    parts = [
-        f"{name}: {t[name]['ratio']:.3f} (<= {t[name]['max_ratio']}) {'met' if ok else 'NOT met'}"
-        for name, ok in met.items()
-    ]
-    native = result["median_per_round_ratio_to_native_hf_frozen"]
-    parts.append(
-        f"native / HF frozen block: {native['native']:.2f}, HF + LoRA loop / HF frozen: "
-        f"{native['native_hf_lora_loop']:.2f}"
-    )
-    return "checks passed (every variant computes what it should)\n" + "\n".join(parts)
+def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input (requires grad) and the output grad of every step."""
+    s, gen = SHAPES, torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(s["batch"], s["seq"], s["hidden"], generator=gen).requires_grad_()
+    return x, torch.randn(s["batch"], s["seq"], s["hidden"], generator=gen)
 
 
-def run(rounds: int, iters: int, warmup: int, seed: int = 0) -> dict:
-    """Builds, checks and times the variants; returns the result record."""
+def run_families(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
+    """Builds, checks and times every family's variants; returns the result record."""
     torch.set_num_threads(1)
-    s = SHAPES
     load_before = os.getloadavg()
     variants = build_variants(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(s["batch"], s["seq"], s["hidden"], generator=gen).requires_grad_()
-    grad_out = torch.randn(s["batch"], s["seq"], s["hidden"], generator=gen)
+    x, grad_out = inputs(seed)
     checks = check_families(variants, x, grad_out)
-
     steps = build_steps(variants, x, grad_out)
-    per_round_ms = time_rounds(steps, rounds, iters, warmup, scale=1e3, warm_step_per_round=True)
-    targets, met = evaluate_targets(steps, per_round_ms, PAIRED_PER_ROUND * rounds)
-    hf_experts = variants["native_hf_frozen"].experts
+    rounds = args.rounds
+    per_round_ms = time_rounds(steps, rounds, args.iters, args.warmup, scale=1e3, warm_step_per_round=True)
+    pairs = PAIRED_PER_ROUND * rounds
+    targets, met = evaluate_targets(steps, per_round_ms, pairs)
+    experts_impl = getattr(
+        getattr(variants["native_hf_frozen"].experts, "config", None), "_experts_implementation", None
+    )
     return {
         "benchmark": "expert families, one FFN block, forward + backward, fp32, CPU",
-        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "shapes": {**s, "tokens": s["batch"] * s["seq"], "dtype": "float32"},
+        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg()),
+        "shapes": {**SHAPES, "tokens": SHAPES["batch"] * SHAPES["seq"], "dtype": "float32"},
         "native_setup": (
             "Mixtral block, E=4 experts of width native_expert_ffn, top-2, rank 8 on each expert's gate, "
-            "up and down; HF experts implementation: "
-            + str(getattr(getattr(hf_experts, "config", None), "_experts_implementation", "eager (default)"))
+            f"up and down; HF experts implementation: {experts_impl or 'eager (default)'}"
         ),
-        "timing": {
-            **timing_settings(rounds, iters, warmup),
-            "targets": f"paired, one step each, alternating: {PAIRED_PER_ROUND * rounds} pairs",
-        },
-        "trainable_params": {n: trainable_params(m) for n, m in variants.items()}
-        | {n: 0 for n in VARIANTS if n not in variants},
+        "timing": timing_settings(
+            rounds, args.iters, args.warmup, targets=f"paired, one step each, alternating: {pairs} pairs"
+        ),
+        "trainable_params": {n: n_trainable(variants[n]) if n in variants else 0 for n in VARIANTS},
         "checks": checks,
         "targets": targets,
         "met": met,
-        # median_ms, ratio_to_dense_lora_kr, median_per_round_ratio_to_dense_lora_kr
+        # median_ms, then the ratios to dense_lora_kr, dense_ffn and native_hf_frozen
         **summarize(per_round_ms, "dense_lora_kr", "ms"),
-        **{k: v for k, v in summarize(per_round_ms, "dense_ffn", "ms").items() if k != "median_ms"},
-        **{k: v for k, v in summarize(per_round_ms, "native_hf_frozen", "ms").items() if k != "median_ms"},
+        **ratios(per_round_ms, "dense_ffn"),
+        **ratios(per_round_ms, "native_hf_frozen"),
         "per_round_ms": per_round_ms,
     }
 
 
-def render_markdown(result: dict) -> str:
-    """The README's "Expert families" caption, its two tables and the native line, from a result record.
+def run_block(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
+    """Builds, checks and times the block mode's variants; returns the result record."""
+    torch.set_num_threads(1)
+    variants = build_variants(seed)
+    x, grad_out = inputs(seed)
+    equivalence = check_upcycled(variants, x, grad_out)
+    modules = {name: variants[module] for name, module in BLOCK_VARIANTS.items()}
+    steps = {name: block_step(m, x, grad_out) for name, m in modules.items()}
+    per_round_ms = time_rounds(
+        steps, args.rounds, args.iters, args.warmup, scale=1e3, warm_step_per_round=True
+    )
+    return {
+        "benchmark": "MoE-LoRA FFN block, forward + backward, fp32, CPU",
+        "machine": machine_info(),
+        "shapes": {**SHAPES, "tokens": SHAPES["batch"] * SHAPES["seq"], "dtype": "float32"},
+        "timing": timing_settings(args.rounds, args.iters, args.warmup),
+        "trainable_params": {n: n_trainable(m) for n, m in modules.items()},
+        "equivalence_mtmoe_vs_naive": equivalence,
+        # median_ms, ratio_to_dense, median_per_round_ratio_to_dense
+        **summarize(per_round_ms, "dense", "ms"),
+        "per_round_ms": per_round_ms,
+    }
 
-    Pure: no I/O and no timing. Every number comes from `result`.
 
-    Args:
-        result: The record `run` returns (as written to `results/family_bench.json`).
-
-    Returns:
-        The caption; the variants' median ms with their ratios to `dense_lora_kr` and `dense_ffn`; the
-        targets' paired ratios, bounds and whether each is met; the native block's ratios to HF's.
-    """
+def render_markdown(result: Mapping[str, Any]) -> str:
+    """The docs' "Expert families" caption, its two tables and the native line, from a result record."""
     return "\n\n".join(
-        [_readme_caption(result), _variants_table(result), _targets_table(result), _native_line(result)]
+        [_families_caption(result), _variants_table(result), _targets_table(result), _native_line(result)]
     )
 
 
-def _readme_caption(result: dict) -> str:
+def _families_caption(result: Mapping[str, Any]) -> str:
     s, load = result["shapes"], result["machine"]
     pairs = sorted({t["paired_pairs"] for t in result["targets"].values()})
     return paragraph(
-        "**Expert families** (`benchmarks/family_bench.py` → `benchmarks/results/family_bench.json`). "
+        "**Expert families** (`python -m benchmarks.family families` → `benchmarks/results/family.json`). "
         f"One block of each family at SmolLM2's FFN shape (D={s['hidden']}, F={s['ffn']}, {s['batch']} × "
         f"{s['seq']} tokens), {s['experts']} experts, rank {s['rank']} per expert, "
         f"{result['timing']['rounds']} interleaved rounds; each target is then timed on its own, its variant "
@@ -476,18 +435,17 @@ def _readme_caption(result: dict) -> str:
     )
 
 
-def _variants_table(result: dict) -> str:
+def _variants_table(result: Mapping[str, Any]) -> str:
     s, ms = result["shapes"], result["median_ms"]
     to_lora, to_dense = result["ratio_to_dense_lora_kr"], result["ratio_to_dense_ffn"]
     rows = [
         [label.format(**s), f"{ms[name]:.1f}", f"{to_lora[name]:.2f}", f"{to_dense[name]:.2f}"]
         for name, label in README_VARIANTS.items()
     ]
-    header = ["variant", "ms", f"× dense LoRA r{s['lora_rank']}", "× dense FFN"]
-    return table(header, rows, "lrrr")
+    return table(["variant", "ms", f"× dense LoRA r{s['lora_rank']}", "× dense FFN"], rows, "lrrr")
 
 
-def _targets_table(result: dict) -> str:
+def _targets_table(result: Mapping[str, Any]) -> str:
     s, rows = result["shapes"], []
     for name, target in result["targets"].items():
         label = README_TARGETS.get(name, f"{target['variant']} ÷ {target['baseline']}").format(**s)
@@ -498,7 +456,7 @@ def _targets_table(result: dict) -> str:
     return table(["target (issue #4)", "paired ratio", "bound", "met"], rows, "lrrl")
 
 
-def _native_line(result: dict) -> str:
+def _native_line(result: Mapping[str, Any]) -> str:
     to_hf = result["median_per_round_ratio_to_native_hf_frozen"]
     return paragraph(
         f"Against HF's frozen `MixtralSparseMoeBlock`, the native block costs {to_hf['native']:.2f}× and "
@@ -506,8 +464,37 @@ def _native_line(result: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return cli_main(__doc__.splitlines()[0], argv, CLI, run, TABLE, checks_line)
+def render_block(result: Mapping[str, Any]) -> str:
+    """The docs' "One FFN block" caption and table: per variant, the median ms and the ratio to `dense`."""
+    s, ms, ratio = result["shapes"], result["median_ms"], result["ratio_to_dense"]
+    rank = s["rank"] if "rank" in s else s["moe_rank"]  # results written before the fold say `moe_rank`
+    caption = paragraph(
+        "**One FFN block** (`python -m benchmarks.family block` → `benchmarks/results/family_block.json`). "
+        f"The shape is SmolLM2's FFN (D={s['hidden']}, F={s['ffn']}, {s['batch']} × {s['seq']} tokens), "
+        f"with {s['experts']} experts, top-{s['top_k']} and rank {rank}; medians of "
+        f"{result['timing']['rounds']} interleaved rounds:"
+    )
+    rows = [
+        [label.format(**s), f"{ms[name]:.1f}", bold_if(f"{ratio[name]:.2f}", name == "mtmoe_block")]
+        for name, label in BLOCK_LABELS.items()
+    ]
+    return caption + "\n\n" + table(["variant", "ms", "× dense FFN"], rows, "lrr")
+
+
+MODES = {
+    "families": cli.Mode(
+        cli.CliDefaults(cli.RESULTS / "family.json", rounds=12, iters=3, warmup=2, quick=(2, 1, 1)),
+        run_families, render_markdown, help="every expert family, paired targets",
+    ),
+    "block": cli.Mode(
+        cli.CliDefaults(cli.RESULTS / "family_block.json", rounds=7, iters=5, warmup=3, quick=(2, 1, 1)),
+        run_block, render_block, help="the upcycled block against dense, LoRA and a naive MoE",
+    ),
+}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli.main(__doc__.splitlines()[0], MODES, argv)
 
 
 if __name__ == "__main__":

@@ -1,45 +1,30 @@
 """The LM head plus cross-entropy at the target tokens: the plain head against mtmoe's fused, chunked one.
 
-SmolLM2-135M's head (D=576, V=49152, the tied embedding, frozen), fp32, one CPU thread. For N target
-tokens, forward and backward to the hidden states of:
-    plain: `target_losses_and_logits`: the head's N×V logits, then `F.cross_entropy` (what mtmoe used
-        before, and what any HF + PEFT trainer does, on every position rather than only the targets);
-    fused: `fused_cross_entropy` (mtmoe's default): per chunk of rows, logits, loss and the hidden-state
-        gradient at once; only N×D is kept for the backward.
-Both are checked to give the same loss and gradient first. Memory is measured as the bytes of the
-tensors autograd keeps for the backward (`torch.autograd.graph.saved_tensors_hooks`), which is what
-grows with N; CPU time as in the other scripts (interleaved rounds, medians).
+SmolLM2-135M's head (D=576, V=49152, frozen), fp32, one CPU thread; forward and backward to the hidden
+states of N target tokens through `target_losses_and_logits` (plain: N×V logits, then cross-entropy) and
+`fused_cross_entropy` (per chunk of rows, logits, loss and the hidden-state gradient at once). Both are
+asserted to give the same gradient first. Memory: the bytes autograd keeps for the backward.
 
-Run:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/loss_bench.py          # writes results/loss_bench.json
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/loss_bench.py --quick  # prints only
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.loss [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from bench_cli import result_path, write_result
-from harness import (
-    CliDefaults,
-    machine_info,
-    parse_cli,
-    summarize,
-    time_rounds,
-    timing_settings,
-)
-from md_tables import table
 
+from benchmarks import cli
+from benchmarks.harness import machine_info, summarize, time_rounds, timing_settings
+from benchmarks.tables import table
 from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "loss_bench.json"
 D, V = 576, 49152
 TARGETS = (128, 1024)  # the step benchmark's ~120 targets, and a long-sequence batch
-CLI = CliDefaults(rounds=8, iters=3, warmup=2, quick=(2, 1, 1), iter_name="steps", out=DEFAULT_OUT)
 VARIANTS = {"plain": target_losses_and_logits, "fused": target_token_losses}
+CLI = cli.CliDefaults(cli.RESULTS / "loss.json", rounds=8, iters=3, warmup=2, quick=(2, 1, 1))
 
 
 def make_inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.nn.Linear, torch.Tensor, torch.Tensor]:
@@ -88,6 +73,7 @@ def saved_bytes(step: Callable[[], torch.Tensor], weight: torch.Tensor) -> int:
 
 
 def run_one(n: int, rounds: int, iters: int, warmup: int) -> dict[str, Any]:
+    """Asserts both heads give the same gradient for `n` targets, then times them; their record."""
     inputs = make_inputs(n)
     steps = {name: step_fn(name, inputs) for name in VARIANTS}
     grads = {name: steps[name]().clone() for name in VARIANTS}
@@ -121,19 +107,22 @@ def render_markdown(result: dict[str, Any]) -> str:
     return table(header, rows, align="llrrr")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_cli(__doc__.splitlines()[0], argv, CLI)
-    result = {
-        "benchmark": "loss_bench",
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Checks and times both heads at every target count; returns the result record."""
+    return {
+        "benchmark": "loss",
         "setup": {"hidden": D, "vocab": V, "dtype": "float32"},
         "timing": timing_settings(args.rounds, args.iters, args.warmup),
         "machine": machine_info(),
         "runs": [run_one(n, args.rounds, args.iters, args.warmup) for n in TARGETS],
-        "quick": args.quick,
     }
-    print(render_markdown(result))
-    write_result(result, result_path(args.out, args.quick, CLI.out))
-    return result
+
+
+MODE = cli.Mode(CLI, run, render_markdown)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli.main(__doc__.splitlines()[0], MODE, argv)
 
 
 if __name__ == "__main__":

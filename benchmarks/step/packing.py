@@ -1,17 +1,10 @@
-"""Sequence packing on the demo data: one mtmoe training step of SmolLM2-135M, packed against padded.
+"""The `packing` mode: sequence packing on the demo data, one training step packed against padded.
 
-The real demo recipe (4 experts, top-2, rank 8 on all 30 FFNs) and real micro-batches of the demo's
-tokenized tasks, drawn by the training loop's own `MixingSampler` (proportional mixing, seed 0). Each
-round takes the next micro-batch and times one forward + backward of it twice: right-padded rows
-(`collate`, the default) and packed rows (`pack`, `data.packing: true` with `data.pack_length` 0, so no
-row is longer than the longest sample). Before timing, every micro-batch is checked to give the same
-per-task loss sums and the same gradients both ways. fp32, one CPU thread, CPU time, interleaved
-(order alternating each round), medians and the median of per-round ratios.
-
-Run (from the repository root; needs the demo data, `make demo` writes it):
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/packing_bench.py          # writes JSON
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/packing_bench.py --quick  # prints only
-    ... --quick --tiny --data DIR   # the smoke test: a tiny random Llama on another tokenized folder
+The demo recipe and real micro-batches of the demo's tokenized tasks, drawn by the training loop's own
+`MixingSampler` (proportional, seed 0). Each round takes the next micro-batch and times one forward +
+backward of it twice: right-padded rows (`collate`) and packed rows (`pack`, `pack_length` 0). Every
+micro-batch is first checked to give the same per-task loss sums and gradients both ways. CPU time,
+order alternating each round, medians and the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -23,24 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_cli import TINY_OVERRIDES, result_path, write_result
-from harness import CliDefaults, machine_info, parse_cli, timing_settings
-from md_tables import paragraph, table
 
+from benchmarks import cli
+from benchmarks.harness import machine_info, timing_settings
+from benchmarks.models import REPO, VOCAB, perturb_lora_b, recipe
+from benchmarks.tables import paragraph, table
 from mtmoe.balance.task_loss import task_loss_sums
-from mtmoe.config import load_config
 from mtmoe.data.collate import Batch, collate, pack
 from mtmoe.data.sampler import MixingSampler
 from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.model.moe_lm import MoELM, build_model
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
 DATA = REPO / "data" / "demo" / "tokenized"
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "packing_bench.json"
 SAMPLES = 8  # per micro-batch
-CLI = CliDefaults(rounds=8, iters=1, warmup=1, quick=(2, 1, 1), iter_name="steps", out=DEFAULT_OUT, tiny=True)
 VARIANTS = ("padded", "packed")
+CLI = cli.CliDefaults(
+    cli.RESULTS / "step_packing.json", rounds=8, iters=None, warmup=1, quick=(2, 1, 1), tiny=True
+)
 
 
 def micro_batches(n: int, data: Path) -> tuple[list[tuple[Batch, Batch]], int]:
@@ -92,15 +84,14 @@ def positions(batch: Batch) -> dict[str, int]:
     }
 
 
-def run(rounds: int, warmup: int, data: Path = DATA, tiny: bool = False) -> dict[str, Any]:
-    cfg = load_config(RECIPE, [f"data.tokenized={data}", *(TINY_OVERRIDES if tiny else ())])
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Checks every micro-batch's losses and grads both ways, then times them; returns the result record."""
+    rounds, warmup, data, tiny = args.rounds, args.warmup, args.data, args.tiny
+    cfg = recipe(tiny, [f"data.tokenized={data}"])
     batches, num_tasks = micro_batches(rounds + warmup, data)
     torch.manual_seed(0)
-    model = build_model(cfg, 49152, num_tasks, None, [t.name for t in load_manifest(data).tasks])
-    with torch.no_grad():  # LoRA B starts at zero; make the experts matter for the gradient check
-        for name, p in model.named_parameters():
-            if p.requires_grad and name.endswith("_b"):
-                p.normal_(0, 0.02)
+    model = build_model(cfg, VOCAB, num_tasks, None, [t.name for t in load_manifest(data).tasks])
+    perturb_lora_b(model, 0)  # LoRA B starts at zero; make the experts matter for the gradient check
     model.train()
     worst = max(check_equal(model, a, b, num_tasks) for a, b in batches[:2])
     per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -116,7 +107,7 @@ def run(rounds: int, warmup: int, data: Path = DATA, tiny: bool = False) -> dict
     pos = {v: sum(s[v]["positions"] for s in shape) for v in VARIANTS}
     tokens = sum(s["padded"]["tokens"] for s in shape)
     return {
-        "benchmark": "packing_bench",
+        "benchmark": "step packing",
         "setup": {
             "recipe": "launch/recipes/demo.yaml",
             "samples_per_micro_batch": SAMPLES,
@@ -157,17 +148,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     return text + "\n\n" + paragraph(note)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--data", type=Path, default=DATA, help=f"tokenized tasks (default {DATA})")
-    known, rest = pre.parse_known_args(argv)
-    args = parse_cli(__doc__.splitlines()[0], rest, CLI)
-    result = run(args.rounds, args.warmup, known.data, args.tiny)
-    result["quick"] = args.quick
-    print(render_markdown(result))
-    write_result(result, result_path(args.out, args.quick, CLI.out))
-    return result
+def arguments(p: argparse.ArgumentParser) -> None:
+    """`--data`: the tokenized tasks."""
+    p.add_argument("--data", type=Path, default=DATA, help=f"tokenized tasks (default {DATA})")
 
 
-if __name__ == "__main__":
-    main()
+MODE = cli.Mode(CLI, run, render_markdown, arguments=arguments, help="packed against padded micro-batches")

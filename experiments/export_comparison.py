@@ -1,39 +1,17 @@
 """Every export of a trained run: merge method × pruning level against held-out loss, retention and speed.
 
-For one trained run (the demo: SmolLM2-135M, 4 upcycled LoRA experts, top-2, router fading), the script
-loads the MoE model once and folds a deep copy of it into a dense model of the base architecture for
-every combination of
-    method: average, task_arithmetic, ties, dare, breadcrumbs (each with `launch/export.py`'s defaults,
-        `mtmoe.export.dense.MergeSpec`) and adamerging (λ learned on unlabelled held-out inputs);
-    pruning: none (all experts), 2 or 1 experts kept per layer, by held-out utilization;
-with the experts weighed by their share of held-out gate mass (`--weights utilization`), plus one row for
-the exact export of a faded run (`--weights fade`, average, nothing pruned). These are the folds
-`launch/export.py` makes.
+For one trained run (the demo: SmolLM2-135M, 4 upcycled LoRA experts, top-2, router fading) the MoE model
+is loaded once, and a deep copy is folded into a dense model of the base architecture for every method
+and pruning level of `export_comparison.yaml` (experts weighed by their held-out gate mass), plus the
+exact export of a faded run. Per row: each task's held-out loss and the retention `gain kept = (base −
+export) / (base − MoE)`. One export is saved, reloaded with plain transformers and timed against the base
+and the routed MoE (no grad, CPU time, interleaved rounds); it is also loaded in a process without mtmoe.
 
-Per combination it scores the held-out loss of every task (`mtmoe.eval.heldout.heldout_losses`, the first
-`--samples` samples of each task's eval shard, one sample per forward so that nothing is padded) and the
-retention `gain kept = (base − export) / (base − MoE)` in %, per task and its mean over tasks. The base
-model and the trained MoE are scored once, on the same samples.
-
-Inference time: every dense export has the base architecture, so one of them (the exact faded export,
-else the utilization-weighted average) is saved with `save_dense`, loaded back with plain
-`AutoModelForCausalLM.from_pretrained` and timed against the base model: a no-grad forward with
-full-vocabulary logits on the same 4 × 128 random tokens, fp32, one thread, CPU time, interleaved rounds
-rotated each round (`harness.time_rounds`), medians and ratios to the base from the same run. The routed
-MoE-LoRA model (top-2, fading switched off) is timed in the same rounds. The saved export is also loaded in
-a fresh process that never imports mtmoe, and its logits are compared with the in-process export's.
-
-Run from the repository root:
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/export_comparison.py --run runs/demo
-    ... --quick     # ~6 min: 2 samples per task, 2 AdaMerging steps, 3 rounds; prints only
-    ... --render benchmarks/results/export_comparison.json   # only print the README table of a JSON
-    ... --only adamerging --update benchmarks/results/export_comparison.json
-        # re-runs only these methods' rows with the JSON's settings and replaces them in it (in place;
-        # the reference losses, timing and load check are kept; a `rerun` entry says what and when)
-A full run on the demo (12 samples per task, 20 AdaMerging steps on 2 unlabelled inputs per task, 12
-rounds) takes about 19 minutes on one core of a 2-core VM and writes
-`benchmarks/results/export_comparison.json`. Most of it is the 20 held-out passes (~25 s each), the
-AdaMerging steps, and the TIES and breadcrumbs folds (their per-delta quantiles, up to 45 s).
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python -m experiments.export_comparison --run runs/demo
+    ... --quick     # ~6 min: the YAML's quick settings; prints only
+    ... --render experiments/results/export_comparison.json   # only print the docs' table of a JSON
+    ... --only adamerging --update experiments/results/export_comparison.json
+        # re-runs only these methods' rows with the JSON's settings and replaces them in it (in place)
 """
 
 from __future__ import annotations
@@ -54,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_cli import print_rendered, result_path, write_result
-from harness import machine_info, summarize, time_rounds, timing_settings
+import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from benchmarks.cli import print_rendered, result_path, write_result
+from benchmarks.harness import machine_info, summarize, time_rounds, timing_settings
+from benchmarks.models import logit_forwards
+from benchmarks.tables import table
 from mtmoe.config import Config
 from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.eval.heldout import LossFn, heldout_losses, hf_loss_fn
@@ -69,9 +50,8 @@ from mtmoe.export.prune import keep_experts, renormalise
 from mtmoe.export.run import fade_shares, load_trained_model, model_experts
 from mtmoe.model.moe_lm import MoELM, build_base
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "export_comparison.json"
-METHODS = ("average", "task_arithmetic", "ties", "dare", "breadcrumbs", "adamerging")
-PRUNE = (0, 2, 1)  # experts kept per layer; 0 = all
+CONFIG = Path(__file__).resolve().parent / "export_comparison.yaml"
+RESULT = Path(__file__).resolve().parent / "results" / "export_comparison.json"
 BASELINE = "base"
 
 # A loaded (plain transformers) export in a process that never imports mtmoe; writes its logits.
@@ -91,11 +71,11 @@ LOAD_CHECK = textwrap.dedent(
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """What the comparison scores and how it times.
+    """What the comparison scores and how it times (`export_comparison.yaml` explains each).
 
     Attributes:
-        samples: Held-out samples per task (the first n of each eval shard; 0 = all).
-        eval_batch: Samples per held-out forward (1: nothing is padded).
+        samples: Held-out samples per task (0 = all).
+        eval_batch: Samples per held-out forward.
         methods: Merge methods of the grid.
         prune: Experts kept per layer (0 = all) of the grid.
         ada_steps: AdaMerging's Adam steps.
@@ -109,22 +89,30 @@ class Settings:
         seed: DARE's masks and the timed tokens.
     """
 
-    samples: int = 12
-    eval_batch: int = 1
-    methods: tuple[str, ...] = METHODS
-    prune: tuple[int, ...] = PRUNE
-    ada_steps: int = 20
-    ada_samples: int = 2
-    ada_batch: int = 1
-    ada_lr: float = 0.01
-    batch: int = 4
-    seq: int = 128
-    rounds: int = 12
-    warmup: int = 1
-    seed: int = 0
+    samples: int
+    eval_batch: int
+    methods: tuple[str, ...]
+    prune: tuple[int, ...]
+    ada_steps: int
+    ada_samples: int
+    ada_batch: int
+    ada_lr: float
+    batch: int
+    seq: int
+    rounds: int
+    warmup: int
+    seed: int
+
+    @classmethod
+    def of(cls, fields: Mapping[str, Any]) -> Settings:
+        """Settings from a mapping of every field (lists as tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-QUICK = Settings(samples=2, ada_steps=2, ada_samples=1, rounds=3)
+def load_settings(quick: bool = False, path: Path = CONFIG) -> Settings:
+    """The `full` settings of the YAML, with its `quick` ones on top when `quick`."""
+    raw = yaml.safe_load(path.read_text())
+    return Settings.of({**raw["full"], **(raw["quick"] if quick else {})})
 
 
 @dataclass
@@ -244,12 +232,6 @@ def grid(
     return rows
 
 
-def moe_forward(model: MoELM, ids_BS: torch.Tensor, attn_BS: torch.Tensor, task_B: torch.Tensor):
-    """The MoE's full-vocabulary logits: the model's own routed forward, then the LM head everywhere."""
-    hidden_BSD, _ = model.hidden_states(ids_BS, attn_BS, task_B)
-    return model.lm.get_output_embeddings()(hidden_BSD)
-
-
 @torch.no_grad()
 def time_forward(loaded: Loaded, export_dir: Path, label: str, s: Settings) -> dict[str, Any]:
     """Times a no-grad forward of the base, the saved export (reloaded) and the routed MoE-LoRA model."""
@@ -257,19 +239,10 @@ def time_forward(loaded: Loaded, export_dir: Path, label: str, s: Settings) -> d
     export = AutoModelForCausalLM.from_pretrained(export_dir).eval()
     gen = torch.Generator().manual_seed(s.seed)
     ids_BS = torch.randint(0, len(loaded.tokenizer), (s.batch, s.seq), generator=gen)
-    attn_BS = torch.ones_like(ids_BS)
     task_B = torch.arange(s.batch) % len(loaded.shards)
     model, alpha = loaded.model, loaded.model.context.fade_alpha
     model.context.fade_alpha = 1.0  # the routed MoE (top-k), what serving without an export runs
-
-    def dense(lm):
-        return lambda: lm(input_ids=ids_BS, attention_mask=attn_BS, use_cache=False).logits
-
-    steps = {
-        "base": dense(base),
-        "dense_export": dense(export),
-        "moe_lora": lambda: moe_forward(model, ids_BS, attn_BS, task_B),
-    }
+    steps = logit_forwards({"base": base, "dense_export": export}, ("moe_lora", model), ids_BS, task_B)
     try:
         per_round_ms = time_rounds(steps, s.rounds, 1, s.warmup, scale=1e3)
     finally:
@@ -385,8 +358,7 @@ def rerun_methods(path: Path, methods: tuple[str, ...], run: Path) -> dict[str, 
     stored = result["settings"]
     if Path(stored["run"]) != run:
         raise ValueError(f"--run {run}, but {path} was measured on {stored['run']}")
-    fields = {f.name: stored[f.name] for f in dataclasses.fields(Settings)}
-    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    s = Settings.of({f.name: stored[f.name] for f in dataclasses.fields(Settings)})
     s = dataclasses.replace(s, methods=methods)
     torch.set_num_threads(1)
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -433,25 +405,22 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         *(f"{t} kept %" for t in tasks),
         "mean kept %",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     faded = ", faded" if settings["fade_fraction"] else ""
     references = (
         ("base model", "—", "base"),
         (f"trained MoE-LoRA (top-{settings['top_k']}{faded})", str(settings["experts"]), "moe"),
     )
-    for name, experts, key in references:
-        cells = [name, experts, *(f"{result[key][t]:.4f}" for t in tasks), *["—"] * (len(tasks) + 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    for row in result["rows"]:
-        cells = [
-            row_label(row),
-            str(row["experts_kept"]),
-            *(f"{row['loss'][t]:.4f}" for t in tasks),
-            *(_fmt(row["retention_pct"][t], ".1f") for t in tasks),
-            f"**{_fmt(row['mean_retention_pct'], '.1f')}**",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + timing_line(result["inference"])
+    rows = [
+        [name, experts, *(f"{result[key][t]:.4f}" for t in tasks), *["—"] * (len(tasks) + 1)]
+        for name, experts, key in references
+    ]
+    rows += [
+        [row_label(row), str(row["experts_kept"]), *(f"{row['loss'][t]:.4f}" for t in tasks),
+         *(_fmt(row["retention_pct"][t], ".1f") for t in tasks),
+         f"**{_fmt(row['mean_retention_pct'], '.1f')}**"]
+        for row in result["rows"]
+    ]  # fmt: skip
+    return table(head, rows, "l" + "r" * (len(head) - 1)) + "\n\n" + timing_line(result["inference"])
 
 
 def timing_line(inf: Mapping[str, Any]) -> str:
@@ -476,7 +445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="the trained run's directory")
     parser.add_argument("--quick", action="store_true", help="tiny settings; prints only unless --out")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {RESULT})")
     parser.add_argument("--samples", type=int, default=None, help="held-out samples per task (0 = all)")
     parser.add_argument("--ada-steps", type=int, default=None, help="AdaMerging's Adam steps")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
@@ -492,9 +461,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--only and --update go together")
     if args.only is not None:
         args.only = tuple(m.strip() for m in args.only.split(",") if m.strip())
-        unknown = [m for m in args.only if m not in METHODS]
+        methods = load_settings().methods
+        unknown = [m for m in args.only if m not in methods]
         if unknown or not args.only:
-            parser.error(f"--only: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+            parser.error(f"--only: unknown method(s) {unknown}; choose from {', '.join(methods)}")
     return args
 
 
@@ -508,13 +478,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"re-ran {', '.join(args.only)}: {result['rerun'][-1]['wall_s'] / 60:.1f} min wall")
         write_result(result, args.update)
         return result
-    s = QUICK if args.quick else Settings()
+    s = load_settings(args.quick)
     overrides = {"samples": args.samples, "ada_steps": args.ada_steps, "rounds": args.rounds}
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     result = {**run_comparison(args.run, s), "quick": args.quick}
     print(render_markdown(result))
     print(f"load check: {result['load_check']}; {result['wall_s'] / 60:.1f} min wall")
-    write_result(result, result_path(args.out, args.quick, DEFAULT_OUT))
+    write_result(result, result_path(args.out, args.quick, RESULT))
     return result
 
 
