@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mtmoe.data.formats import Message
+from mtmoe.data.truncate import Piece
 
 
 def _render(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = False) -> str:
@@ -53,17 +54,18 @@ def end_marker_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def encode_messages(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
-    """Tokenizes a conversation with the tokenizer's chat template and marks the assistant tokens.
+def encode_turns(tokenizer: Any, messages: Sequence[Message]) -> list[Piece]:
+    """Tokenizes a conversation with the tokenizer's chat template, one piece per turn.
 
     Args:
         tokenizer: A Hugging Face tokenizer with a chat template.
         messages: The conversation, as returned by `mtmoe.data.formats.parse_record`.
 
     Returns:
-        `(input_ids, loss_mask)`, of equal length. `loss_mask[i]` is 1 when token `i` is a prediction
-        target: the content of an assistant turn and its end-of-turn marker. System and user text, the
-        role headers and the template's text around them are 0.
+        One `Piece` per message: the tokens the template renders for it in context, and their loss mask.
+        `mask[i]` is 1 when token `i` is a prediction target: the content of an assistant turn and its
+        end-of-turn marker. System and user text, the role headers and the template's text around them
+        are 0.
 
     Raises:
         ValueError: If the tokenizer has no chat template, the template fails or is not prefix-stable.
@@ -71,8 +73,7 @@ def encode_messages(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[i
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template")
     end_ids = end_marker_ids(tokenizer)
-    input_ids: list[int] = []
-    loss_mask: list[int] = []
+    pieces: list[Piece] = []
     previous = ""
     for i, message in enumerate(messages):
         rendered = _render(tokenizer, messages[: i + 1])
@@ -84,11 +85,27 @@ def encode_messages(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[i
             body_ids = _tokens(tokenizer, _extends(rendered, header, f"assistant turn {i}"))
             ends = [j for j, t in enumerate(body_ids) if t in end_ids]
             n_loss = ends[-1] + 1 if ends else len(body_ids)
-            input_ids += head_ids + body_ids
-            loss_mask += [0] * len(head_ids) + [1] * n_loss + [0] * (len(body_ids) - n_loss)
+            mask = [0] * len(head_ids) + [1] * n_loss + [0] * (len(body_ids) - n_loss)
+            pieces.append(Piece(message.role, head_ids + body_ids, mask))
         else:
             piece_ids = _tokens(tokenizer, _extends(rendered, previous, f"turn {i}"))
-            input_ids += piece_ids
-            loss_mask += [0] * len(piece_ids)
+            pieces.append(Piece(message.role, piece_ids, [0] * len(piece_ids)))
         previous = rendered
-    return input_ids, loss_mask
+    return pieces
+
+
+def encode_messages(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+    """Tokenizes a conversation with the tokenizer's chat template and marks the assistant tokens.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer with a chat template.
+        messages: The conversation, as returned by `mtmoe.data.formats.parse_record`.
+
+    Returns:
+        `(input_ids, loss_mask)`, of equal length: `encode_turns`' pieces back to back.
+
+    Raises:
+        ValueError: If the tokenizer has no chat template, the template fails or is not prefix-stable.
+    """
+    pieces = encode_turns(tokenizer, messages)
+    return [t for p in pieces for t in p.ids], [m for p in pieces for m in p.mask]
