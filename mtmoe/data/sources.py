@@ -12,7 +12,7 @@ Every kind is opened as a `datasets.Dataset` (memory-mapped Arrow, never held in
 
 Dataset rows are named by their row index. A task may choose the dataset's config and split, a row
 range, a column mapping (`{"prompt": "question", "answer": "label"}`: the record is then exactly the
-mapped columns) and a system prompt template (`str.format` over the record's fields).
+mapped columns) and a system prompt template (`str.format` over the row's fields).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class TaskSource:
         split: The dataset's split; default `train`.
         rows: `(start, end)`: only rows `start <= i < end` (end None: to the last); records, for JSONL.
         columns: Record key to dataset column (or JSONL key); the record is then exactly these keys.
-        system: A system prompt template, `str.format`-ed with the record's fields; a record's own system
-            prompt wins.
+        system: A system prompt template, `str.format`-ed with the row's fields (before any mapping); a
+            record's own system prompt wins.
     """
 
     path: str
@@ -189,7 +189,8 @@ def _local_kind(path: Path) -> tuple[str, list[Path]]:
     return ("jsonl" if suffix == ".jsonl" else BUILDERS[suffix]), files
 
 
-def _open_local(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, RowReader]:
+def _open_local(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, bool]:
+    """The local source's dataset, and whether it is JSONL (rows of raw lines)."""
     path = Path(source.path)
     kind, files = _local_kind(path)
     if source.config is not None:
@@ -197,7 +198,7 @@ def _open_local(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, 
     if kind == "jsonl":
         if source.split not in (None, "train"):
             raise ValueError(f"{path}: no split {source.split!r}; a JSONL task is one split")
-        return _open_jsonl(path, task_files(path) if path.is_dir() else files, cache_dir), JsonlRows()
+        return _open_jsonl(path, task_files(path) if path.is_dir() else files, cache_dir), True
     try:
         if kind == "disk":
             loaded = datasets.load_from_disk(str(path))
@@ -206,7 +207,7 @@ def _open_local(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, 
             loaded = datasets.load_dataset(kind, data_files=data_files, cache_dir=str(cache_dir))
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         raise ValueError(f"{path}: cannot read it as {kind}: {e}") from None
-    return _pick_split(loaded, source), TableRows(str(path))
+    return _pick_split(loaded, source), False
 
 
 def _check_columns(ds: datasets.Dataset, source: TaskSource) -> None:
@@ -249,18 +250,13 @@ def open_source(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, 
         ValueError: For a missing or empty source, an unknown file kind, split or column, a text column
             that does not hold strings, or a hub dataset that cannot be reached.
     """
-    if source.is_hub:
-        ds, reader = _open_hub(source, cache_dir), None
-    else:
-        ds, reader = _open_local(source, cache_dir)
-    if not isinstance(reader, JsonlRows):
+    ds, is_jsonl = (_open_hub(source, cache_dir), False) if source.is_hub else _open_local(source, cache_dir)
+    if not is_jsonl:
         _check_columns(ds, source)
     ds, start = _select_rows(ds, source)
     if len(ds) == 0:
         raise ValueError(f"{source.path}: empty task, no record found")
-    if isinstance(reader, JsonlRows):
-        return ds, reader
-    return ds, TableRows(source.path, start)
+    return ds, JsonlRows() if is_jsonl else TableRows(source.path, start)
 
 
 def mapped_record(record: Any, columns: Mapping[str, str]) -> Any:
@@ -278,18 +274,26 @@ def mapped_record(record: Any, columns: Mapping[str, str]) -> Any:
     return {key: record[column] for key, column in columns.items()}
 
 
-def with_system(record: Any, template: str | None) -> Any:
+def with_system(record: Any, template: str | None, fields: Any = None) -> Any:
     """The record with a system prompt from `template`, unless it has one of its own.
 
+    Args:
+        record: The record (after any column mapping).
+        template: The system prompt, `str.format`-ed with `fields`; None leaves the record as it is.
+        fields: The row's own fields (before the mapping); default the record's.
+
     Raises:
-        ValueError: If the template names a field the record lacks, or is malformed.
+        ValueError: If the template names a field the row lacks, or is malformed.
     """
     if template is None or not isinstance(record, dict):
         return record
+    fields = fields if isinstance(fields, dict) else record
     try:
-        text = template.format_map(record)
+        text = template.format_map(fields)
     except KeyError as e:
-        raise ValueError(f"the system template names {e}, which the record lacks") from None
+        raise ValueError(
+            f"the system template names {e}, which the row lacks; it has {sorted(fields)}"
+        ) from None
     except (ValueError, IndexError, AttributeError) as e:
         raise ValueError(f"the system template {template!r} is malformed: {e}") from None
     rounds = record.get("chat_rounds")

@@ -89,7 +89,7 @@ class RowEncoder:
         s = self.settings
         record = mapped_record(raw, dict(s.columns))
         key = record_key(record)
-        record = with_system(record, s.system)
+        record = with_system(record, s.system, raw)
         messages = parse_record(record)
         pieces = encode_turns(self.tokenizer, messages)
         fit = fit_pieces(pieces, s.max_len, s.overflow, self.tokenizer.bos_token_id)
