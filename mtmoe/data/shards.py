@@ -23,7 +23,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 RefCheck = Callable[[MetricSpec, Reference], None]  # raises ValueError for a record the metric cannot score
 __all__ = [
     "COUNTS", "OVERFLOW_POLICIES", "Manifest", "TaskInfo", "TaskShard", "load_manifest", "open_references",
-    "open_shard", "tokenize_tasks",
+    "open_shard", "tokenize_tasks", "validation_split",
 ]  # fmt: skip
 
 
@@ -182,6 +182,16 @@ def open_shard(manifest: Manifest, task: str, split: str) -> TaskShard:
     if len(offsets) != n + 1 or len(ids) != len(mask) or int(offsets[-1]) != len(ids):
         raise ValueError(f"{folder}: the shard does not match {manifest.root / MANIFEST}; tokenize again")
     return TaskShard(name=task, task_id=info.id, split=split, ids=ids, mask=mask, offsets=offsets)
+
+
+def validation_split(manifest: Manifest, tasks: Sequence[str]) -> str:
+    """The split that CoBa and Quality Retaining watch.
+
+    `valid` when every one of `tasks` has valid samples, else `eval` (a version 1 manifest, or tokenized
+    without a valid fraction), which the report also scores.
+    """
+    has_valid = all(manifest.task(name).splits.get("valid", {}).get("samples", 0) > 0 for name in tasks)
+    return "valid" if has_valid else "eval"
 
 
 def open_references(manifest: Manifest, task: str) -> list[Reference]:
