@@ -31,6 +31,7 @@ QUICK = {
     "model_step_bench": ["--quick", "--tiny"],
     "memory_bench": ["--quick", "--tiny"],
     "packing_bench": ["--quick", "--tiny", "--data", "{data}"],
+    "data_bench": ["--quick", "--data", "{data}"],
     "balance_study": ["--quick", "--data", "{data}", "--only", "coba", "--out", "{tmp}/runs"],
     "quality_study": ["--smoke", "--data", "{metrics_data}", "--out", "{tmp}/runs"],
 }
