@@ -60,7 +60,7 @@ TARGET_SPEEDUP = 1.7
 def write_records(data: Path, n: int, folder: Path) -> dict[str, Path]:
     """The demo tasks cycled to `n` records in all, one JSONL per task; returns task name to file."""
     manifest = json.loads((data / "manifest.json").read_text())
-    sources = {t["name"]: Path(t["source"].split(" {")[0]) for t in manifest["tasks"]}
+    sources = {t["name"]: Path(t["source"]) for t in manifest["tasks"]}
     lines = {name: path.read_text(encoding="utf-8").splitlines() for name, path in sources.items()}
     total = sum(len(v) for v in lines.values())
     folder.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,10 @@ def test_column_mapping_system_template_rows_and_source_split(tok, tmp_path):
     )
     manifest = tokenize(tok, {"qa": source}, tmp_path / "out", eval_fraction=0.0)
     info = manifest.task("qa")
-    assert info.splits["train"]["samples"] == 10 and '"split": "test"' in info.source
+    assert info.splits["train"]["samples"] == 10 and info.source == str(tmp_path / "qa")
+    assert info.source_options == {"split": "test", "rows": (5, 15), "system": source.system,
+                                   "columns": {"prompt": "question", "answer": "label"}}  # fmt: skip
+    assert load_manifest(tmp_path / "out").task("qa").source_options["rows"] == [5, 15]
     ids, mask = open_shard(manifest, "qa", "train")[0]
     text = tok.decode(ids)
     assert "You answer sums with a number." in text and "What is 5 + 5?" in text

@@ -12,9 +12,10 @@ Splits are `train`, `eval` (what the report scores) and, with a valid fraction, 
 Quality Retaining watch). The mask is not shifted: `mask[i] = 1` means token i is predicted (from the
 tokens before it).
 
-Manifest versions: 2 adds `valid_fraction`, `max_valid`, the `valid` split and the per-reason cut
-counts. Version 1 still loads: its `overflow: truncate` was a cut from the right, and reads as
-`truncate-right`; its missing counts read as 0. The shard files are the same in both.
+Manifest versions: 2 adds `valid_fraction`, `max_valid`, the `valid` split, the per-reason cut
+counts and each task's `source_options`. Version 1 still loads: its `overflow: truncate` was a cut
+from the right, and reads as `truncate-right`; its missing counts read as 0. The shard files are the
+same in both.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class TaskInfo:
     (`mtmoe.data.truncate.CUTS`; a sample may have several), and the drops by reason
     (`dropped_too_long`, `dropped_no_target`: records - samples = the two drop counts).
     `metric` is the task's declared `MetricSpec` in JSON form (None: the task is scored by loss only).
+    `source` is the path (or `hf:NAME`) the task was read from, and `source_options` the per-task options
+    it was read with (`TaskSource.options`; None: none).
     """
 
     name: str
@@ -64,6 +67,7 @@ class TaskInfo:
     source: str
     splits: dict[str, dict[str, int]]
     metric: dict[str, Any] | None = None
+    source_options: dict[str, Any] | None = None
 
     @property
     def metric_spec(self) -> MetricSpec | None:
@@ -296,7 +300,10 @@ def _tokenize_task(
     counts, refs = write_shards(rows, sides_N, tmp / task.name, splits, refs_split)
     spec = task.spec if task.spec is None else _resolve_spec(task.spec, refs, tokenizer)
     metric = None if spec is None else spec.to_json()
-    info = TaskInfo(name=task.name, id=task.id, source=task.source.describe(), splits=counts, metric=metric)
+    info = TaskInfo(
+        name=task.name, id=task.id, source=task.source.path, splits=counts, metric=metric,
+        source_options=task.source.options(),
+    )  # fmt: skip
     return info, cached
 
 

@@ -63,12 +63,11 @@ class TaskSource:
         """Whether the source is a hub dataset."""
         return self.path.startswith(HUB)
 
-    def describe(self) -> str:
-        """The source as the manifest records it: the path, with any options."""
-        options = {"config": self.config, "split": self.split, "rows": self.rows}
-        options |= {"columns": dict(self.columns) or None, "system": self.system}
-        given = {k: v for k, v in options.items() if v is not None}
-        return self.path if not given else f"{self.path} {json.dumps(given, sort_keys=True)}"
+    def options(self) -> dict[str, Any] | None:
+        """The options given, as the manifest records them beside the path (None: none)."""
+        given = {"config": self.config, "split": self.split, "rows": self.rows, "system": self.system}
+        given |= {"columns": dict(self.columns) or None}
+        return {k: v for k, v in given.items() if v is not None} or None
 
 
 @dataclass(frozen=True)
