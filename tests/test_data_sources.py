@@ -182,3 +182,33 @@ def test_the_split_streams_through_block_boundaries(tok, tmp_path, monkeypatch):
     assert shard_lists(blocks, "t") == whole
     ids = np.load(tmp_path / "blocks" / "t" / "train" / "ids.npy", mmap_mode="r")
     assert ids.dtype == np.int32
+
+
+def test_the_script_takes_the_source_options(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenize_script", "data_prep/tokenize_tasks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = [{"question": f"What is {i} + {i}?", "label": str(2 * i), "subject": "sums"} for i in range(40)]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "qa.parquet")
+    out = tmp_path / "out"
+    argv = ["--task", f"qa={tmp_path / 'qa.parquet'}", "--tokenizer", str(ensure_smollm2()),
+            "--rows", "qa=0:30", "--columns", "qa=prompt=question,answer=label",
+            "--system", "qa=About {subject}.", "--eval-fraction", "0.2", "--valid-fraction", "0.2",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    script.main(argv)
+    info = load_manifest(out).task("qa")
+    assert sum(c["records"] for c in info.splits.values()) == 30 and info.splits["valid"]["samples"] > 0
+    assert info.source_options["columns"] == {"prompt": "question", "answer": "label"}
+    script.main(argv)
+    assert "tokens from the cache" in capsys.readouterr().out
+    for bad, message in [
+        (["--columns", "other=prompt=question"], "--columns: unknown task"),
+        (["--rows", "qa=5:2"], "--rows qa=5:2: expected"),
+        (["--columns", "qa=prompt"], "expected NAME=COLUMN"),
+        (["--system", "qa=a", "--system", "qa=b"], "--system: task"),
+    ]:
+        with pytest.raises(SystemExit):
+            script.main([*argv[:4], *bad, "--out", str(tmp_path / "x")])
+        assert message in capsys.readouterr().err

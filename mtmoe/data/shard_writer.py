@@ -1,6 +1,6 @@
 """Writing a task's tokenized rows into its split shards as a stream, and counting what was kept.
 
-The rows (`mtmoe.data.tokenize.OUTPUT`, memory-mapped) are read twice: once column by column for the
+The rows (`mtmoe.data.tokenize_map.OUTPUT`, memory-mapped) are read twice: once column by column for the
 lengths, cuts and drops (a few bytes per record), which size each split's arrays, and once in blocks of
 `ROWS_PER_READ` rows whose tokens are copied into the memory-mapped `.npy` files. Memory stays bounded
 by the block, whatever the number of tokens.
@@ -39,7 +39,8 @@ def _flat(column: pa.ChunkedArray, idx: np.ndarray) -> np.ndarray:
 
 def _counts(
     sel_N: np.ndarray, kept_N: np.ndarray, lengths_N: np.ndarray, cuts_N: np.ndarray, drop_N: np.ndarray
-):
+) -> dict[str, int]:
+    """A split's `COUNTS` but `loss_tokens`: `sel_N` marks its records, `kept_N` its kept samples."""
     counts = dict.fromkeys(COUNTS, 0)
     counts |= {
         "records": int(sel_N.sum()),

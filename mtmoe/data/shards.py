@@ -35,7 +35,13 @@ from mtmoe.data.references import MetricSpec, Reference, read_references
 from mtmoe.data.shard_writer import COUNTS, write_shards
 from mtmoe.data.sources import TaskSource, open_source
 from mtmoe.data.split import SPLITS, assign_splits, check_split
-from mtmoe.data.tokenize import EncodeSettings, RowEncoder, fingerprint, tokenize_dataset, tokenizer_digest
+from mtmoe.data.tokenize_map import (
+    EncodeSettings,
+    RowEncoder,
+    fingerprint,
+    tokenize_dataset,
+    tokenizer_digest,
+)
 from mtmoe.data.truncate import CUTS, DROPS, OVERFLOW_POLICIES
 
 MANIFEST = "manifest.json"
@@ -328,7 +334,7 @@ def tokenize_tasks(
     """Tokenizes tasks into per-task, per-split shards and writes the manifest.
 
     Each task is read as a dataset (`mtmoe.data.sources`), tokenized by `datasets.map` in `num_proc`
-    processes (`mtmoe.data.tokenize`), split by the hash of each record, and streamed into its shards
+    processes (`mtmoe.data.tokenize_map`), split by the hash of each record, and streamed into its shards
     (`mtmoe.data.shard_writer`). Everything is built in a temporary sibling folder that replaces `out`
     only once complete, so a crash never leaves a half-written manifest or shards that disagree with it.
 

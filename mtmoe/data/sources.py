@@ -109,7 +109,7 @@ def _jsonl_lines(files: list[str], stats: list[tuple[int, int]]) -> Iterator[dic
 
 def _open_jsonl(path: Path, files: list[Path], cache_dir: Path) -> datasets.Dataset:
     stats = [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    if not any(size for size, _ in stats) or not any(_has_record(f) for f in files):
+    if not any(_has_record(f) for f in files):  # `datasets` refuses a generator that yields nothing
         raise ValueError(f"{path}: empty task, no record found")
     kwargs = {"files": [str(f) for f in files], "stats": stats}
     return datasets.Dataset.from_generator(
@@ -118,6 +118,7 @@ def _open_jsonl(path: Path, files: list[Path], cache_dir: Path) -> datasets.Data
 
 
 def _has_record(file: Path) -> bool:
+    """Whether the file has a non-blank line (it stops at the first)."""
     with open(file, "rb") as f:
         return any(line.strip() for line in f)
 
@@ -153,15 +154,15 @@ _OFFLINE_HINT = "save the dataset with `save_to_disk` on a machine that is onlin
 def _open_hub(source: TaskSource, cache_dir: Path) -> datasets.Dataset:
     name = source.path[len(HUB) :]
     _check_hub_reachable(name)
+    split = source.split or "train"
     try:
-        loaded = datasets.load_dataset(name, source.config, cache_dir=str(cache_dir))
+        return datasets.load_dataset(name, source.config, split=split, cache_dir=str(cache_dir))
     except ConnectionError as e:
         raise ValueError(
             f"{source.path}: the hub is not reachable (offline?): {e}; {_OFFLINE_HINT}"
         ) from None
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # an unknown dataset, config or split
         raise ValueError(f"{source.path}: {e}") from None
-    return _pick_split(loaded, source)
 
 
 def _local_kind(path: Path) -> tuple[str, list[Path]]:

@@ -42,7 +42,15 @@ OUTPUT = datasets.Features(
 )
 CACHE = "mtmoe-tokenized"
 BATCH = 64  # rows per call of the encoder
-_CODE = ("encode.py", "formats.py", "references.py", "sources.py", "split.py", "tokenize.py", "truncate.py")
+_CODE = (
+    "encode.py",
+    "formats.py",
+    "references.py",
+    "sources.py",
+    "split.py",
+    "tokenize_map.py",
+    "truncate.py",
+)
 Check = Callable[[MetricSpec, Reference], None]  # raises ValueError for a record the metric cannot score
 
 
