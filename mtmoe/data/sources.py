@@ -35,6 +35,7 @@ BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "j
 TEXT_KEYS = frozenset({"system", "instruction"} | {key for pair in PAIR_SCHEMAS for key in pair})
 _LINES = datasets.Features({"where": datasets.Value("string"), "line": datasets.Value("binary")})
 _PROBE_TIMEOUT_S = 5.0
+_OFFLINE_HINT = "save the dataset with `save_to_disk` on a machine that is online, and give that folder"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,9 +147,6 @@ def _check_hub_reachable(name: str) -> None:
         raise ValueError(
             f"{HUB}{name}: cannot reach the hub at {url.geturl()} ({e}); {_OFFLINE_HINT}"
         ) from None
-
-
-_OFFLINE_HINT = "save the dataset with `save_to_disk` on a machine that is online, and give that folder"
 
 
 def _open_hub(source: TaskSource, cache_dir: Path) -> datasets.Dataset:
