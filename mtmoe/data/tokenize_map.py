@@ -23,7 +23,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from mtmoe.data.encode import encode_turns
+from mtmoe.data.encode import encode_turns, end_marker_ids
 from mtmoe.data.formats import parse_record
 from mtmoe.data.references import MetricSpec, Reference, reference_from
 from mtmoe.data.sources import RowReader, mapped_record, with_system
@@ -78,6 +78,7 @@ class RowEncoder:
 
     def __init__(self, tokenizer: Any, reader: RowReader, settings: EncodeSettings, check: Check | None):
         self.tokenizer, self.reader, self.settings, self.check = tokenizer, reader, settings, check
+        self.end_ids = end_marker_ids(tokenizer)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         """Encodes a batch of rows (`indices`: their row numbers); raises ValueError naming a bad row."""
@@ -99,7 +100,7 @@ class RowEncoder:
         key = record_key(record)
         record = with_system(record, s.system, raw)
         messages = parse_record(record)
-        pieces = encode_turns(self.tokenizer, messages)
+        pieces = encode_turns(self.tokenizer, messages, self.end_ids)
         fit = fit_pieces(pieces, s.max_len, s.overflow, self.tokenizer.bos_token_id)
         ref = ""
         if s.metric is not None:
