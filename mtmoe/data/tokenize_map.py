@@ -14,6 +14,7 @@ second run with the same inputs and settings reads them back instead of tokenizi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from mtmoe.data.encode import encode_turns, end_marker_ids
 from mtmoe.data.formats import parse_record
@@ -33,15 +35,15 @@ from mtmoe.data.truncate import CUTS, DROPS, fit_pieces
 OUTPUT = datasets.Features(
     {
         "key": datasets.Value("uint64"),
-        "ids": datasets.Sequence(datasets.Value("int32")),
-        "mask": datasets.Sequence(datasets.Value("uint8")),
+        "ids": datasets.List(datasets.Value("int32")),
+        "mask": datasets.List(datasets.Value("uint8")),
         "cuts": datasets.Value("uint8"),
         "drop": datasets.Value("int8"),
         "ref": datasets.Value("string"),
     }
 )
 CACHE = "mtmoe-tokenized"
-BATCH = 64  # rows per call of the encoder
+BATCH = 256  # rows per call of the encoder
 _CODE = (
     "encode.py",
     "formats.py",
@@ -65,6 +67,18 @@ class EncodeSettings:
     metric: MetricSpec | None = None
 
 
+def _column(values: list, feature: Any) -> pa.Array:
+    """An output column as Arrow, token lists flattened in C rather than cast element by element."""
+    if isinstance(feature, datasets.List):
+        lengths = np.fromiter(map(len, values), dtype=np.int32, count=len(values))
+        offsets = np.concatenate([np.zeros(1, np.int32), np.cumsum(lengths, dtype=np.int32)])
+        flat = np.fromiter(
+            itertools.chain.from_iterable(values), dtype=feature.feature.dtype, count=int(offsets[-1])
+        )
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    return pa.array(values, type=feature.pa_type)
+
+
 class RowEncoder:
     """The `datasets.map` function: a batch of source rows to tokenized rows (picklable for `num_proc`).
 
@@ -80,7 +94,7 @@ class RowEncoder:
         self.tokenizer, self.reader, self.settings, self.check = tokenizer, reader, settings, check
         self.end_ids = end_marker_ids(tokenizer)
 
-    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> pa.Table:
         """Encodes a batch of rows (`indices`: their row numbers); raises ValueError naming a bad row."""
         out: dict[str, list] = {name: [] for name in OUTPUT}
         for j, index in enumerate(indices):
@@ -91,8 +105,8 @@ class RowEncoder:
                 raise ValueError(f"{where}: {e}") from None
             for name, value in row.items():
                 out[name].append(value)
-        out["key"] = np.array(out["key"], dtype=np.uint64)  # arrow reads a Python int as signed
-        return out
+        columns = {name: _column(values, OUTPUT[name]) for name, values in out.items()}
+        return pa.table(columns, schema=OUTPUT.arrow_schema)
 
     def _encode(self, raw: Any, where: str) -> dict[str, Any]:
         s = self.settings
