@@ -2,12 +2,13 @@
 
 The rows (`mtmoe.data.tokenize_map.OUTPUT`, memory-mapped) are read twice: once column by column for the
 lengths, cuts and drops (a few bytes per record), which size each split's arrays, and once in blocks of
-`ROWS_PER_READ` rows whose tokens are copied into the memory-mapped `.npy` files. Memory stays bounded
-by the block, whatever the number of tokens.
+`ROWS_PER_READ` rows whose tokens are appended to the `.npy` files. Memory stays bounded by the block,
+whatever the number of tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,13 +25,28 @@ from mtmoe.data.truncate import CUTS, DROPS
 # cut (`truncated`) and by which cut (a sample may have several), and the drops by reason.
 COUNTS = ("records", "samples", "tokens", "loss_tokens", "truncated", *CUTS, *DROPS)
 ROWS_PER_READ = 4096
+_ARRAYS = (("ids", np.int32), ("mask", np.uint8))
 
 
-def _array(path: Path, dtype: type, n: int) -> np.ndarray:
-    """A writable `.npy` file of n elements (a plain array when empty: an empty file cannot be mapped)."""
-    if n == 0:
-        return np.zeros(0, dtype)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
+class _NpyAppender:
+    """A 1-D `.npy` file of known length, written block by block.
+
+    Plain writes, not a memory map, so the pages written do not stay in this process's resident memory.
+    """
+
+    def __init__(self, path: Path, dtype: type, n: int):
+        self.dtype, self.n, self.written = np.dtype(dtype), n, 0
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by `close`)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def append(self, block: np.ndarray) -> None:
+        block.astype(self.dtype, copy=False).tofile(self.file)
+        self.written += len(block)
+
+    def close(self) -> None:
+        self.file.close()
+        assert self.written == self.n, f"{self.file.name}: wrote {self.written} of {self.n} elements"
 
 
 def _flat(column: pa.ChunkedArray, idx: np.ndarray) -> np.ndarray:
@@ -73,23 +89,25 @@ def write_shards(
     lengths_N = pc.list_value_length(table.column("ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     cuts_N = table.column("cuts").to_numpy()
     drop_N = table.column("drop").to_numpy()
-    counts, arrays, kept, refs = {}, {}, {}, []
-    for code, split in enumerate(splits):
-        folder = root / split
-        folder.mkdir(parents=True)
-        sel_N = sides_N == code
-        kept[split] = sel_N & (drop_N < 0)
-        counts[split] = _counts(sel_N, kept[split], lengths_N, cuts_N, drop_N)
-        n = counts[split]["tokens"]
-        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths_N[kept[split]])])
-        np.save(folder / "offsets.npy", offsets)
-        arrays[split] = (
-            _array(folder / "ids.npy", np.int32, n),
-            _array(folder / "mask.npy", np.uint8, n),
-            [0],
+    counts, files, kept, refs = {}, {}, {}, []
+    with contextlib.ExitStack() as stack:
+        for code, split in enumerate(splits):
+            folder = root / split
+            folder.mkdir(parents=True)
+            sel_N = sides_N == code
+            kept[split] = sel_N & (drop_N < 0)
+            counts[split] = _counts(sel_N, kept[split], lengths_N, cuts_N, drop_N)
+            np.save(
+                folder / "offsets.npy",
+                np.concatenate([[0], np.cumsum(lengths_N[kept[split]])]).astype(np.int64),
+            )
+            n = counts[split]["tokens"]
+            files[split] = [_NpyAppender(folder / f"{name}.npy", dtype, n) for name, dtype in _ARRAYS]
+            for f in files[split]:
+                stack.callback(f.close)
+        ref_file = (
+            stack.enter_context(open(root / refs_split / REFS, "w", encoding="utf-8")) if refs_split else None
         )
-    ref_file = open(root / refs_split / REFS, "w", encoding="utf-8") if refs_split else None  # noqa: SIM115
-    try:
         start = 0
         for batch in rows.with_format("arrow").iter(batch_size=ROWS_PER_READ):
             stop = start + batch.num_rows
@@ -97,26 +115,14 @@ def write_shards(
                 idx = np.flatnonzero(kept[split][start:stop])
                 if len(idx) == 0:
                     continue
-                ids, mask, pos = arrays[split]
-                ids_T, mask_T = _flat(batch.column("ids"), idx), _flat(batch.column("mask"), idx)
-                ids[pos[0] : pos[0] + len(ids_T)] = ids_T
-                mask[pos[0] : pos[0] + len(mask_T)] = mask_T
-                pos[0] += len(ids_T)
+                ids, mask = files[split]
+                ids.append(_flat(batch.column("ids"), idx))
+                mask_T = _flat(batch.column("mask"), idx)
+                mask.append(mask_T)
                 counts[split]["loss_tokens"] += int(mask_T.sum())
                 if split == refs_split:
                     for line in batch.column("ref").take(pa.array(idx)).to_pylist():
                         ref_file.write(line + "\n")
                         refs.append(Reference(**json.loads(line)))
             start = stop
-    finally:
-        if ref_file is not None:
-            ref_file.close()
-    for split in splits:
-        ids, mask, pos = arrays[split]
-        assert pos[0] == len(ids), f"{split}: wrote {pos[0]} of {len(ids)} tokens"
-        for name, array in (("ids", ids), ("mask", mask)):
-            if isinstance(array, np.memmap):
-                array.flush()
-            else:
-                np.save(root / split / f"{name}.npy", array)
     return counts, refs
