@@ -140,7 +140,7 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
                         help="record keys from other columns, e.g. qa=prompt=question,answer=label",
                         **per_task)  # fmt: skip
     parser.add_argument("--system", type=lambda s: _pair(s, "TEMPLATE"), metavar="NAME=TEMPLATE",
-                        help="a system prompt, formatted with the record's fields", **per_task)  # fmt: skip
+                        help="a system prompt, formatted with the row's fields", **per_task)  # fmt: skip
     parser.add_argument("--valid-fraction", type=float, default=0.0,
                         help="share of records held out for validation (CoBa, QR)")  # fmt: skip
     parser.add_argument("--max-valid", type=int, default=None, help="cap on valid records per task")

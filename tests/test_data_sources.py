@@ -108,6 +108,15 @@ def test_a_hub_dataset_offline_fails_fast_and_clearly(tok, tmp_path):
     assert time.perf_counter() - start < 30
 
 
+def test_a_hub_that_cannot_be_reached_fails_fast_when_not_offline(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"hf:someone/data: cannot reach the hub at http://127.0.0.1:9"):
+        tokenize(tok, {"t": "hf:someone/data"}, tmp_path / "out")
+    assert time.perf_counter() - start < 10
+
+
 def test_bad_input_is_named(tok, tmp_path):
     rows = [{"question": "q", "label": 1, "text": "t"}, {"question": "", "label": 2, "text": "u"}]
     datasets.Dataset.from_list(rows).to_parquet(tmp_path / "rows.parquet")
