@@ -36,6 +36,7 @@ from mtmoe.data.shard_writer import COUNTS, write_shards
 from mtmoe.data.sources import TaskSource, open_source
 from mtmoe.data.split import SPLITS, assign_splits, check_split
 from mtmoe.data.tokenize_map import (
+    Check,
     EncodeSettings,
     RowEncoder,
     fingerprint,
@@ -48,7 +49,6 @@ MANIFEST = "manifest.json"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RefCheck = Callable[[MetricSpec, Reference], None]  # raises ValueError for a record the metric cannot score
 __all__ = [
     "COUNTS", "OVERFLOW_POLICIES", "Manifest", "TaskInfo", "TaskShard", "load_manifest", "open_references",
     "open_shard", "tokenize_tasks", "validation_split",
@@ -289,7 +289,7 @@ class _Task:
 
 
 def _tokenize_task(
-    task: _Task, tokenizer: Any, tok_hash: str, s: _Settings, tmp: Path, work: Path, check: RefCheck | None
+    task: _Task, tokenizer: Any, tok_hash: str, s: _Settings, tmp: Path, work: Path, check: Check | None
 ) -> tuple[TaskInfo, bool]:
     """Reads, tokenizes, splits and writes one task; returns its manifest entry and whether it was cached."""
     ds, reader = open_source(task.source, work)
@@ -324,7 +324,7 @@ def tokenize_tasks(
     out: Path,
     log: Callable[[str], None] = print,
     metrics: Mapping[str, MetricSpec] | None = None,
-    check: RefCheck | None = None,
+    check: Check | None = None,
     *,
     valid_fraction: float = 0.0,
     max_valid: int | None = None,
