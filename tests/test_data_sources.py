@@ -128,6 +128,7 @@ def test_bad_input_is_named(tok, tmp_path):
         (TaskSource(path=path, columns=qa("text")), r"rows\.parquet row 1: prompt is empty"),
         (TaskSource(path=path, split="test"), r"no split 'test'"),
         (TaskSource(path=path, rows=(5, 9), columns=qa("text")), "empty task"),
+        (TaskSource(path=path, rows=(-1, 1), columns=qa("text")), "the start must be >= 0"),
         (TaskSource(path=path, system="{missing}", columns=qa("text")), "'missing'"),
         (TaskSource(path=str(tmp_path / "none.parquet")), "no such task file or folder"),
     ]

@@ -228,6 +228,8 @@ def _select_rows(ds: datasets.Dataset, source: TaskSource) -> tuple[datasets.Dat
     if source.rows is None:
         return ds, 0
     start, end = source.rows
+    if start < 0:
+        raise ValueError(f"{source.path}: rows {start}:{end}: the start must be >= 0")
     end = len(ds) if end is None else min(end, len(ds))
     if start >= end:
         raise ValueError(f"{source.path}: empty task, rows {start}:{end} of {len(ds)} select nothing")
