@@ -39,6 +39,7 @@ QUICK = {
     "benchmarks.step.profile": ["benchmarks.step", "profile", "--quick", "--tiny"],
     "benchmarks.step.packing": ["benchmarks.step", "packing", "--quick", "--tiny", "--data", "{data}"],
     "benchmarks.inference": ["benchmarks.inference", "--quick"],
+    "benchmarks.tokenization": ["benchmarks.tokenization", "--quick", "--data", "{data}"],
     "benchmarks.memory": ["benchmarks.memory", "--quick", "--tiny"],
     "experiments.balance_study": [
         "experiments.balance_study", "--quick", "--data", "{data}", "--only", "coba", "--out", "{tmp}/runs",

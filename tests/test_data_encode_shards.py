@@ -103,7 +103,8 @@ def test_shards_round_trip_and_manifest_layout(tok, tmp_path, capsys):
 
     data = json.loads((out / MANIFEST).read_text())
     assert list(data) == ["version", "tokenizer", "max_len", "overflow", "eval_fraction", "max_eval",
-                          "vocab_size", "tasks"]  # fmt: skip
+                          "valid_fraction", "max_valid", "vocab_size", "tasks"]  # fmt: skip
+    assert data["version"] == 2 and list(data["tasks"][0]["splits"]) == ["train", "eval"]  # no valid split
     assert [(t["name"], t["id"], t["source"]) for t in data["tasks"]] == [
         ("chat", 0, str(tasks["chat"])),
         ("pairs", 1, str(tasks["pairs"])),
@@ -135,17 +136,23 @@ def overflow_task(tmp_path):
     long = " ".join(f"w{i}" for i in range(200))
     records = [{"prompt": f"short {i}", "answer": "ok"} for i in range(3)]
     records += [{"prompt": f"short {i}", "answer": long} for i in range(2)]  # loss survives the cut
-    records += [{"prompt": long, "answer": "lost"}]  # the cut removes every target token
+    records += [{"prompt": long, "answer": "kept"}]  # a right-hand cut removes every target token
     return {"t": write_task(tmp_path / "t.jsonl", records)}
+
+
+KEEP_ANSWER = {"samples": 6, "truncated": 3, "cut_answer": 2, "cut_prompt_middle": 1, "dropped_no_target": 0}
 
 
 @pytest.mark.parametrize(
     "overflow, counts",
     [
-        ("truncate", {"samples": 5, "truncated": 2, "dropped_too_long": 0, "dropped_no_target": 1}),
+        ("truncate", KEEP_ANSWER),
+        ("truncate-middle", KEEP_ANSWER),
+        ("truncate-right", {"samples": 5, "truncated": 2, "cut_right": 2, "dropped_too_long": 0,
+                            "dropped_no_target": 1}),
         ("drop", {"samples": 3, "truncated": 0, "dropped_too_long": 3, "dropped_no_target": 0}),
     ],
-)
+)  # fmt: skip
 def test_overflow_policies_are_counted(tok, tmp_path, overflow, counts):
     manifest = tokenize_tasks(overflow_task(tmp_path), tok, "tok", 64, overflow, 0.0, None, tmp_path / "out")
     train = manifest.task("t").splits["train"]

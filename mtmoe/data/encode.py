@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mtmoe.data.formats import Message
+from mtmoe.data.truncate import Piece
 
 
 def _render(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = False) -> str:
@@ -42,8 +43,11 @@ def _extends(longer: str, shorter: str, what: str) -> str:
     return longer[len(shorter) :]
 
 
-def _tokens(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+def _tokens(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, in one call of the tokenizer (an empty text has none)."""
+    filled = [text for text in texts if text]
+    encoded = iter(tokenizer(filled, add_special_tokens=False)["input_ids"] if filled else [])
+    return [list(next(encoded)) if text else [] for text in texts]
 
 
 def end_marker_ids(tokenizer: Any) -> frozenset[int]:
@@ -51,6 +55,56 @@ def end_marker_ids(tokenizer: Any) -> frozenset[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     return frozenset(ids)
+
+
+def encode_turns(
+    tokenizer: Any, messages: Sequence[Message], end_ids: frozenset[int] | None = None
+) -> list[Piece]:
+    """Tokenizes a conversation with the tokenizer's chat template, one piece per turn.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer with a chat template.
+        messages: The conversation, as returned by `mtmoe.data.formats.parse_record`.
+        end_ids: `end_marker_ids(tokenizer)`, for a caller that encodes many conversations.
+
+    Returns:
+        One `Piece` per message: the tokens the template renders for it in context, and their loss mask.
+        `mask[i]` is 1 when token `i` is a prediction target: the content of an assistant turn and its
+        end-of-turn marker. System and user text, the role headers and the template's text around them
+        are 0.
+
+    Raises:
+        ValueError: If the tokenizer has no chat template, the template fails or is not prefix-stable.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template")
+    end_ids = end_marker_ids(tokenizer) if end_ids is None else end_ids
+    texts: list[str] = []  # per turn: its text, or an assistant turn's header and body
+    previous = ""
+    for i, message in enumerate(messages):
+        rendered = _render(tokenizer, messages[: i + 1])
+        if message.role == "assistant":
+            if i == 0:
+                raise ValueError("a conversation cannot open with an assistant turn")
+            header = _render(tokenizer, messages[:i], generation_prompt=True)
+            texts.append(_extends(header, previous, f"the generation prompt after turn {i}"))
+            texts.append(_extends(rendered, header, f"assistant turn {i}"))
+        else:
+            texts.append(_extends(rendered, previous, f"turn {i}"))
+        previous = rendered
+    ids = iter(_tokens(tokenizer, texts))
+    pieces: list[Piece] = []
+    for message in messages:
+        if message.role == "assistant":
+            head_ids, body_ids = next(ids), next(ids)
+            ends = [j for j, t in enumerate(body_ids) if t in end_ids]
+            n_loss = ends[-1] + 1 if ends else len(body_ids)
+            mask = [0] * len(head_ids) + [1] * n_loss + [0] * (len(body_ids) - n_loss)
+            pieces.append(Piece(message.role, head_ids + body_ids, mask))
+        else:
+            piece_ids = next(ids)
+            pieces.append(Piece(message.role, piece_ids, [0] * len(piece_ids)))
+    return pieces
 
 
 def encode_messages(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
@@ -61,34 +115,10 @@ def encode_messages(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[i
         messages: The conversation, as returned by `mtmoe.data.formats.parse_record`.
 
     Returns:
-        `(input_ids, loss_mask)`, of equal length. `loss_mask[i]` is 1 when token `i` is a prediction
-        target: the content of an assistant turn and its end-of-turn marker. System and user text, the
-        role headers and the template's text around them are 0.
+        `(input_ids, loss_mask)`, of equal length: `encode_turns`' pieces back to back.
 
     Raises:
         ValueError: If the tokenizer has no chat template, the template fails or is not prefix-stable.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template")
-    end_ids = end_marker_ids(tokenizer)
-    input_ids: list[int] = []
-    loss_mask: list[int] = []
-    previous = ""
-    for i, message in enumerate(messages):
-        rendered = _render(tokenizer, messages[: i + 1])
-        if message.role == "assistant":
-            if i == 0:
-                raise ValueError("a conversation cannot open with an assistant turn")
-            header = _render(tokenizer, messages[:i], generation_prompt=True)
-            head_ids = _tokens(tokenizer, _extends(header, previous, f"the generation prompt after turn {i}"))
-            body_ids = _tokens(tokenizer, _extends(rendered, header, f"assistant turn {i}"))
-            ends = [j for j, t in enumerate(body_ids) if t in end_ids]
-            n_loss = ends[-1] + 1 if ends else len(body_ids)
-            input_ids += head_ids + body_ids
-            loss_mask += [0] * len(head_ids) + [1] * n_loss + [0] * (len(body_ids) - n_loss)
-        else:
-            piece_ids = _tokens(tokenizer, _extends(rendered, previous, f"turn {i}"))
-            input_ids += piece_ids
-            loss_mask += [0] * len(piece_ids)
-        previous = rendered
-    return input_ids, loss_mask
+    pieces = encode_turns(tokenizer, messages)
+    return [t for p in pieces for t in p.ids], [m for p in pieces for m in p.mask]

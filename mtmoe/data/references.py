@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtmoe.data.formats import Example
+from mtmoe.data.formats import Example, Message
 
 REFS = "refs.jsonl"
 
@@ -74,22 +74,38 @@ def _optional_text(record: dict[str, Any], key: str) -> str | None:
     return value
 
 
+def reference_from(record: dict[str, Any], messages: list[Message], where: str, turn: int = -1) -> Reference:
+    """The reference of one record: an assistant turn, and the record's optional test fields.
+
+    Args:
+        record: The record (its `test`, `entry_point` and `code_prefix` are read).
+        messages: Its messages.
+        where: Where it came from (`file:line`, or a dataset's row), for messages.
+        turn: The index in `messages` of the assistant turn the held-out prompt leads to; -1 for the first.
+
+    Raises:
+        ValueError: If `test`, `entry_point` or `code_prefix` is present but not a string (the caller
+            adds where).
+    """
+    if turn < 0:
+        turn = next(i for i, m in enumerate(messages) if m.role == "assistant")
+    return Reference(
+        answer=messages[turn].content,
+        test=_optional_text(record, "test"),
+        entry_point=_optional_text(record, "entry_point"),
+        code_prefix=_optional_text(record, "code_prefix") or "",
+        where=where,
+    )
+
+
 def reference_of(example: Example) -> Reference:
-    """The reference of one record: its first assistant turn, and its optional test fields.
+    """The reference of one JSONL record: its first assistant turn, and its optional test fields.
 
     Raises:
         ValueError: If `test`, `entry_point` or `code_prefix` is present but not a string (the caller
             adds the file and line).
     """
-    answer = next(m.content for m in example.messages if m.role == "assistant")
-    record = example.record
-    return Reference(
-        answer=answer,
-        test=_optional_text(record, "test"),
-        entry_point=_optional_text(record, "entry_point"),
-        code_prefix=_optional_text(record, "code_prefix") or "",
-        where=example.where,
-    )
+    return reference_from(example.record, example.messages, example.where)
 
 
 def write_references(folder: Path, refs: list[Reference]) -> None:

@@ -8,7 +8,14 @@ Layout under the output folder:
     <task>/<split>/offsets.npy    int64, N + 1; sample i is ids[offsets[i]:offsets[i + 1]]
     <task>/eval/refs.jsonl        one `Reference` per held-out sample, for a task with a metric
 
-The mask is not shifted: `mask[i] = 1` means token i is predicted (from the tokens before it).
+Splits are `train`, `eval` (what the report scores) and, with a valid fraction, `valid` (what CoBa and
+Quality Retaining watch). The mask is not shifted: `mask[i] = 1` means token i is predicted (from the
+tokens before it).
+
+Manifest versions: 2 adds `valid_fraction`, `max_valid`, the `valid` split, the per-reason cut
+counts and each task's `source_options`. Version 1 still loads: its `overflow: truncate` was a cut
+from the right, and reads as `truncate-right`; its missing counts read as 0. The shard files are the
+same in both.
 """
 
 from __future__ import annotations
@@ -17,35 +24,48 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mtmoe.data.encode import encode_messages
-from mtmoe.data.formats import Example
-from mtmoe.data.references import MetricSpec, Reference, read_references, reference_of, write_references
-from mtmoe.data.split import check_split, split_task
+from mtmoe.data.references import MetricSpec, Reference, read_references
+from mtmoe.data.shard_writer import COUNTS, write_shards
+from mtmoe.data.sources import TaskSource, open_source
+from mtmoe.data.split import SPLITS, assign_splits, check_split
+from mtmoe.data.tokenize_map import (
+    Check,
+    EncodeSettings,
+    RowEncoder,
+    fingerprint,
+    tokenize_dataset,
+    tokenizer_digest,
+)
+from mtmoe.data.truncate import CUTS, DROPS, OVERFLOW_POLICIES
 
 MANIFEST = "manifest.json"
-VERSION = 1
-OVERFLOW_POLICIES = ("truncate", "drop")
-COUNTS = ("records", "samples", "tokens", "loss_tokens", "truncated", "dropped_too_long", "dropped_no_target")
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-Sample = tuple[np.ndarray, np.ndarray]  # (ids int32, loss_mask uint8)
-RefCheck = Callable[[Reference], None]  # raises ValueError for a record the task's metric cannot score
+__all__ = [
+    "COUNTS", "OVERFLOW_POLICIES", "Manifest", "TaskInfo", "TaskShard", "load_manifest", "open_references",
+    "open_shard", "tokenize_tasks", "validation_split",
+]  # fmt: skip
 
 
 @dataclass(kw_only=True)
 class TaskInfo:
     """One task of a manifest.
 
-    `splits` maps a split name to its counts: `records` read, `samples` kept, `tokens` and
-    `loss_tokens` of the kept samples, and `truncated` (kept, but cut to `max_len`),
-    `dropped_too_long` and `dropped_no_target` (records - samples = the two drop counts).
+    `splits` maps a split name to its counts (`COUNTS`): `records` read, `samples` kept, `tokens` and
+    `loss_tokens` of the kept samples, `truncated` (kept, but cut to `max_len`) with each kind of cut
+    (`mtmoe.data.truncate.CUTS`; a sample may have several), and the drops by reason
+    (`dropped_too_long`, `dropped_no_target`: records - samples = the two drop counts).
     `metric` is the task's declared `MetricSpec` in JSON form (None: the task is scored by loss only).
+    `source` is the path (or `hf:NAME`) the task was read from, and `source_options` the per-task options
+    it was read with (`TaskSource.options`; None: none).
     """
 
     name: str
@@ -53,6 +73,7 @@ class TaskInfo:
     source: str
     splits: dict[str, dict[str, int]]
     metric: dict[str, Any] | None = None
+    source_options: dict[str, Any] | None = None
 
     @property
     def metric_spec(self) -> MetricSpec | None:
@@ -71,6 +92,8 @@ class Manifest:
     tasks: list[TaskInfo]
     eval_fraction: float = 0.0
     max_eval: int | None = None
+    valid_fraction: float = 0.0
+    max_valid: int | None = None
     vocab_size: int | None = None
     version: int = VERSION
 
@@ -97,8 +120,10 @@ class Manifest:
 def load_manifest(root: Path) -> Manifest:
     """Reads `root/manifest.json`.
 
+    A version 1 manifest is read as version 2 (see the module doc); `version` says which it was.
+
     Raises:
-        ValueError: If the manifest is missing, unreadable or of another version.
+        ValueError: If the manifest is missing, unreadable or of a version this code cannot read.
     """
     root = Path(root)
     path = root / MANIFEST
@@ -106,9 +131,16 @@ def load_manifest(root: Path) -> Manifest:
         raise ValueError(f"{path}: no manifest; run data_prep/tokenize_tasks.py --out {root} first")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("version") != VERSION:
-            raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(
+                f"version {data.get('version')!r}, this mtmoe reads versions {list(READABLE_VERSIONS)};"
+                " tokenize the tasks again with this mtmoe"
+            )
         tasks = [TaskInfo(**t) for t in data.pop("tasks")]
+        if data["version"] == 1:
+            data["overflow"] = {"truncate": "truncate-right"}.get(data["overflow"], data["overflow"])
+            for task in tasks:
+                task.splits = {split: dict.fromkeys(COUNTS, 0) | c for split, c in task.splits.items()}
         return Manifest(root=root, tasks=tasks, **data)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"{path}: not a valid manifest: {e}") from None
@@ -162,6 +194,16 @@ def open_shard(manifest: Manifest, task: str, split: str) -> TaskShard:
     return TaskShard(name=task, task_id=info.id, split=split, ids=ids, mask=mask, offsets=offsets)
 
 
+def validation_split(manifest: Manifest, tasks: Sequence[str]) -> str:
+    """The split that CoBa and Quality Retaining watch.
+
+    `valid` when every one of `tasks` has valid samples, else `eval` (a version 1 manifest, or tokenized
+    without a valid fraction), which the report also scores.
+    """
+    has_valid = all(manifest.task(name).splits.get("valid", {}).get("samples", 0) > 0 for name in tasks)
+    return "valid" if has_valid else "eval"
+
+
 def open_references(manifest: Manifest, task: str) -> list[Reference]:
     """The held-out references of a task that declared a metric, in sample order.
 
@@ -178,61 +220,6 @@ def open_references(manifest: Manifest, task: str) -> list[Reference]:
     return refs
 
 
-def _write_split(folder: Path, samples: list[Sample]) -> None:
-    folder.mkdir(parents=True)
-    lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
-    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
-    ids = np.concatenate([s[0] for s in samples]) if samples else np.zeros(0, np.int32)
-    mask = np.concatenate([s[1] for s in samples]) if samples else np.zeros(0, np.uint8)
-    np.save(folder / "ids.npy", ids.astype(np.int32, copy=False))
-    np.save(folder / "mask.npy", mask.astype(np.uint8, copy=False))
-    np.save(folder / "offsets.npy", offsets)
-
-
-def _encode_split(
-    examples: list[Example], tokenizer: Any, max_len: int, overflow: str, check: RefCheck | None = None
-) -> tuple[list[Sample], dict[str, int], list[Reference]]:
-    """Encodes one split and fits it to `max_len`.
-
-    Returns:
-        The kept samples, the counts, and (with `check`, for a task with a metric) each kept sample's
-        reference, every record's reference having passed `check`.
-    """
-    samples: list[Sample] = []
-    refs: list[Reference] = []
-    c = dict.fromkeys(COUNTS, 0)
-    for example in examples:
-        c["records"] += 1
-        try:
-            ids, mask = encode_messages(tokenizer, example.messages)
-            ref = None
-            if check is not None:
-                ref = reference_of(example)
-                check(ref)
-        except ValueError as e:
-            raise ValueError(f"{example.where}: {e}") from None
-        truncated = len(ids) > max_len
-        if truncated and overflow == "drop":
-            c["dropped_too_long"] += 1
-            continue
-        ids, mask = ids[:max_len], mask[:max_len]
-        if not any(mask):
-            c["dropped_no_target"] += 1
-            continue
-        c["truncated"] += int(truncated)
-        c["samples"] += 1
-        c["tokens"] += len(ids)
-        c["loss_tokens"] += sum(mask)
-        samples.append((np.asarray(ids, np.int32), np.asarray(mask, np.uint8)))
-        if ref is not None:
-            refs.append(ref)
-    return samples, c, refs
-
-
-def _accept(spec: MetricSpec, ref: Reference) -> None:
-    """The check of a metric without requirements."""
-
-
 def _resolve_spec(spec: MetricSpec, refs: list[Reference], tokenizer: Any) -> MetricSpec:
     """`spec` with its automatic generation cap resolved: the longest reference answer plus 8 tokens."""
     if spec.max_new_tokens > 0:
@@ -241,13 +228,14 @@ def _resolve_spec(spec: MetricSpec, refs: list[Reference], tokenizer: Any) -> Me
     return MetricSpec(name=spec.name, max_new_tokens=longest + 8, labels=spec.labels)
 
 
-def _summary(info: TaskInfo) -> str:
-    parts = [f"{info.name} (id {info.id}):"]
+def _summary(info: TaskInfo, cached: bool) -> str:
+    parts = [f"{info.name} (id {info.id}{', tokens from the cache' if cached else ''}):"]
     for split, c in info.splits.items():
+        reasons = ", ".join(f"{k} {c[k]}" for k in (*CUTS, *DROPS) if c[k])
         parts.append(
             f"{split} {c['samples']}/{c['records']} samples, {c['tokens']} tokens ({c['loss_tokens']} loss),"
             f" truncated {c['truncated']}, dropped too long {c['dropped_too_long']},"
-            f" dropped no target {c['dropped_no_target']};"
+            f" dropped no target {c['dropped_no_target']}{f' ({reasons})' if reasons else ''};"
         )
     return " ".join(parts).rstrip(";")
 
@@ -261,8 +249,72 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_settings(tasks: Mapping[str, Any], overflow: str, max_len: int, out: Path) -> None:
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow must be one of {list(OVERFLOW_POLICIES)}, got {overflow!r}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if not tasks:
+        raise ValueError("no task given")
+    for name in tasks:
+        if not _TASK_NAME.fullmatch(name):
+            raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (not first)")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ValueError(f"{out}: exists and holds no {MANIFEST}; refusing to replace it")
+
+
+def _source(path: Path | str | TaskSource) -> TaskSource:
+    return path if isinstance(path, TaskSource) else TaskSource(path=str(path))
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The settings shared by every task of a `tokenize_tasks` call."""
+
+    eval_fraction: float
+    max_eval: int | None
+    valid_fraction: float
+    max_valid: int | None
+    num_proc: int
+    max_len: int
+    overflow: str
+
+
+@dataclass(frozen=True)
+class _Task:
+    name: str
+    id: int
+    source: TaskSource
+    spec: MetricSpec | None
+
+
+def _tokenize_task(
+    task: _Task, tokenizer: Any, tok_hash: str, s: _Settings, tmp: Path, work: Path, check: Check | None
+) -> tuple[TaskInfo, bool]:
+    """Reads, tokenizes, splits and writes one task; returns its manifest entry and whether it was cached."""
+    ds, reader = open_source(task.source, work)
+    columns = tuple(task.source.columns.items())
+    settings = EncodeSettings(
+        max_len=s.max_len, overflow=s.overflow, columns=columns, system=task.source.system, metric=task.spec
+    )
+    encoder = RowEncoder(tokenizer, reader, settings, check if task.spec is not None else None)
+    rows, cached = tokenize_dataset(ds, encoder, fingerprint(ds, encoder, tok_hash), s.num_proc, work)
+    keys_N = rows.data.column("key").to_numpy()
+    sides_N = assign_splits(keys_N, s.eval_fraction, s.max_eval, s.valid_fraction, s.max_valid)
+    splits = SPLITS if s.valid_fraction > 0 else SPLITS[:2]
+    refs_split = "eval" if task.spec is not None else None
+    counts, refs = write_shards(rows, sides_N, tmp / task.name, splits, refs_split)
+    spec = task.spec if task.spec is None else _resolve_spec(task.spec, refs, tokenizer)
+    metric = None if spec is None else spec.to_json()
+    info = TaskInfo(
+        name=task.name, id=task.id, source=task.source.path, splits=counts, metric=metric,
+        source_options=task.source.options(),
+    )  # fmt: skip
+    return info, cached
+
+
 def tokenize_tasks(
-    tasks: Mapping[str, Path],
+    tasks: Mapping[str, Path | str | TaskSource],
     tokenizer: Any,
     tokenizer_path: str,
     max_len: int,
@@ -272,20 +324,29 @@ def tokenize_tasks(
     out: Path,
     log: Callable[[str], None] = print,
     metrics: Mapping[str, MetricSpec] | None = None,
-    check: Callable[[MetricSpec, Reference], None] | None = None,
+    check: Check | None = None,
+    *,
+    valid_fraction: float = 0.0,
+    max_valid: int | None = None,
+    num_proc: int = 1,
+    cache_dir: Path | None = None,
 ) -> Manifest:
-    """Tokenizes task JSONL files into per-task, per-split shards and writes the manifest.
+    """Tokenizes tasks into per-task, per-split shards and writes the manifest.
 
-    Everything is built in a temporary sibling folder that replaces `out` only once complete, so a
-    crash never leaves a half-written manifest or shards that disagree with it.
+    Each task is read as a dataset (`mtmoe.data.sources`), tokenized by `datasets.map` in `num_proc`
+    processes (`mtmoe.data.tokenize_map`), split by the hash of each record, and streamed into its shards
+    (`mtmoe.data.shard_writer`). Everything is built in a temporary sibling folder that replaces `out`
+    only once complete, so a crash never leaves a half-written manifest or shards that disagree with it.
 
     Args:
-        tasks: Task name to JSONL file or folder; task ids follow this order, from 0.
+        tasks: Task name to its source: a path (JSONL, parquet, arrow, CSV or JSON file or folder, a saved
+            dataset, `hf:NAME`) or a `TaskSource` with options; task ids follow this order, from 0.
         tokenizer: A Hugging Face tokenizer with a chat template.
         tokenizer_path: How to find the tokenizer again (a folder or an alias), recorded in the manifest.
         max_len: Longest sample, in tokens.
-        overflow: `truncate` cuts longer samples to `max_len` (dropping those left without a target
-            token); `drop` drops them.
+        overflow: One of `OVERFLOW_POLICIES` (see `mtmoe.data.truncate`): `truncate` and
+            `truncate-middle` shorten the prompt and keep the answer, `truncate-right` cuts from the
+            right, `drop` drops longer samples. A sample left without a target token is dropped.
         eval_fraction: Share of each task's records held out for eval, by a hash of the record.
         max_eval: If set, at most this many eval records per task (the rest go to train).
         out: Output folder. If it exists it must hold a previous manifest; it is replaced.
@@ -296,53 +357,45 @@ def tokenize_tasks(
         check: Called with each record's reference of a task with a metric (train and eval, so the
             split never decides what is accepted); raises ValueError for a record the metric cannot
             score. `mtmoe.eval.metrics.check_reference` is the one to pass.
+        valid_fraction: Share of each task's records held out for validation (CoBa, Quality Retaining),
+            by the next band of the same hash, so eval does not change; 0 writes no `valid` split.
+        max_valid: If set, at most this many valid records per task (the rest go to train).
+        num_proc: Processes that tokenize.
+        cache_dir: Where the tokenized rows are kept, by fingerprint, for the next run; None keeps them
+            only while this call runs.
 
     Returns:
         The manifest, as `load_manifest(out)` would return it.
 
     Raises:
-        ValueError: On bad settings or task names, a malformed or empty task (naming file and line),
-            or an `out` folder that is not a previous output.
+        ValueError: On bad settings or task names, a malformed or empty task (naming file and line, or
+            the dataset's row), or an `out` folder that is not a previous output.
     """
-    if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"overflow must be one of {list(OVERFLOW_POLICIES)}, got {overflow!r}")
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    check_split(eval_fraction, max_eval)
-    if not tasks:
-        raise ValueError("no task given")
-    for name in tasks:
-        if not _TASK_NAME.fullmatch(name):
-            raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (not first)")
+    out = Path(out)
+    _check_settings(tasks, overflow, max_len, out)
+    check_split(eval_fraction, max_eval, valid_fraction, max_valid)
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1, got {num_proc}")
     metrics = dict(metrics or {})
     if unknown := sorted(set(metrics) - set(tasks)):
         raise ValueError(f"a metric is declared for unknown task(s) {unknown}; tasks: {list(tasks)}")
-    out = Path(out)
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise ValueError(f"{out}: exists and holds no {MANIFEST}; refusing to replace it")
+    settings = _Settings(eval_fraction, max_eval, valid_fraction, max_valid, num_proc, max_len, overflow)
 
     target = out.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    work = (
+        Path(cache_dir) if cache_dir is not None else target.with_name(f".{target.name}.cache-{os.getpid()}")
+    )
     try:
+        tok_hash = tokenizer_digest(tokenizer)
         infos = []
         for task_id, (name, path) in enumerate(tasks.items()):
-            counts, spec = {}, metrics.get(name)
-            ref_check = None
-            if spec is not None:
-                ref_check = (lambda ref, spec=spec: check(spec, ref)) if check else (lambda ref: None)
-            for split, examples in split_task(Path(path), eval_fraction, max_eval).items():
-                samples, counts[split], refs = _encode_split(
-                    examples, tokenizer, max_len, overflow, ref_check
-                )
-                _write_split(tmp / name / split, samples)
-                if spec is not None and split == "eval":
-                    write_references(tmp / name / split, refs)
-                    spec = _resolve_spec(spec, refs, tokenizer)
-            metric = None if spec is None else spec.to_json()
-            infos.append(TaskInfo(name=name, id=task_id, source=str(path), splits=counts, metric=metric))
-            log(_summary(infos[-1]))
+            task = _Task(name, task_id, _source(path), metrics.get(name))
+            info, cached = _tokenize_task(task, tokenizer, tok_hash, settings, tmp, work, check)
+            infos.append(info)
+            log(_summary(info, cached))
         manifest = Manifest(
             root=out,
             tokenizer=tokenizer_path,
@@ -351,10 +404,14 @@ def tokenize_tasks(
             tasks=infos,
             eval_fraction=eval_fraction,
             max_eval=max_eval,
+            valid_fraction=valid_fraction,
+            max_valid=max_valid,
             vocab_size=len(tokenizer),
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
         _replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if cache_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
     return manifest

@@ -21,7 +21,7 @@ from mtmoe.balance.validation import ValidationStream
 from mtmoe.balance.weighters import TaskWeighter, build_weighter, weighter_options
 from mtmoe.config import Config, to_dict
 from mtmoe.data.sampler import MixingSampler
-from mtmoe.data.shards import Manifest, load_manifest, open_shard
+from mtmoe.data.shards import Manifest, load_manifest, open_shard, validation_split
 from mtmoe.eval.task_metrics import metric_summary
 from mtmoe.eval.utilization import gather_utilization, restore_utilization_counters, save_utilization_counters
 from mtmoe.model.base import load_tokenizer, resolve_base
@@ -173,8 +173,14 @@ def _set_up(cfg: Config, resume: bool) -> Job:
     needs_validation = weighter.needs_validation or retainer is not None
     validation = None
     if needs_validation or cfg.train.val_every:
+        split = validation_split(manifest, task_names)
+        if split == "eval" and info.is_main:
+            print(
+                "[mtmoe] note: the manifest has no valid split for every task, so validation reads the eval"
+                " split, which the report also scores; tokenize with --valid-fraction for a separate one"
+            )
         validation = ValidationStream(
-            eval_shards,
+            [open_shard(manifest, name, split) for name in task_names],
             cfg.train.micro_batch_size,
             len(known),
             tokenizer.pad_token_id,
