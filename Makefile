@@ -27,7 +27,7 @@ test: $(STAMP)
 # benchmarks/results/*.json, then the docs' tables are regenerated from the JSON. export_comparison needs a finished demo run
 # (make demo) in runs/demo; the balancing study (40 min) runs on its own: see the README.
 BENCHES := "family block" "family families" "step compare" loss "step packing" memory inference "step mfu" \
-	"step profile" ep
+	"step profile" ep tokenization
 bench: $(STAMP)
 	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) -m benchmarks.$$b; done
 	$(PY) -m experiments.export_comparison --run runs/demo
