@@ -46,11 +46,14 @@ class Source:
     Attributes:
         module: The importable module that renders it.
         mode: The key of its mode in the module's `MODES`; None for its `MODE`, or for a module without
-            modes, its `render_markdown` and `RESULT`.
+            modes, its `renderer` and `RESULT`.
+        renderer: For a module without modes: the function that renders its `RESULT` (one JSON can
+            feed several tables, e.g. a study's full tables and its README headline).
     """
 
     module: str
     mode: str | None = None
+    renderer: str = "render_markdown"
 
 
 SOURCES = {
@@ -64,7 +67,8 @@ SOURCES = {
     "ep": Source("benchmarks.ep"),
     "memory": Source("benchmarks.memory"),
     "inference": Source("benchmarks.inference"),
-    "quality_study": Source("benchmarks.quality_study"),
+    "quality_study": Source("experiments.quality_study"),
+    "quality_summary": Source("experiments.quality_study", renderer="render_summary"),
     "balance_study": Source("experiments.balance_study"),
     "export_comparison": Source("experiments.export_comparison"),
 }
@@ -149,9 +153,9 @@ def load_source(marker: str, source: Source) -> tuple[Renderer, Path]:
     mode = getattr(module, "MODES", {}).get(source.mode) if source.mode else getattr(module, "MODE", None)
     if mode is not None:
         return mode.render, mode.cli.out
-    renderer, result = getattr(module, "render_markdown", None), getattr(module, "RESULT", None)
+    renderer, result = getattr(module, source.renderer, None), getattr(module, "RESULT", None)
     if source.mode is not None or not callable(renderer) or result is None:
-        what = f"no mode {source.mode}" if source.mode else "no MODE, nor render_markdown and RESULT"
+        what = f"no mode {source.mode}" if source.mode else f"no MODE, nor {source.renderer} and RESULT"
         raise RenderError(f"{marker}: {source.module} has {what}")
     return renderer, Path(result)
 

@@ -44,11 +44,11 @@ QUICK = {
     "experiments.balance_study": [
         "experiments.balance_study", "--quick", "--data", "{data}", "--only", "coba", "--out", "{tmp}/runs",
     ],
-    "benchmarks.quality_study": [
-        "benchmarks.quality_study", "--smoke", "--data", "{metrics_data}", "--out", "{tmp}/runs",
+    "experiments.quality_study": [
+        "experiments.quality_study", "--smoke", "--data", "{metrics_data}", "--out", "{tmp}/runs",
     ],
 }  # fmt: skip
-JSON_FLAG = {"experiments.balance_study": "--json", "benchmarks.quality_study": "--json"}  # others: --out
+JSON_FLAG = {"experiments.balance_study": "--json", "experiments.quality_study": "--json"}  # others: --out
 
 
 def runnable() -> set[str]:
@@ -95,7 +95,7 @@ def test_tiny_never_writes_the_real_result():
         cli.check_tiny(parser, tiny=True, quick=False, has_out=False)
     cli.check_tiny(parser, tiny=True, quick=True, has_out=False)  # prints only
     cli.check_tiny(parser, tiny=True, quick=False, has_out=True)  # writes where it is told
-    for args in (["benchmarks.step", "compare", "--tiny"], ["benchmarks.quality_study", "--smoke"]):
+    for args in (["benchmarks.step", "compare", "--tiny"], ["experiments.quality_study", "--smoke"]):
         proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert proc.returncode != 0 and ("--tiny: give" in proc.stderr or "--smoke: give" in proc.stderr)
@@ -140,7 +140,7 @@ def test_every_balance_study_scheme_is_a_valid_config():
 
 
 def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid():
-    from benchmarks import quality_study as study
+    from experiments import quality_study as study
 
     plan = {"seeds": [0, 1], "max_lr": 4e-3}
 
@@ -157,7 +157,7 @@ def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid():
 
 
 def test_quality_study_starts_a_run_once_what_it_depends_on_is_known():
-    from benchmarks import quality_study as study
+    from experiments import quality_study as study
 
     plan = {
         "seeds": [0, 1], "lrs": [5e-4, 1e-3], "max_lr": 4e-3,
@@ -185,3 +185,28 @@ def test_quality_study_starts_a_run_once_what_it_depends_on_is_known():
     assert study.ready_jobs(plan, runs, ["a", "d", "e", "g"], frozenset({("a", 5e-4, 1)})) == [
         ("d", 1e-3, 1), ("g", 5e-4, 0),
     ]  # fmt: skip
+
+
+def test_the_quality_headline_compares_the_best_plain_lora_with_the_best_mixture_over_seeds():
+    from experiments import quality_study as study
+
+    plan = {
+        "seeds": [0, 1], "lrs": [1e-3],
+        "variants": {
+            "lo": {"label": "(a) LoRA: x", "overrides": ["moe.family=lora"]},
+            "mo": {"label": "(c) MoE: y", "overrides": []},
+            "one": {"label": "(g) MoE: z", "overrides": []},  # one seed: left out of the headline
+        },
+    }  # fmt: skip
+
+    def run(variant, seed, score):
+        return {"variant": variant, "lr": 1e-3, "seed": seed, "tasks": {"t": {"loss": 1.0, "score": score}}}
+
+    runs = {f"{v}{s}": run(v, s, x) for v, s, x in [("lo", 0, 10.0), ("lo", 1, 12.0), ("mo", 0, 14.0),
+                                                     ("mo", 1, 16.0), ("one", 0, 99.0)]}  # fmt: skip
+    result = {"study": plan, "runs": runs, "base": {"t": {"metric": "chrf", "score": 5.0, "loss": 2.0}}}
+    row = study.render_summary(result).splitlines()[2]
+    # the mixture leads by 4.00, beyond the larger seed spread (std 1.41)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["t", "chrf", "5.00", "(a) LoRA: 11.00 ± 1.41", "(c) MoE: 15.00 ± 1.41", "+4.00",
+                     "mixture ahead, beyond 1.41"]  # fmt: skip

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 # The generated regions of the pages; others may be added, none may silently disappear.
 EXPECTED = {
-    "config_reference", "weighter_options",
+    "config_reference", "weighter_options", "router_options", "quality_summary",
     "family_block", "family", "ep", "balance_study", "export_comparison", "step", "step_mfu", "step_profile",
     "loss", "step_packing", "memory", "inference", "quality_study",
 }  # fmt: skip

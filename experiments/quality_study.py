@@ -1,12 +1,12 @@
 """The quality study: each task's own metric for plain LoRA baselines and MoE-LoRA variants, same budget.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality_study.py --jobs 2        # the whole study
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.quality_study --jobs 2       # the whole study
     ... --only lora_active_rank upcycled_top2       # some variants (results merge into the JSON)
     ... --smoke --data DIR --json X --out DIR       # the machinery on a tiny random Llama, in seconds
-    ... --render benchmarks/results/quality_study.json
+    ... --render experiments/results/quality_study.json
     ... --backfill                                  # re-score the base, add diagnostics to finished runs
 
-The study is data (`benchmarks/quality_study.yaml`): the recipe, the overrides every run shares, the
+The study is data (`experiments/quality_study.yaml`): the recipe, the overrides every run shares, the
 variants with their overrides, the learning rates and the seeds. Every run is `launch/train.py` in a
 process of its own (one thread; `--jobs` of them side by side), so runs share the recipe, data, sampler,
 loss, loop and evaluation and differ only in their adapter and learning rate:
@@ -519,8 +519,9 @@ def render_summary(result: dict) -> str:
             beyond = f"{leader} ahead, {'beyond' if abs(gap) > max(spreads) else 'within'} {max(spreads):.2f}"
         digits = 2 if name else 3
         base_cell = f"{base[t][key]:.{digits}f}"
-        lora_cell = f"{_short(study, lv)} {_mean_std(lvals, digits)}"
-        mixture_cell = f"{_short(study, mv)} {_mean_std(mvals, digits)}"
+        name_of = lambda v: study["variants"][v]["label"].split(":")[0]  # noqa: E731
+        lora_cell = f"{name_of(lv)}: {_mean_std(lvals, digits)}"
+        mixture_cell = f"{name_of(mv)}: {_mean_std(mvals, digits)}"
         rows.append([t, name or "loss", base_cell, lora_cell, mixture_cell, f"{gap:+.{digits}f}", beyond])
     head = ["task", "metric", "base", "best plain LoRA", "best mixture", "mixture − LoRA", "seed spread"]
     seeds = min(len(r) for r in pool.values())
