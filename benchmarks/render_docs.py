@@ -67,6 +67,7 @@ SOURCES = {
     "ep": Source("benchmarks.ep"),
     "memory": Source("benchmarks.memory"),
     "inference": Source("benchmarks.inference"),
+    "tokenization": Source("benchmarks.tokenization"),
     "quality_study": Source("experiments.quality_study"),
     "quality_summary": Source("experiments.quality_study", renderer="render_summary"),
     "balance_study": Source("experiments.balance_study"),

@@ -11,7 +11,7 @@ from conftest import ROOT
 EXPECTED = {
     "config_reference", "weighter_options", "router_options", "quality_summary",
     "family_block", "family", "ep", "balance_study", "export_comparison", "step", "step_mfu", "step_profile",
-    "loss", "step_packing", "memory", "inference", "quality_study",
+    "loss", "step_packing", "memory", "inference", "quality_study", "tokenization",
 }  # fmt: skip
 
 
