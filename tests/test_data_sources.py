@@ -2,6 +2,7 @@
 templates, rows and splits; the fingerprint cache; `num_proc`; bad input named by its row or column."""
 
 import json
+import random
 import shutil
 import time
 
@@ -222,3 +223,21 @@ def test_the_script_takes_the_source_options(tmp_path, capsys):
         with pytest.raises(SystemExit):
             script.main([*argv[:4], *bad, "--out", str(tmp_path / "x")])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 50])
+def test_jsonl_read_in_byte_ranges_keeps_every_line_and_its_number(tmp_path, parts):
+    """`--num-proc` reads a JSONL file in byte ranges cut at line ends: the same non-blank lines, in order,
+    each named by its own line number, with blank lines and a missing final newline."""
+    from mtmoe.data.sources import _jsonl_lines, jsonl_chunks
+
+    rng = random.Random(parts)
+    lines = [rng.choice(["", "  ", json.dumps({"i": i, "pad": "x" * rng.randint(0, 90)})]) for i in range(400)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines))  # no final newline
+    want = [(f"{path}:{n}", line.encode()) for n, line in enumerate(lines, 1) if line.strip()]
+    chunks = jsonl_chunks([path], parts, block=97)
+    got = [(r["where"], r["line"].rstrip(b"\n")) for r in _jsonl_lines(chunks)]
+    assert got == want
+    assert chunks[0][1] == 0 and chunks[-1][2] == path.stat().st_size
+    assert all(a[2] == b[1] for a, b in zip(chunks, chunks[1:], strict=False))  # contiguous ranges

@@ -292,7 +292,7 @@ def _tokenize_task(
     task: _Task, tokenizer: Any, tok_hash: str, s: _Settings, tmp: Path, work: Path, check: Check | None
 ) -> tuple[TaskInfo, bool]:
     """Reads, tokenizes, splits and writes one task; returns its manifest entry and whether it was cached."""
-    ds, reader = open_source(task.source, work)
+    ds, reader = open_source(task.source, work, s.num_proc)
     columns = tuple(task.source.columns.items())
     settings = EncodeSettings(
         max_len=s.max_len, overflow=s.overflow, columns=columns, system=task.source.system, metric=task.spec

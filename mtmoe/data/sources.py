@@ -99,22 +99,63 @@ class TableRows:
 RowReader = JsonlRows | TableRows
 
 
-def _jsonl_lines(files: list[str], stats: list[tuple[int, int]]) -> Iterator[dict[str, Any]]:
-    """The generator of a JSONL task's dataset; `stats` (size, mtime) only key its cache."""
-    for file in files:
+Chunk = tuple[str, int, int, int, int, int]  # file, start byte, end byte, its first line, size, mtime
+
+
+def _jsonl_lines(chunks: list[Chunk]) -> Iterator[dict[str, Any]]:
+    """The generator of a JSONL task's dataset: the non-blank lines of byte ranges that end at line ends.
+
+    A chunk's size and mtime only key the cache.
+    """
+    for file, start, end, first_line, _, _ in chunks:
         with open(file, "rb") as f:
-            for line_no, line in enumerate(f, start=1):
+            f.seek(start)
+            pos, line_no = start, first_line
+            while pos < end and (line := f.readline()):
                 if line.strip():
                     yield {"where": f"{file}:{line_no}", "line": line}
+                pos, line_no = pos + len(line), line_no + 1
 
 
-def _open_jsonl(path: Path, files: list[Path], cache_dir: Path) -> datasets.Dataset:
-    stats = [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+def jsonl_chunks(files: list[Path], parts: int, block: int = 1 << 20) -> list[Chunk]:
+    """Splits each file at line ends into up to `parts` byte ranges, with the line number each starts at.
+
+    The line numbers come from counting newlines block by block, so memory stays at one block.
+    """
+    chunks = []
+    for path in files:
+        stat = path.stat()
+        size, cuts = stat.st_size, []
+        with open(path, "rb") as f:
+            for i in range(1, parts):  # the first line end at or after each even share of the bytes
+                f.seek(max(size * i // parts - 1, 0))
+                f.readline()
+                if (cut := f.tell()) < size and (not cuts or cut > cuts[-1]):
+                    cuts.append(cut)
+            starts, ends, lines, pos, newlines = [0, *cuts], [*cuts, size], [1], 0, 0
+            f.seek(0)
+            for cut in cuts:  # newlines before each cut
+                while pos < cut:
+                    data = f.read(min(block, cut - pos))
+                    newlines, pos = newlines + data.count(b"\n"), pos + len(data)
+                lines.append(newlines + 1)
+        chunks += [
+            (str(path), s, e, n, size, stat.st_mtime_ns) for s, e, n in zip(starts, ends, lines, strict=True)
+        ]
+    return chunks
+
+
+def _open_jsonl(path: Path, files: list[Path], cache_dir: Path, num_proc: int = 1) -> datasets.Dataset:
     if not any(_has_record(f) for f in files):  # `datasets` refuses a generator that yields nothing
         raise ValueError(f"{path}: empty task, no record found")
-    kwargs = {"files": [str(f) for f in files], "stats": stats}
+    chunks = [c for c in jsonl_chunks(files, num_proc) if c[2] > c[1]]
+    num_proc = min(num_proc, len(chunks))
     return datasets.Dataset.from_generator(
-        _jsonl_lines, features=_LINES, gen_kwargs=kwargs, cache_dir=str(cache_dir)
+        _jsonl_lines,
+        features=_LINES,
+        gen_kwargs={"chunks": chunks},
+        cache_dir=str(cache_dir),
+        num_proc=num_proc if num_proc > 1 else None,
     )
 
 
@@ -187,7 +228,7 @@ def _local_kind(path: Path) -> tuple[str, list[Path]]:
     return ("jsonl" if suffix == ".jsonl" else BUILDERS[suffix]), files
 
 
-def _open_local(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, bool]:
+def _open_local(source: TaskSource, cache_dir: Path, num_proc: int = 1) -> tuple[datasets.Dataset, bool]:
     """The local source's dataset, and whether it is JSONL (rows of raw lines)."""
     path = Path(source.path)
     kind, files = _local_kind(path)
@@ -196,7 +237,7 @@ def _open_local(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, 
     if kind == "jsonl":
         if source.split not in (None, "train"):
             raise ValueError(f"{path}: no split {source.split!r}; a JSONL task is one split")
-        return _open_jsonl(path, task_files(path) if path.is_dir() else files, cache_dir), True
+        return _open_jsonl(path, task_files(path) if path.is_dir() else files, cache_dir, num_proc), True
     try:
         if kind == "disk":
             loaded = datasets.load_from_disk(str(path))
@@ -236,12 +277,13 @@ def _select_rows(ds: datasets.Dataset, source: TaskSource) -> tuple[datasets.Dat
     return ds.select(range(start, end)), start
 
 
-def open_source(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, RowReader]:
+def open_source(source: TaskSource, cache_dir: Path, num_proc: int = 1) -> tuple[datasets.Dataset, RowReader]:
     """Opens a task's records as a dataset and the reader of its rows.
 
     Args:
         source: The task's input and options.
         cache_dir: Where `datasets` keeps what it builds (Arrow files of JSONL lines, CSV and JSON).
+        num_proc: Processes that read a JSONL task's lines (each a range of its bytes).
 
     Returns:
         The dataset (the chosen split and rows) and its `RowReader`.
@@ -250,7 +292,10 @@ def open_source(source: TaskSource, cache_dir: Path) -> tuple[datasets.Dataset, 
         ValueError: For a missing or empty source, an unknown file kind, split or column, a text column
             that does not hold strings, or a hub dataset that cannot be reached.
     """
-    ds, is_jsonl = (_open_hub(source, cache_dir), False) if source.is_hub else _open_local(source, cache_dir)
+    if source.is_hub:
+        ds, is_jsonl = _open_hub(source, cache_dir), False
+    else:
+        ds, is_jsonl = _open_local(source, cache_dir, num_proc)
     if not is_jsonl:
         _check_columns(ds, source)
     ds, start = _select_rows(ds, source)
