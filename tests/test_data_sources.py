@@ -232,7 +232,8 @@ def test_jsonl_read_in_byte_ranges_keeps_every_line_and_its_number(tmp_path, par
     from mtmoe.data.sources import _jsonl_lines, jsonl_chunks
 
     rng = random.Random(parts)
-    lines = [rng.choice(["", "  ", json.dumps({"i": i, "pad": "x" * rng.randint(0, 90)})]) for i in range(400)]
+    records = [json.dumps({"i": i, "pad": "x" * rng.randint(0, 90)}) for i in range(400)]
+    lines = [rng.choice(["", "  ", record, record]) for record in records]
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(lines))  # no final newline
     want = [(f"{path}:{n}", line.encode()) for n, line in enumerate(lines, 1) if line.strip()]
