@@ -260,6 +260,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         f" {growth('peak_anon_mib')}; the peak RSS, which also counts the memory-mapped Arrow pages:"
         f" {growth('peak_rss_mib')}."
     )
+    repeats = [
+        f"{r['speedup_2_over_legacy']:.2f}× ({r['speedup_2_over_1']:.2f}× over 1 process)"
+        for r in result.get("repeats", [])
+    ]
+    if repeats:  # whole runs repeated on other occasions: how far one run's ratios move
+        note += "\n\n" + paragraph(
+            f"Earlier whole runs of the same code gave, at the largest size: {'; '.join(repeats)} (each"
+            " variant runs once per size, so one run's ratios carry that much noise)."
+        )
     return table(header, rows, align="llrrrr") + "\n\n" + note
 
 
