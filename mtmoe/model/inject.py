@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -12,7 +14,7 @@ from mtmoe.model.lora import LoRALinear
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.moefied import MoEfiedFFN
 from mtmoe.model.native import inject_native_moe
-from mtmoe.model.routers import RouterShape, build_router, check_family, router_class, router_options
+from mtmoe.model.routers import Router, RouterShape, check_family, router_class, router_options
 from mtmoe.model.walk import decoder_layers
 from mtmoe.parallel.expert_parallel import ExpertPlacement, MoEMarker, mark_expert_params
 
@@ -94,10 +96,11 @@ def inject_moe_lora(
             f"config key 'parallel.ep_size': the blocks have {num_experts} experts with moe.task_experts, "
             f"placed as {placement.num_experts}"
         )
-    aux_coef, z_coef = router_class(cfg.router).loss_coefs(router_options(cfg))
+    router_cls, options = router_class(cfg.router), router_options(cfg)  # parsed once, used by every block
+    aux_coef, z_coef = router_cls.loss_coefs(options)
     context = RoutingContext(num_tasks=num_tasks, aux_coef=aux_coef, z_coef=z_coef)
     if cfg.family == "native":
-        args = (cfg.rank, cfg.alpha, context, placement, cfg.capacity_factor, router_options(cfg))
+        args = (cfg.rank, cfg.alpha, context, placement, cfg.capacity_factor, options)
         replaced = inject_native_moe(model, *args)
         if cfg.layers != "all" and sorted(cfg.layers) != replaced:
             raise ValueError(
@@ -108,7 +111,8 @@ def inject_moe_lora(
         inject_peft_lora(model, cfg, chosen)
     for i in chosen:
         if cfg.family not in ("native", "lora"):
-            layers[i].mlp = _block(layers[i].mlp, i, cfg, context, placement, num_tasks, allowed_XE)
+            routing = (router_cls, options, num_tasks, allowed_XE)
+            layers[i].mlp = _block(layers[i].mlp, i, cfg, context, placement, *routing)
         if cfg.attn_lora_rank:
             attn = layers[i].self_attn
             for name in cfg.attn_targets:
@@ -147,6 +151,8 @@ def _block(
     cfg: MoEConfig,
     context: RoutingContext,
     placement: ExpertPlacement | None,
+    router_cls: type[Router],
+    options: Any,
     num_tasks: int,
     allowed_XE: torch.Tensor | None,
 ) -> MoEBlock:
@@ -155,7 +161,7 @@ def _block(
         raise ValueError(f"config key 'moe.layers': layer {i}'s FFN {type(mlp).__name__} is not a SwiGLU FFN")
     dim, ffn_dim = mlp.gate_proj.in_features, mlp.gate_proj.out_features
     if cfg.family == "moefied":
-        router = build_router(cfg, RouterShape(dim, cfg.num_experts, cfg.top_k, num_tasks))
+        router = router_cls.from_options(options, RouterShape(dim, cfg.num_experts, cfg.top_k, num_tasks))
         if ffn_dim % cfg.num_experts:
             raise ValueError(
                 f"config key 'moe.num_experts': {cfg.num_experts} does not divide FFN width {ffn_dim}"
@@ -163,7 +169,7 @@ def _block(
         args = (cfg.num_experts, router.top_k, cfg.rank, cfg.alpha, context)
         return MoEfiedFFN(mlp, *args, router=router, capacity_factor=cfg.capacity_factor)
     num_experts = cfg.num_experts if allowed_XE is None else allowed_XE.shape[1]
-    router = build_router(cfg, RouterShape(dim, num_experts, cfg.top_k, num_tasks, allowed_XE))
+    router = router_cls.from_options(options, RouterShape(dim, num_experts, cfg.top_k, num_tasks, allowed_XE))
     local = placement.local if placement else None
     experts = UpcycledLoRAExperts(num_experts, dim, ffn_dim, cfg.rank, cfg.alpha, local)
     shared = None
