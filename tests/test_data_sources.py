@@ -4,7 +4,6 @@ templates, rows and splits; the fingerprint cache; `num_proc`; bad input named b
 import json
 import random
 import shutil
-import time
 
 import datasets
 import numpy as np
@@ -101,21 +100,19 @@ def test_column_mapping_system_template_rows_and_source_split(tok, tmp_path):
     assert tok.decode(ids[mask.astype(bool)]) == "10<|im_end|>"
 
 
+@pytest.mark.timeout(60)  # a hang fails here instead of blocking the suite
 def test_a_hub_dataset_offline_fails_fast_and_clearly(tok, tmp_path):
     assert datasets.config.HF_HUB_OFFLINE  # the tests run offline (conftest)
-    start = time.perf_counter()
     with pytest.raises(ValueError, match=r"hf:someone/nothing-here: .*(offline|reach)"):
         tokenize(tok, {"t": "hf:someone/nothing-here"}, tmp_path / "out", cache_dir=tmp_path / "cache")
-    assert time.perf_counter() - start < 30
 
 
+@pytest.mark.timeout(60)  # a hang fails here instead of blocking the suite
 def test_a_hub_that_cannot_be_reached_fails_fast_when_not_offline(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    start = time.perf_counter()
     with pytest.raises(ValueError, match=r"hf:someone/data: cannot reach the hub at http://127.0.0.1:9"):
         tokenize(tok, {"t": "hf:someone/data"}, tmp_path / "out")
-    assert time.perf_counter() - start < 10
 
 
 def test_bad_input_is_named(tok, tmp_path):
