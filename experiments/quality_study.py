@@ -21,7 +21,8 @@ The `--jobs` slots never idle at a phase boundary: a run starts as soon as what 
 (a variant's seeds once its rate is settled; the best of `seeded_best_of` once all of them are), and the
 one-seed variants (remedies) come last.
 Per run, the JSON keeps each task's held-out loss and declared metric (from `eval.json`), how the task's
-tokens spread over the experts (from `utilization.json`: the normalised entropy of its per-layer expert
+gate weight spreads over the experts (from `utilization.json`'s gate mass, which a soft router or task
+gate moves even though every token reaches every expert: the normalised entropy of its per-layer expert
 shares, 1 = even, 0 = one expert; the mean largest share; and the mean total-variation distance between
 tasks' shares, 0 = all tasks route alike), the trainable parameters and the seconds per step (wall, with
 `--jobs` runs sharing the machine). The base model is scored once, the same way. Results are written after
@@ -161,7 +162,11 @@ def trainable_params(run_dir: Path) -> int:
 
 
 def routing_spread(util: dict) -> dict[str, Any] | None:
-    """Per task, how its held-out tokens spread over the experts (None for a model without experts)."""
+    """Per task, how its held-out gate weight spreads over the experts (None for a model without experts).
+
+    The gate mass, not the token counts: under a soft router or a task gate every token reaches every
+    expert, so the counts are even whatever the gates learned.
+    """
     layers = util.get("layers") or {}
     if not layers:
         return None
@@ -169,7 +174,7 @@ def routing_spread(util: dict) -> dict[str, Any] | None:
     shares: dict[str, list[list[float]]] = {t: [] for t in tasks}
     for counts in layers.values():
         for x, t in enumerate(tasks):
-            row = counts["tokens"][x]
+            row = counts["mass"][x]
             total = sum(row)
             if total > 0:
                 shares[t].append([c / total for c in row])
@@ -191,6 +196,7 @@ def routing_spread(util: dict) -> dict[str, Any] | None:
             for sa, sb in zip(shares[a], shares[b], strict=True)
         ]
         out["task_distance"] = statistics.mean(tv)
+    out["measure"] = "mass"
     return out
 
 
@@ -307,6 +313,11 @@ def run_study(study: dict, args: argparse.Namespace, extra: list[str], json_path
         said = run_dir_of(args.out, record["variant"], record["lr"], record["seed"]) / "generations.json"
         if any("diagnostics" not in t for t in record["tasks"].values() if t.get("metric")) and said.exists():
             add_diagnostics(record["tasks"], json.loads(said.read_text()), data_dir(extra))
+            write_result(result, json_path)
+    for record in result["runs"].values():  # runs recorded when the spread counted tokens, not gate mass
+        util = run_dir_of(args.out, record["variant"], record["lr"], record["seed"]) / "utilization.json"
+        if record.get("routing") and "measure" not in record["routing"] and util.exists():
+            record["routing"] = routing_spread(json.loads(util.read_text()))
             write_result(result, json_path)
     if args.backfill:
         return result

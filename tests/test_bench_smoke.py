@@ -210,3 +210,13 @@ def test_the_quality_headline_compares_the_best_plain_lora_with_the_best_mixture
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["t", "chrf", "5.00", "(a) LoRA: 11.00 ± 1.41", "(c) MoE: 15.00 ± 1.41", "+4.00",
                      "mixture ahead, beyond 1.41"]  # fmt: skip
+
+
+def test_routing_spread_follows_the_gate_mass_not_the_token_counts():
+    """A task gate sends every token to every expert (even counts) but weighs them as it learned."""
+    from experiments.quality_study import routing_spread
+
+    layer = {"tokens": [[10.0, 10.0], [10.0, 10.0]], "mass": [[9.0, 1.0], [1.0, 9.0]]}
+    spread = routing_spread({"tasks": ["a", "b"], "num_experts": 2, "layers": {"0": layer}})
+    assert spread["a"]["top_share"] == pytest.approx(0.9) and spread["b"]["top_share"] == pytest.approx(0.9)
+    assert spread["a"]["entropy"] < 0.5 and spread["task_distance"] == pytest.approx(0.8)
