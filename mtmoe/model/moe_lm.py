@@ -22,6 +22,7 @@ from mtmoe.model.routers import check_router
 from mtmoe.model.sharded_load import load_local_experts
 from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 from mtmoe.model.walk import moe_blocks
+from mtmoe.model.zero3 import prepare_for_zero3
 from mtmoe.parallel.expert_parallel import ExpertPlacement
 
 TINY_MOE = ("tiny-mixtral", "tiny-qwen2-moe")
@@ -225,7 +226,10 @@ def build_model(
         store_frozen_(lm, DTYPES[cfg.model.frozen_dtype], DTYPES[cfg.model.dtype])
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return MoELM(lm, context)
+    model = MoELM(lm, context)
+    if placement is not None and cfg.parallel.zero_stage == 3:
+        prepare_for_zero3(model)
+    return model
 
 
 def block_num_experts(cfg: Config, task_names: list[str]) -> int:

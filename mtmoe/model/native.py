@@ -263,8 +263,7 @@ def inject_native_moe(
             # Frozen expert weights are marked too: DeepSpeed broadcasts every parameter from rank 0 of
             # its group at start-up, and these differ between the ranks of an expert-parallel group.
             mark_expert_params(block.experts, placement)
-            for p in (block.gate_up_LDG, block.down_LFD):
-                p.allreduce, p.group_name = False, placement.group_name
+            mark_expert_params([block.gate_up_LDG, block.down_LFD], placement)
             block.ds_moe_marker = MoEMarker(placement)
         layer.mlp = block
         replaced.append(i)

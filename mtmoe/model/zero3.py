@@ -1,0 +1,41 @@
+"""Getting a built MoE-LoRA model ready for DeepSpeed ZeRO-3 (`parallel.zero_stage: 3`).
+
+ZeRO-3 partitions every parameter across the data-parallel ranks and gathers a module's parameters in
+hooks around that module's forward and backward. Three things in mtmoe's model need telling:
+
+- An MoE block reads its experts' tensors directly (the LoRA factors of a module with no forward, a
+  native block's stacked expert weights), and which experts run depends on the routing, which differs
+  between ranks. Each block is therefore a ZeRO-3 *leaf*: its whole subtree is gathered once when the
+  block starts and released when it ends, so every rank gathers the same tensors in the same order.
+- The fused loss reads the LM head's weight without calling the head (`mtmoe.model.token_loss`): the
+  weight is registered as an external parameter of the wrapper, gathered for its whole forward.
+- The `MoEMarker`s go: they make the engine treat the model as a DeepSpeed MoE, which it refuses under
+  ZeRO-3. Expert tensors carry their placement per parameter instead (`mark_expert_params`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mtmoe.model.moe_base import MoEBlock
+
+
+def prepare_for_zero3(model: nn.Module) -> list[nn.Module]:
+    """Marks the MoE blocks as ZeRO-3 leaf modules, registers the LM head, and drops the MoE markers.
+
+    Call it on the built `MoELM`, before the engine partitions the model.
+
+    Returns:
+        The MoE blocks made leaves (none for the plain-LoRA family).
+    """
+    from deepspeed.runtime.zero import register_external_parameter
+    from deepspeed.utils import set_z3_leaf_modules
+
+    for m in model.modules():
+        if "ds_moe_marker" in m._modules:
+            del m.ds_moe_marker
+    head = model.lm.get_output_embeddings()
+    register_external_parameter(model, head.weight)
+    if not any(isinstance(m, MoEBlock) for m in model.modules()):
+        return []
+    return set_z3_leaf_modules(model, [MoEBlock])
