@@ -109,3 +109,27 @@ def test_export_of_a_zero3_run_equals_the_zero2_export(runs):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def _save_tiny_llama(folder):
+    """The tiny recipe's random Llama (seed 0), saved as an HF folder in several safetensors shards."""
+    from mtmoe.config import load_config
+    from mtmoe.model.base import tiny_llama
+
+    tiny = load_config("launch/recipes/tiny.yaml", []).model.tiny
+    tiny_llama(49152, seed=0, **tiny).save_pretrained(folder, max_shard_size="50KB")
+    return folder
+
+
+def test_a_checkpoint_folder_is_partitioned_tensor_by_tensor_and_trains_the_same(runs, tmp_path):
+    """Loaded from a sharded HF folder under ZeRO-3, each tensor is cut as it is read: each rank holds
+    half of the base, and the run equals the ZeRO-2 run of the same weights built in memory."""
+    folder = _save_tiny_llama(tmp_path / "tiny_llama")
+    assert len(list(folder.glob("model-*.safetensors"))) >= 3
+    ep_size, extra = CASES["upcycled"]
+    run = train_run(
+        runs.data, tmp_path / "run", 2, ep_size, "parallel.zero_stage=3", *extra, f"model.base={folder}"
+    )
+    assert_same_run(run, runs("upcycled", 2))
+    for held in _held(run):
+        assert held["frozen"] == pytest.approx(held["frozen_full"] / 2, rel=1e-3)

@@ -15,9 +15,51 @@ hooks around that module's forward and backward. Three things in mtmoe's model n
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from torch import nn
 
 from mtmoe.model.moe_base import MoEBlock
+
+Partition = Callable[[Iterable[nn.Parameter]], None]
+
+
+def partitioner(ds_config: dict[str, Any]) -> Partition:
+    """A function that partitions parameters across the data-parallel ranks now (ZeRO-3), in place.
+
+    Every rank calls it with the same parameters in the same order (each is broadcast from rank 0 of its
+    group, then cut). A parameter keeps its identity: modules and tied weights still hold it, and its
+    `data` is empty until a forward gathers it.
+    """
+
+    def partition(params: Iterable[nn.Parameter]) -> None:
+        import deepspeed
+
+        holder = nn.Module()
+        for i, p in enumerate(params):
+            holder.register_parameter(f"p{i}", p)
+        deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config)
+
+    return partition
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """`module`'s parameters whole for the block (read only), if ZeRO-3 partitioned them.
+
+    For the injection of a MoEfied or native block, which reads the FFN it replaces: one FFN at a time
+    is whole on a rank, never the model.
+    """
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
 
 
 def prepare_for_zero3(model: nn.Module) -> list[nn.Module]:
