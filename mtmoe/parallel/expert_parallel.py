@@ -136,7 +136,7 @@ def mark_expert_params(module: nn.Module | list[nn.Parameter], placement: Expert
     for p in params:
         p.allreduce = False
         p.group_name = placement.group_name
-        if placement.ep_size > 1:
+        if placement.group is not None:  # a real run's placement (a plan's has no process groups)
             from deepspeed.utils import groups
 
             p.ds_zero_placement_family = "autoep_expert"
