@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from mtmoe.model.moe_base import MoEBlock
@@ -78,6 +79,23 @@ def prepare_for_zero3(model: nn.Module) -> list[nn.Module]:
             del m.ds_moe_marker
     head = model.lm.get_output_embeddings()
     register_external_parameter(model, head.weight)
-    if not any(isinstance(m, MoEBlock) for m in model.modules()):
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    if not blocks:
         return []
+    for block in blocks:
+        block.register_forward_pre_hook(_input_needs_grad)
     return set_z3_leaf_modules(model, [MoEBlock])
+
+
+def _input_needs_grad(module: nn.Module, args: tuple) -> tuple | None:
+    """Makes a leaf block's input require grad (a forward pre-hook), when it does not already.
+
+    ZeRO-3 reduces a leaf's gradients in a full backward hook, which runs once the gradients of the
+    block's inputs are ready. A block whose input needs no gradient (the first MoE block of a model
+    with nothing trainable before it) would have it run before its parameters' gradients exist, and
+    ZeRO would reduce zeros. The cost: that one block's input gradient, computed and dropped.
+    """
+    x = args[0]
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not x.requires_grad:
+        return (x.detach().requires_grad_(), *args[1:])
+    return None
