@@ -285,6 +285,71 @@ def render_loading(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- plans ----
+
+PLANS = (  # recipe, world, GPU memory (GiB)
+    ("llama3_70b_upcycled_zero3.yaml", 8, 80),
+    ("llama3_70b_upcycled_zero3.yaml", 16, 80),
+    ("qwen3_30b_a3b_native.yaml", 8, 80),
+    ("qwen3_235b_a22b_native.yaml", 32, 80),
+    ("mixtral_8x7b.yaml", 16, 80),
+)
+PLAN_SEQ_LEN = 4096
+
+
+def run_plans(args) -> dict[str, Any]:
+    from mtmoe.config import load_config
+    from mtmoe.plan.planner import plan
+    from mtmoe.plan.workload import Workload
+
+    rows = []
+    for recipe, world, gib in PLANS:
+        for stage in (2, 3):
+            cfg = load_config(f"launch/recipes/{recipe}", [f"parallel.zero_stage={stage}"])
+            p = plan(cfg, Workload(world=world, seq_len=PLAN_SEQ_LEN, gpu_mem_gib=gib))
+            rows.append(
+                {
+                    "recipe": recipe,
+                    "world": world,
+                    "gpu_gib": gib,
+                    "zero_stage": stage,
+                    "ep_size": cfg.parallel.ep_size,
+                    "family": cfg.moe.family,
+                    "architecture": p["model"]["architecture"],
+                    # the plan's model holds rank 0's experts: 1/ep_size of them
+                    "frozen_params": p["parameters"]["frozen_dense"]["numel"]
+                    + p["parameters"]["frozen_expert"]["numel"] * cfg.parallel.ep_size,
+                    "frozen_held": p["memory"]["frozen_held"],
+                    "peak": p["memory"]["peak"],
+                    "usable": p["memory"]["usable"],
+                    "fits": p["memory"]["fits"],
+                }
+            )
+    return {"benchmark": "zero3 plans", "seq_len": PLAN_SEQ_LEN, "micro_batch": "recipe's", "rows": rows}
+
+
+def render_plans(result: Mapping[str, Any]) -> str:
+    gib = 1024**3
+    lines = [
+        f"Planned per GPU by `launch/plan.py` (80 GB GPUs, 1 × {result['seq_len']} tokens per micro-batch, "
+        "bf16, gradient checkpointing as the recipe says):",
+        "",
+        "| recipe | model | GPUs | ep_size | ZeRO-2: peak GiB | ZeRO-3: frozen kept GiB | ZeRO-3: peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = result["rows"]
+    for z2, z3 in zip(rows[::2], rows[1::2], strict=True):
+
+        def peak(r: Mapping[str, Any]) -> str:
+            return f"{r['peak'] / gib:.1f}" + ("" if r["fits"] else " (does not fit)")
+
+        lines.append(
+            f"| `{z2['recipe']}` | {z2['architecture']}, {z2['frozen_params'] / 1e9:.1f} B frozen | "
+            f"{z2['world']} | {z2['ep_size']} | {peak(z2)} | {z3['frozen_held'] / gib:.1f} | {peak(z3)} |"
+        )
+    return "\n".join(lines)
+
+
 def _step_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=12, help="training steps per run")
     p.add_argument("--data", type=Path, default=None, help="tokenized folder (default: the recipe's)")
@@ -299,6 +364,12 @@ MODES = {
         render_step,
         arguments=_step_arguments,
         help="step time and memory per rank, ZeRO-3 against ZeRO-2",
+    ),
+    "plans": cli.Mode(
+        cli.CliDefaults(cli.RESULTS / "zero3_plans.json", iters=None),
+        run_plans,
+        render_plans,
+        help="what fits where: the big recipes planned under ZeRO-2 and ZeRO-3 (no weights needed)",
     ),
     "loading": cli.Mode(
         cli.CliDefaults(cli.RESULTS / "zero3_loading.json", iters=None, tiny=True),
