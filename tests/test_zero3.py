@@ -24,8 +24,12 @@ CASES = {
     "upcycled": (
         1,
         # no attention LoRA (the demo's setting): the first MoE block's input needs no gradient
-        ("moe.attn_lora_rank=0", "model.gradient_checkpointing=true", "balance.quality_retain=true",
-         "balance.qr_warmup=0"),  # fmt: skip
+        (
+            "moe.attn_lora_rank=0",
+            "model.gradient_checkpointing=true",
+            "balance.quality_retain=true",
+            "balance.qr_warmup=0",
+        ),  # fmt: skip
     ),
     "native_ep2": (
         2,
