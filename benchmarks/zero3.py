@@ -33,7 +33,14 @@ from benchmarks.harness import machine_info, rotated
 WORLD = 2
 STAGES = (2, 3)
 RECIPE = "launch/recipes/demo.yaml"
-STEP_OVERRIDES = ("moe.fade_fraction=0", "train.save_every=0", "train.log_every=1", "train.warmup_steps=1")
+STEP_OVERRIDES = (  # the steps are measured: no fading pass, no checkpoint, a short final evaluation
+    "moe.fade_fraction=0",
+    "train.save_every=0",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "train.eval_metrics=false",
+    "data.eval_max_samples=4",
+)
 MIB = 1024 * 1024
 MIXTRAL = {  # a random Mixtral big enough that the expert weights dominate (about 0.6 GB in fp32)
     "hidden_size": 512,
