@@ -132,16 +132,18 @@ def mark_expert_params(module: nn.Module | list[nn.Parameter], placement: Expert
         module: A module (all its parameters) or a list of parameters.
         placement: The experts' placement.
     """
+    from deepspeed.utils import groups
+
     params = module.parameters() if isinstance(module, nn.Module) else module
+    # A plan's placement (or a test's) has no DeepSpeed expert groups: only `create_placement` makes them.
+    edp = groups._get_expert_data_parallel_group_dict().get(placement.group_name)
     for p in params:
         p.allreduce = False
         p.group_name = placement.group_name
-        if placement.group is not None:  # a real run's placement (a plan's has no process groups)
-            from deepspeed.utils import groups
-
+        if placement.ep_size > 1 and edp is not None:
             p.ds_zero_placement_family = "autoep_expert"
             p.ds_zero_partition_group_name = placement.group_name
-            p.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(placement.group_name)
+            p.ds_zero_partition_process_group = edp
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
