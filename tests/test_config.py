@@ -57,7 +57,7 @@ def test_overrides_are_typed():
         ("train.steps=many", "train.steps"),
         ("train.steps=true", "train.steps"),
         ("moe.top_k=9", "moe.top_k"),
-        ("parallel.zero_stage=3", "parallel.zero_stage"),
+        ("parallel.zero_stage=4", "parallel.zero_stage"),
         ("data.mixing=random", "data.mixing"),
         ("moe.layers=some", "moe.layers"),
         ("parallel.ep_size=3", "parallel.ep_size"),  # does not divide moe.num_experts=4

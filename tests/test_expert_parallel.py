@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_ranks
 from test_block import make_block
 
 from mtmoe.model.dispatch import dispatch, expert_capacity
 from mtmoe.parallel.expert_parallel import check_ep_size
+from mtmoe.parallel.spawn import run_ranks
 
 
 def test_capacity_keeps_first_choices_first_and_counts_drops():

@@ -88,3 +88,19 @@ def test_load_trainable_refuses_a_mismatched_checkpoint():
     state.pop(next(iter(state)))
     with pytest.raises(ValueError, match="missing"):
         load_trainable(model, state)
+
+
+def test_a_dense_export_larger_than_a_shard_is_written_in_shards_that_load(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from mtmoe.export import dense
+    from mtmoe.model.base import load_tokenizer, resolve_base, tiny_llama
+
+    monkeypatch.setattr(dense, "SHARD_SIZE", "200KB")  # a big model's 5GB, scaled to a tiny one
+    lm = tiny_llama(49152)
+    dense.save_dense(lm, load_tokenizer(resolve_base("smollm2-135m-instruct")), tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (n, a), (_, b) in zip(lm.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n

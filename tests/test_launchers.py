@@ -28,8 +28,10 @@ def test_accelerate_settings_become_overrides():
         "model.dtype=bfloat16",
     ]
     assert accelerate_overrides({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}) == []  # not a DeepSpeed launch
-    with pytest.raises(ValueError, match="zero_stage=3"):
-        accelerate_overrides({**env, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    zero3 = accelerate_overrides({**env, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert zero3[0] == "parallel.zero_stage=3"
+    with pytest.raises(ValueError, match="zero_stage=4"):
+        accelerate_overrides({**env, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"})
     with pytest.raises(ValueError, match="mixed_precision='fp16'"):
         accelerate_overrides({**env, "ACCELERATE_MIXED_PRECISION": "fp16"})
 
@@ -98,4 +100,4 @@ def test_shipped_accelerate_configs_are_deepspeed_with_a_supported_stage():
     for path in sorted((ROOT / "launch/accelerate").glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text())
         assert cfg["distributed_type"] == "DEEPSPEED", path
-        assert cfg["deepspeed_config"]["zero_stage"] in (0, 1, 2), path
+        assert cfg["deepspeed_config"]["zero_stage"] in (0, 1, 2, 3), path

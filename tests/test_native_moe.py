@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_ranks
 from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
@@ -23,6 +22,7 @@ from mtmoe.model.native import (
 )
 from mtmoe.model.routers import RouterOutput
 from mtmoe.parallel.expert_parallel import ExpertPlacement, is_expert_param
+from mtmoe.parallel.spawn import run_ranks
 
 E, K, RANK, ALPHA = 4, 2, 4, 8.0
 COMMON = dict(

@@ -6,9 +6,9 @@ import json
 
 import pytest
 from conftest import ROOT
-from distributed import run_ranks
 
 from mtmoe.config import load_config
+from mtmoe.parallel.spawn import run_ranks
 from mtmoe.plan.measure import comparable, measure
 from mtmoe.plan.planner import plan
 from mtmoe.plan.workload import GIB, Workload
@@ -125,6 +125,61 @@ def test_mixtral_holds_an_eighth_of_the_experts_per_rank_and_needs_expert_parall
     assert ep8_w16["optimizer"]["adam"] < ep8["optimizer"]["adam"]
     rows_out = [c for c in ep8["traffic"]["collectives"] if c["what"] == "all-to-all rows out"][0]
     assert rows_out["payload"] == 32 * 8 * 2 * (4096 - 1) * 2 * 4096 * 2  # layers·accum·passes·N·D·b
+
+
+def test_llama3_70b_fits_one_node_only_with_zero3():
+    cfg = load_config(RECIPES / "llama3_70b_upcycled_zero3.yaml")
+    frozen = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672) + 2 * 128256 * 8192  # + norms
+    z3 = {world: plan(cfg, Workload(world=world, seq_len=4096)) for world in (8, 16)}
+    assert z3[8]["parameters"]["frozen_dense"]["numel"] == pytest.approx(frozen, rel=1e-4)
+    for world, p in z3.items():
+        assert (
+            p["memory"]["frozen_held"] == pytest.approx(2 * frozen / world, rel=1e-3) and p["memory"]["fits"]
+        )
+    assert z3[16]["memory"]["peak"] < z3[8]["memory"]["peak"]
+    z2 = plan(
+        load_config(RECIPES / "llama3_70b_upcycled_zero3.yaml", ["parallel.zero_stage=2"]), Workload(world=8)
+    )
+    assert z2["memory"]["persistent"] > 130 * GIB and not z2["memory"]["fits"]
+
+
+@pytest.mark.parametrize(
+    "recipe,world,experts_per_rank",
+    [("qwen3_30b_a3b_native.yaml", 8, 16), ("qwen3_235b_a22b_native.yaml", 32, 4)],
+)
+def test_qwen3_moe_recipes_fit_with_expert_parallelism_and_zero3(recipe, world, experts_per_rank):
+    p = plan(load_config(RECIPES / recipe), Workload(world=world, seq_len=4096))
+    assert p["model"]["experts"] == 128 and p["model"]["experts_per_rank"] == experts_per_rank
+    params = p["parameters"]
+    # ZeRO-3 keeps 1/world of the dense base; the experts are already 1/ep_size each (EDP group of 1)
+    held = params["frozen_dense"]["bytes"] / world + params["frozen_expert"]["bytes"]
+    assert p["memory"]["frozen_held"] == pytest.approx(held, rel=1e-6) and p["memory"]["fits"]
+
+
+def _zero3_worker(rank, world, data, out):
+    from mtmoe.config import load_config
+    from mtmoe.train.loop import train
+
+    cfg = load_config(
+        RECIPES / "tiny.yaml",
+        [
+            f"data.tokenized={data}",
+            "parallel.zero_stage=3",
+            "train.steps=1",
+            f"train.output_dir={out}",
+            "train.save_every=0",
+        ],
+    )
+    return train(cfg)["train"]["param_bytes_per_rank"][rank]
+
+
+def test_zero3_plan_matches_what_two_real_ranks_hold(demo_data, tmp_path):
+    cfg = load_config(RECIPES / "tiny.yaml", ["parallel.zero_stage=3"])
+    planned = plan(cfg, Workload(world=2, seq_len=128), VOCAB, TASKS)
+    held = run_ranks(_zero3_worker, 2, demo_data, tmp_path / "z3")
+    for h in held:
+        assert planned["memory"]["frozen_held"] == pytest.approx(h["frozen"], rel=1e-3)
+        assert planned["optimizer"]["trainable"] == pytest.approx(h["trainable"], rel=0.01)
 
 
 def test_ep_size_that_divides_neither_experts_nor_world_names_the_key():

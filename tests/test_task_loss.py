@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from distributed import run_ranks
 
 from mtmoe.balance.task_loss import balanced_loss, task_loss_sums, task_token_counts
 from mtmoe.config import load_config
 from mtmoe.data.collate import collate
 from mtmoe.model.token_loss import token_losses
+from mtmoe.parallel.spawn import run_ranks
 
 
 def test_balanced_loss_is_mean_of_task_token_means():

@@ -7,7 +7,6 @@ import pytest
 import sacrebleu
 import torch
 from conftest import ROOT
-from distributed import run_ranks
 
 from mtmoe.data.references import MetricSpec, Reference
 from mtmoe.data.shards import load_manifest, open_references, open_shard, tokenize_tasks
@@ -15,6 +14,7 @@ from mtmoe.data.split import record_key
 from mtmoe.eval.generation import greedy_generate, hf_step, prompt_of
 from mtmoe.eval.metrics import METRICS, check_reference, get_metric, normalize
 from mtmoe.eval.metrics.pass_at_1 import extract_code, network_isolation, run_program
+from mtmoe.parallel.spawn import run_ranks
 
 SPEC = MetricSpec(name="x", max_new_tokens=8)
 VOCAB = 49152

@@ -2,8 +2,9 @@
 
 import json
 
-from distributed import run_ranks
 from safetensors.torch import load_file
+
+from mtmoe.parallel.spawn import run_ranks
 
 TINY = "launch/recipes/tiny.yaml"
 GLOBAL_BATCH = 8  # rows per optimizer step in every run: world x micro_batch_size x grad_accum

@@ -65,6 +65,15 @@ def retain_loss(
     return grad_scale * (strength_X * per_token_X).sum()
 
 
+def held(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a trainable tensor: the tensor, or under ZeRO-3 its flat partition.
+
+    Under ZeRO-3 a parameter's `data` is empty between forwards, and the forwards gather it from the
+    partitions; so the EMA and the teachers are kept, and a teacher put in place, partition by partition.
+    """
+    return p.ds_tensor if hasattr(p, "ds_id") else p
+
+
 class QualityRetainer:
     """The EMA, the per-task teachers and their bookkeeping.
 
@@ -80,7 +89,7 @@ class QualityRetainer:
     def __init__(self, model: nn.Module, num_tasks: int, coef: float, ema: float, smooth: float, warmup: int):
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.num_tasks, self.coef, self.decay, self.smooth, self.warmup = num_tasks, coef, ema, smooth, warmup
-        self.ema = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.ema = {n: held(p).detach().float().clone() for n, p in self.params.items()}
         self.teachers: dict[int, dict[str, torch.Tensor]] = {}
         self.smoothed_X = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
         self.best_X = torch.full((num_tasks,), float("inf"), dtype=torch.float64)
@@ -90,7 +99,7 @@ class QualityRetainer:
     def update_ema(self) -> None:
         """θ̄ ← ema·θ̄ + (1 − ema)·θ, after an applied optimizer step."""
         for n, p in self.params.items():
-            self.ema[n].mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+            self.ema[n].mul_(self.decay).add_(held(p).detach().float(), alpha=1 - self.decay)
 
     def observe_train(self, losses_X: torch.Tensor, present_X: torch.Tensor) -> None:
         """Keeps each present task's training loss (its retention strength is the inverse)."""
@@ -118,19 +127,22 @@ class QualityRetainer:
     @contextmanager
     def teacher_weights(self, task: int):
         """Temporarily puts task `task`'s teacher into the model (restored exactly afterwards)."""
-        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        saved = {n: held(p).detach().clone() for n, p in self.params.items()}
         try:
             with torch.no_grad():
                 for n, p in self.params.items():
-                    p.copy_(self.teachers[task][n].to(p.dtype))
+                    held(p).copy_(self.teachers[task][n].to(p.dtype))
             yield
         finally:
             with torch.no_grad():
                 for n, p in self.params.items():
-                    p.copy_(saved[n])
+                    held(p).copy_(saved[n])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The EMA and the teachers by name (`ema/<name>`, `teacher/<k>/<name>`), this rank's layout."""
+        """The EMA and the teachers by name (`ema/<name>`, `teacher/<k>/<name>`), this rank's layout.
+
+        This rank's layout: its experts, and under ZeRO-3 its flat partition of each tensor.
+        """
         out = {f"ema/{n}": t for n, t in self.ema.items()}
         for k, teacher in self.teachers.items():
             out.update({f"teacher/{k}/{n}": t for n, t in teacher.items()})

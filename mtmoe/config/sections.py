@@ -213,7 +213,9 @@ class ParallelConfig:
     """The DeepSpeed engine.
 
     Attributes:
-        zero_stage: ZeRO stage 0, 1 or 2 (stage 3 is refused: DeepSpeed MoE asserts on it).
+        zero_stage: ZeRO stage 0, 1, 2 or 3. Stage 3 also partitions the frozen base (embeddings,
+            attention, shared FFNs, LM head) over the data-parallel ranks; under `ep_size` > 1 expert
+            tensors stay sharded by expert parallelism (docs/zero3.md).
         ds_config: Base DeepSpeed JSON (empty = `ds_configs/zero{zero_stage}.json`). Batch sizes,
             clipping and precision are filled in from this config and must not be set in it.
         backend: `auto` (NCCL with CUDA, else gloo), `nccl` or `gloo`.
@@ -325,7 +327,7 @@ class Config:
             check(getattr(t, key) >= 0, f"train.{key}", ">= 0")
         check(t.log_every >= 1, "train.log_every", ">= 1")
         check(t.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")
-        check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2 (DeepSpeed MoE refuses ZeRO-3)")
+        check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "0, 1, 2 or 3")
         check(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", "auto|nccl|gloo")
         if m.family != "native":  # a native checkpoint's expert count is checked when it is loaded
             check(

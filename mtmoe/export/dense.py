@@ -122,16 +122,20 @@ def fold_to_dense(
     return lm
 
 
+SHARD_SIZE = "5GB"
+
+
 def save_dense(lm: PreTrainedModel, tokenizer, out: Path) -> None:
     """Saves an HF folder that `AutoModelForCausalLM.from_pretrained` loads without mtmoe.
 
-    The folder holds safetensors weights, the config and the tokenizer with its chat template.
+    The folder holds safetensors weights (in shards of at most `SHARD_SIZE`, with the index
+    `from_pretrained` reads, as the hub does), the config and the tokenizer with its chat template.
     """
     leftovers = [n for n, m in lm.named_modules() if type(m).__module__.startswith("mtmoe")]
     if leftovers:
         raise RuntimeError(f"export would need mtmoe to load: {leftovers[:3]}")
     out.mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(out)
+    lm.save_pretrained(out, max_shard_size=SHARD_SIZE)
     tokenizer.save_pretrained(out)
 
 

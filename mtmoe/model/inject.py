@@ -16,6 +16,7 @@ from mtmoe.model.moefied import MoEfiedFFN
 from mtmoe.model.native import inject_native_moe
 from mtmoe.model.routers import Router, RouterShape, check_family, router_class, router_options
 from mtmoe.model.walk import decoder_layers
+from mtmoe.model.zero3 import gathered
 from mtmoe.parallel.expert_parallel import ExpertPlacement, MoEMarker, mark_expert_params
 
 
@@ -112,7 +113,8 @@ def inject_moe_lora(
     for i in chosen:
         if cfg.family not in ("native", "lora"):
             routing = (router_cls, options, num_tasks, allowed_XE)
-            layers[i].mlp = _block(layers[i].mlp, i, cfg, context, placement, *routing)
+            with gathered(layers[i].mlp):  # ZeRO-3: a MoEfied block reads the FFN it slices
+                layers[i].mlp = _block(layers[i].mlp, i, cfg, context, placement, *routing)
         if cfg.attn_lora_rank:
             attn = layers[i].self_attn
             for name in cfg.attn_targets:

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
 
 from mtmoe.config import Config
-from mtmoe.model.base import load_base_model, resolve_base, tiny_llama, tiny_moe
+from mtmoe.model.base import load_base_model, load_streamed, resolve_base, tiny_llama, tiny_moe
 from mtmoe.model.frozen_store import store_frozen_
 from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.moe_base import RoutingContext
@@ -22,6 +23,8 @@ from mtmoe.model.routers import check_router
 from mtmoe.model.sharded_load import load_local_experts
 from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 from mtmoe.model.walk import moe_blocks
+from mtmoe.model.zero3 import Partition, partitioner, prepare_for_zero3
+from mtmoe.parallel.ds_config import build_ds_config
 from mtmoe.parallel.expert_parallel import ExpertPlacement
 
 TINY_MOE = ("tiny-mixtral", "tiny-qwen2-moe")
@@ -177,7 +180,11 @@ def decode_step(
 
 
 def build_base(
-    cfg: Config, vocab_size: int, cache_dir: Path | None = None, local_experts: slice | None = None
+    cfg: Config,
+    vocab_size: int,
+    cache_dir: Path | None = None,
+    local_experts: slice | None = None,
+    partition: Partition | None = None,
 ) -> PreTrainedModel:
     """Loads (or, for `tiny-llama`, builds deterministically) the frozen base model.
 
@@ -187,16 +194,28 @@ def build_base(
         cache_dir: Where the demo's converted base lives.
         local_experts: For a native MoE folder under expert parallelism: the experts this rank keeps.
             Only their tensors are read (`mtmoe.model.sharded_load`); None reads the whole checkpoint.
+        partition: Under ZeRO-3: partitions tensors across the ranks. A checkpoint's tensors are
+            partitioned one by one as they are read; a tiny random model is built whole, then partitioned.
     """
     dtype = DTYPES[cfg.model.dtype]
+    tiny = None
     if cfg.model.base == "tiny-llama":
-        return tiny_llama(vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
-    if cfg.model.base in TINY_MOE:
-        return tiny_moe(cfg.model.base, vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
+        tiny = tiny_llama(vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
+    elif cfg.model.base in TINY_MOE:
+        tiny = tiny_moe(cfg.model.base, vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
+    if tiny is not None:
+        if partition is not None:
+            partition(tiny.parameters())
+        return tiny
     folder = resolve_base(cfg.model.base, cache_dir)
+    frozen_dtype = DTYPES.get(cfg.model.frozen_dtype)
     if local_experts is not None:
-        return load_local_experts(folder, dtype, local_experts)
-    return load_base_model(folder, dtype=dtype, frozen_dtype=DTYPES.get(cfg.model.frozen_dtype))
+        return load_local_experts(folder, dtype, local_experts, partition=partition)
+    if partition is None:
+        return load_base_model(folder, dtype=dtype, frozen_dtype=frozen_dtype)
+    if cfg.moe.family == "native":  # both expert layouts; every expert is this rank's
+        return load_local_experts(folder, dtype, slice(0, _num_experts(folder)), partition=partition)
+    return load_streamed(folder, dtype, frozen_dtype or dtype, partition)
 
 
 def build_model(
@@ -217,7 +236,9 @@ def build_model(
     """
     check_router(cfg)
     sharded = cfg.moe.family == "native" and placement is not None and placement.ep_size > 1
-    lm = build_base(cfg, vocab_size, local_experts=placement.local if sharded else None)
+    zero3 = placement is not None and cfg.parallel.zero_stage == 3
+    partition = partitioner(build_ds_config(cfg, dist.get_world_size())) if zero3 else None
+    lm = build_base(cfg, vocab_size, local_experts=placement.local if sharded else None, partition=partition)
     torch.manual_seed(cfg.train.seed + 1)
     context = inject_moe_lora(lm, cfg.moe, num_tasks, placement, task_names)
     # Fresh LoRA parameters are fp32 masters; compute casts them to the model dtype.
@@ -225,7 +246,15 @@ def build_model(
         store_frozen_(lm, DTYPES[cfg.model.frozen_dtype], DTYPES[cfg.model.dtype])
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return MoELM(lm, context)
+    model = MoELM(lm, context)
+    if placement is not None and cfg.parallel.zero_stage == 3:
+        prepare_for_zero3(model)
+    return model
+
+
+def _num_experts(folder: Path) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    return int(config.get("num_local_experts", config.get("num_experts", 0)))
 
 
 def block_num_experts(cfg: Config, task_names: list[str]) -> int:
@@ -234,8 +263,7 @@ def block_num_experts(cfg: Config, task_names: list[str]) -> int:
     if m.family == "native":  # the checkpoint decides
         if cfg.model.base in TINY_MOE:
             return int(cfg.model.tiny.get("num_local_experts", cfg.model.tiny.get("num_experts", 4)))
-        config = json.loads((resolve_base(cfg.model.base) / "config.json").read_text())
-        return int(config.get("num_local_experts", config.get("num_experts", 0)))
+        return _num_experts(resolve_base(cfg.model.base))
     if not m.task_experts:
         return m.num_experts
     return m.num_experts + m.task_experts * len(m.task_groups or task_names)

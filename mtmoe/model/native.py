@@ -30,6 +30,7 @@ from mtmoe.model.experts import UpcycledLoRAExperts
 from mtmoe.model.moe_base import MoEBlock, RoutingContext
 from mtmoe.model.routers import RouterShape, TopKOptions, TopKRouter
 from mtmoe.model.walk import decoder_layers, lora_linears
+from mtmoe.model.zero3 import gathered
 from mtmoe.parallel.expert_parallel import (
     ExpertPlacement,
     MoEMarker,
@@ -258,13 +259,13 @@ def inject_native_moe(
         if not _is_sparse_block(layer.mlp):
             continue
         args = (rank, alpha, placement, capacity_factor, router_options)
-        block = NativeMoELoRA(layer.mlp, context, *args)
+        with gathered(layer.mlp):  # ZeRO-3: the block copies the router and its experts' rows
+            block = NativeMoELoRA(layer.mlp, context, *args)
         if placement is not None:
             # Frozen expert weights are marked too: DeepSpeed broadcasts every parameter from rank 0 of
             # its group at start-up, and these differ between the ranks of an expert-parallel group.
             mark_expert_params(block.experts, placement)
-            for p in (block.gate_up_LDG, block.down_LFD):
-                p.allreduce, p.group_name = False, placement.group_name
+            mark_expert_params([block.gate_up_LDG, block.down_LFD], placement)
             block.ds_moe_marker = MoEMarker(placement)
         layer.mlp = block
         replaced.append(i)

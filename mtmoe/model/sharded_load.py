@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,11 @@ def stored_tensors(folder: Path) -> dict[str, StoredTensor]:
 
 
 def load_local_experts(
-    folder: Path, dtype: torch.dtype, local: slice, stats: ReadStats | None = None
+    folder: Path,
+    dtype: torch.dtype,
+    local: slice,
+    stats: ReadStats | None = None,
+    partition: Callable[[list[nn.Parameter]], None] | None = None,
 ) -> PreTrainedModel:
     """A native MoE causal LM with every tensor loaded but only experts `local` of each MoE block.
 
@@ -119,6 +124,9 @@ def load_local_experts(
         dtype: The model's dtype.
         local: The experts this rank keeps (`ExpertPlacement.local`).
         stats: Filled with what was read.
+        partition: Under ZeRO-3 (`mtmoe.model.zero3.partitioner`): every tensor but the experts' is
+            partitioned as soon as it is read. The experts stay whole: expert parallelism shards them,
+            and injection reads them.
 
     Raises:
         ValueError: Naming the file and tensor the model has no place for, a shape that differs, or the
@@ -149,7 +157,9 @@ def load_local_experts(
             raise ValueError(f"{where} is not a parameter of the model")
         tensor = stored.read(stats)
         _check_shape(tensor, tuple(params[key].shape), where)
-        _set_param(model, key, tensor.to(dtype))
+        param = _set_param(model, key, tensor.to(dtype))
+        if partition is not None:
+            partition([param])
     for target, rows_LRC in fused.items():
         _set_param(model, target, rows_LRC)
         model.get_submodule(target.rpartition(".")[0]).local_experts = local
@@ -186,7 +196,8 @@ def _check_shape(tensor: torch.Tensor, want: tuple[int, ...], where: str) -> Non
         raise ValueError(f"{where} has shape {tuple(tensor.shape)}, the model {tuple(want)}")
 
 
-def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> nn.Parameter:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    return module._parameters[attr]

@@ -52,6 +52,36 @@ def param_groups(model: nn.Module, weight_decay: float, router_lr: float | None 
     return [g for g in split if g["params"]]  # the split leaves the expert group empty; ZeRO drops it
 
 
+def resident_param_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the parameters this rank keeps between steps, and of the whole model's, frozen and trainable.
+
+    Under ZeRO-3 a rank keeps only its partition of each tensor (`ds_tensor`); otherwise the tensor.
+    Expert tensors under expert parallelism count as this rank's share of the model too.
+
+    Returns:
+        {"frozen", "trainable"}: bytes held here; {"frozen_full", "trainable_full"}: the same tensors
+        whole.
+    """
+    out = dict.fromkeys(("frozen", "trainable", "frozen_full", "trainable_full"), 0)
+    for p in model.parameters():
+        kind = "trainable" if p.requires_grad else "frozen"
+        held = p.ds_tensor if hasattr(p, "ds_id") else p
+        out[kind] += held.numel() * held.element_size()
+        out[f"{kind}_full"] += (p.ds_numel if hasattr(p, "ds_id") else p.numel()) * held.element_size()
+    return out
+
+
+def param_bytes_per_rank(model: nn.Module) -> list[dict[str, int]]:
+    """`resident_param_bytes` of every rank, in rank order (a collective)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [resident_param_bytes(model)]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, resident_param_bytes(model))
+    return out
+
+
 def lr_lambda(cfg: Config):
     """Linear warm-up to `train.lr`, then cosine decay to `train.min_lr_ratio * train.lr`."""
     t = cfg.train

@@ -120,11 +120,30 @@ class MoEMarker(_DeepSpeedMoE):
         raise RuntimeError("MoEMarker is a marker; it has no forward")
 
 
-def mark_expert_params(module: nn.Module, placement: ExpertPlacement) -> None:
-    """Marks every parameter of `module` as an expert parameter of `placement`'s group, as DeepSpeed does."""
-    for p in module.parameters():
+def mark_expert_params(module: nn.Module | list[nn.Parameter], placement: ExpertPlacement) -> None:
+    """Marks parameters as expert parameters of `placement`'s group, as DeepSpeed does.
+
+    ZeRO-1/2 read `allreduce` and `group_name` (with a `MoEMarker` in the model). ZeRO-3 reads the
+    per-parameter placement its AutoEP layers use: an expert tensor is partitioned (and its gradient
+    reduced) over the expert-data-parallel group, never over the ranks that hold other experts, and its
+    gradient is averaged over the whole world like every other. Set before ZeRO-3 converts the model.
+
+    Args:
+        module: A module (all its parameters) or a list of parameters.
+        placement: The experts' placement.
+    """
+    from deepspeed.utils import groups
+
+    params = module.parameters() if isinstance(module, nn.Module) else module
+    # A plan's placement (or a test's) has no DeepSpeed expert groups: only `create_placement` makes them.
+    edp = groups._get_expert_data_parallel_group_dict().get(placement.group_name)
+    for p in params:
         p.allreduce = False
         p.group_name = placement.group_name
+        if placement.ep_size > 1 and edp is not None:
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = placement.group_name
+            p.ds_zero_partition_process_group = edp
 
 
 def is_expert_param(p: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
         env: The environment to read (defaults to `os.environ`).
 
     Raises:
-        ValueError: For a setting mtmoe cannot honour (fp16, ZeRO-3), naming the accelerate field.
+        ValueError: For a setting mtmoe cannot honour (fp16, a stage above 3), naming the accelerate field.
     """
     env = os.environ if env is None else env
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
@@ -28,9 +28,9 @@ def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
     out = []
     if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
         stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-        if stage not in (0, 1, 2):
+        if stage not in (0, 1, 2, 3):
             raise ValueError(
-                f"accelerate config deepspeed_config.zero_stage={stage}: mtmoe supports 0, 1 or 2"
+                f"accelerate config deepspeed_config.zero_stage={stage}: mtmoe supports 0, 1, 2 or 3"
             )
         out.append(f"parallel.zero_stage={stage}")
     if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in env:

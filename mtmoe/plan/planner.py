@@ -17,7 +17,13 @@ from mtmoe.plan.meta import meta_model
 from mtmoe.plan.probe import layer_specs
 from mtmoe.plan.traffic import traffic_plan
 from mtmoe.plan.workload import Workload
-from mtmoe.plan.zero import count_parameters, optimizer_memory, zero_groups
+from mtmoe.plan.zero import (
+    count_parameters,
+    optimizer_memory,
+    zero3_frozen_bytes,
+    zero3_gathered_bytes,
+    zero_groups,
+)
 
 
 def plan(
@@ -46,12 +52,16 @@ def plan(
     traffic = traffic_plan(cfg, groups, acts["assignments"], config.hidden_size, specs)
 
     frozen = params["frozen_dense"]["bytes"] + params["frozen_expert"]["bytes"]
+    gathered = 0
+    if cfg.parallel.zero_stage == 3:
+        frozen = zero3_frozen_bytes(params, cfg, workload.world)
+        gathered = zero3_gathered_bytes(model, dtype)
     n_trainable = params["trainable_dense"]["numel"] + params["trainable_expert"]["numel"]
     qr = (1 + len(task_names)) * n_trainable * 4 if cfg.balance.quality_retain else 0
     gc = cfg.model.gradient_checkpointing
     act = acts["checkpointing"]["total"] if gc else acts["no_checkpointing"]
     persistent = frozen + params["buffers"]["bytes"] + opt["trainable"] + opt["master"] + opt["adam"] + qr
-    backward = act + acts["workspace"] + opt["grads"] + opt["bucket"]
+    backward = act + acts["workspace"] + opt["grads"] + opt["bucket"] + gathered
     step = opt["grads"] + opt["step_grads_fp32"] + opt["step_workspace"]
     peak = persistent + max(backward, step)
     blocks = moe_blocks(model.lm)
@@ -84,6 +94,8 @@ def plan(
         "activations": acts,
         "traffic": traffic,
         "memory": {
+            "frozen_held": frozen,
+            "zero3_gathered": gathered,
             "persistent": persistent,
             "activations": act,
             "backward_phase": backward,

@@ -60,6 +60,9 @@ def format_plan(p: dict[str, Any]) -> str:
     ):
         if params[key]["numel"]:
             row(name, params[key]["bytes"], params[key]["numel"])
+    if r["zero_stage"] == 3:
+        row(f"frozen kept, ZeRO-3 (1/{world}; experts 1/{world // ep})", mem["frozen_held"])
+        row("ZeRO-3: gathered at once (transient)", mem["zero3_gathered"])
     row("buffers", params["buffers"]["bytes"], params["buffers"]["numel"])
     share = f" (1/{world} dense, 1/{world // ep} expert)" if r["zero_stage"] else ""
     if opt["master"]:
@@ -67,7 +70,7 @@ def format_plan(p: dict[str, Any]) -> str:
     row(f"AdamW moments, fp32{share}", opt["adam"])
     if p["quality_retain"]:
         row("Quality Retaining EMA + teachers, fp32", p["quality_retain"])
-    row(f"gradients, {dt}" + (" (own partition)" if r["zero_stage"] == 2 else ""), opt["grads"])
+    row(f"gradients, {dt}" + (" (own partition)" if r["zero_stage"] >= 2 else ""), opt["grads"])
     if opt["bucket"]:
         row("ZeRO reduce bucket (backward)", opt["bucket"])
     row("activations, no checkpointing" + ("" if gc else " *"), acts["no_checkpointing"])

@@ -67,7 +67,8 @@ def optimizer_memory(groups: list[dict[str, Any]], cfg: Config, world: int) -> d
     """Bytes of the trainable tensors' copies that the ZeRO stage keeps, and its transient buffers.
 
     Returns:
-        trainable (model-dtype params, flat and padded under ZeRO-1/2), master (fp32), adam (two fp32
+        trainable (model-dtype params, flat and padded under ZeRO-1/2, this rank's partition under
+        ZeRO-3), master (fp32), adam (two fp32
         moments), grads (model dtype, held through backward), bucket (ZeRO's contiguous reduce bucket in
         backward), step_grads_fp32 (the fp32 gradient the step reads) and step_workspace (AdamW's
         foreach temporaries).
@@ -78,12 +79,52 @@ def optimizer_memory(groups: list[dict[str, Any]], cfg: Config, world: int) -> d
     zero = build_ds_config(cfg, world)["zero_optimization"]
     buckets = 2 if zero.get("overlap_comm", False) else 1
     bucket = int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET)) * b * buckets
+    whole = sum(g["aligned"] for g in groups) if stage else n
     return {
-        "trainable": (sum(g["aligned"] for g in groups) if stage else n) * b,
+        "trainable": (part if stage == 3 else whole) * b,
         "master": part * 4 if stage or b != 4 else 0,
         "adam": 2 * part * 4,
-        "grads": (part if stage == 2 else n) * b,
+        "grads": (part if stage >= 2 else n) * b,
         "bucket": bucket if stage and zero.get("contiguous_gradients", True) else 0,
         "step_grads_fp32": part * 4 if b != 4 else 0,
         "step_workspace": part * 4,
     }
+
+
+def zero3_frozen_bytes(params: dict[str, dict[str, int]], cfg: Config, world: int) -> int:
+    """Bytes of the frozen base a rank keeps between uses under ZeRO-3.
+
+    Dense tensors are partitioned over the data-parallel world; expert tensors over the
+    expert-data-parallel group (world / ep_size), since expert parallelism already shards them.
+    """
+    edp = world // cfg.parallel.ep_size
+    return math.ceil(params["frozen_dense"]["bytes"] / world) + math.ceil(
+        params["frozen_expert"]["bytes"] / edp
+    )
+
+
+def zero3_gathered_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """The largest set of parameters a rank holds whole at once during a ZeRO-3 forward or backward.
+
+    The LM head (an external parameter of the wrapper, whole for the whole forward) plus the larger of:
+    an MoE block (a ZeRO-3 leaf, gathered with all it holds: the frozen FFN or this rank's experts, the
+    LoRA experts and the router) and any other module's own parameters (one projection).
+    """
+    from mtmoe.model.moe_base import MoEBlock
+
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
+
+    def nbytes(params) -> int:
+        return sum(p.numel() * min(size, p.element_size()) for p in params)
+
+    head = model.lm.get_output_embeddings().weight
+    largest, inside = 0, set()
+    for m in model.modules():
+        if isinstance(m, MoEBlock):
+            largest = max(largest, nbytes(m.parameters()))
+            inside.update(id(x) for x in m.modules())
+    for m in model.modules():
+        if id(m) not in inside:
+            own = [p for p in m.parameters(recurse=False) if p is not head]
+            largest = max(largest, nbytes(own))
+    return nbytes([head]) + largest

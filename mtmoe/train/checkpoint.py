@@ -68,7 +68,52 @@ def inner_optimizer(engine) -> torch.optim.Optimizer:
 
 def _zero_managed(p: torch.Tensor) -> bool:
     """True when DeepSpeed keeps this parameter's fp32 master and optimizer state in flat partitions."""
-    return hasattr(p, "_hp_mapping")
+    return hasattr(p, "_hp_mapping") or _zero3(p)
+
+
+def _zero3(p: torch.Tensor) -> bool:
+    """True for a parameter that ZeRO-3 partitioned (its `data` is empty between uses)."""
+    return hasattr(p, "ds_id")
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape, partitioned by ZeRO-3 or not."""
+    return tuple(p.ds_shape) if _zero3(p) else tuple(p.shape)
+
+
+def _partition(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of `full` (flat; the last rank's is zero-padded as ZeRO pads it)."""
+    n = p.ds_tensor.numel()
+    rank = dist.get_rank(group=p.ds_process_group)
+    flat = full.flatten()[rank * n : (rank + 1) * n]
+    out = full.new_zeros(n)
+    out[: flat.numel()] = flat
+    return out
+
+
+def _unpartition(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every rank's ZeRO-3 partition `t` of `p` (a collective); others unchanged."""
+    if not _zero3(p):
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group=p.ds_process_group))]
+    dist.all_gather(parts, t.contiguous(), group=p.ds_process_group)
+    return torch.cat(parts)[: p.ds_numel].view(tuple(p.ds_shape))
+
+
+def _load_zero3(p: nn.Parameter, w: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
+    """Writes a full fp32 weight and its moments into a ZeRO-3 parameter's partitions on this rank.
+
+    Both copies of the weight: the model-dtype partition that forwards gather, and the optimizer's fp32
+    master. (DeepSpeed's full-tensor setter assumes a partition that divides the tensor evenly.)
+    """
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    part = _partition(w.float().to(p.ds_tensor.device), p)
+    with torch.no_grad():
+        p.ds_tensor.copy_(part.to(p.ds_tensor.dtype))
+    safe_set_local_fp32_param(p, part)
+    for k, m in moments.items():
+        safe_set_local_optimizer_state(p, _partition(m.float(), p), k)
 
 
 def _link_optimizer_state(engine) -> None:
@@ -193,10 +238,10 @@ def save(
     weights, moments = gather_state(engine, model, placement)
     quality = None
     if retainer is not None:
-        quality = {
-            k: _to_global(t, retainer.params[_param_name(k)], placement).cpu()
-            for k, t in retainer.tensors().items()
-        }
+        quality = {}
+        for k, t in retainer.tensors().items():
+            p = retainer.params[_param_name(k)]
+            quality[k] = _to_global(_unpartition(t, p), p, placement).cpu()
     rngs: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, _rng_state())  # in memory between ranks; the files hold no pickle
     root = checkpoint_dir(run_dir)
@@ -252,10 +297,11 @@ def load_quality(run_dir: Path, retainer, placement: ExpertPlacement, state: dic
     folder = latest_path(run_dir)
     if state.get("quality") is None or not (folder / "quality.safetensors").exists():
         raise ValueError(f"balance.quality_retain is on, but {folder} was saved without it")
-    tensors = {
-        k: _to_local(t, retainer.params[_param_name(k)], placement)
-        for k, t in load_file(folder / "quality.safetensors").items()
-    }
+    tensors = {}
+    for k, t in load_file(folder / "quality.safetensors").items():
+        p = retainer.params[_param_name(k)]
+        local = _to_local(t, p, placement)
+        tensors[k] = _partition(local, p) if _zero3(p) else local
     retainer.load_state(state["quality"], tensors)
 
 
@@ -282,15 +328,21 @@ def read(run_dir: Path, tag: str | None = None) -> tuple[dict, dict, dict]:
     )
 
 
-def _prime_optimizer_state(inner: torch.optim.Optimizer, step: int) -> None:
-    """Gives every AdamW tensor a state at `step` (AdamW creates it lazily on the first step)."""
-    for group in inner.param_groups:
-        for p in group["params"]:
-            st = inner.state[p]
-            if not st:
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] = torch.tensor(float(step))
+def _prime_optimizer_state(engine, step: int) -> None:
+    """Gives every AdamW tensor a state at `step` (AdamW creates it lazily on the first step).
+
+    Under ZeRO-3 the AdamW's tensors are DeepSpeed's flat fp32 partitions, which it puts into the
+    param groups only while it steps.
+    """
+    inner = inner_optimizer(engine)
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    tensors = flats if flats is not None else [p for g in inner.param_groups for p in g["params"]]
+    for p in tensors:
+        st = inner.state[p]
+        if not st:
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] = torch.tensor(float(step))
 
 
 def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cfg) -> dict[str, Any]:
@@ -319,22 +371,25 @@ def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cf
             f"unexpected {unexpected[:3]}"
         )
     inner = inner_optimizer(engine)
-    _prime_optimizer_state(inner, adam_steps)
+    _prime_optimizer_state(engine, adam_steps)
     _link_optimizer_state(engine)
     for name, p in own:
         w = _to_local(weights[name], p, placement)
-        if tuple(w.shape) != tuple(p.shape):
-            raise ValueError(f"checkpoint tensor {name}: shape {tuple(w.shape)}, model has {tuple(p.shape)}")
+        if tuple(w.shape) != _shape(p):
+            raise ValueError(f"checkpoint tensor {name}: shape {tuple(w.shape)}, model has {_shape(p)}")
+        m = {k: _to_local(moments[f"{k}/{name}"], p, placement) for k in MOMENTS}
+        if _zero3(p):
+            _load_zero3(p, w, m)
+            continue
         with torch.no_grad():
             p.copy_(w.to(p.dtype))
         if _zero_managed(p):
             safe_set_full_fp32_param(p, w.to(p.device))
         for k in MOMENTS:
-            m = _to_local(moments[f"{k}/{name}"], p, placement).to(p.device)
             if _zero_managed(p):
-                safe_set_full_optimizer_state(p, m, k)
+                safe_set_full_optimizer_state(p, m[k].to(p.device), k)
             else:
-                inner.state[p][k].copy_(m)
+                inner.state[p][k].copy_(m[k].to(p.device))
     with torch.no_grad():
         for name, b in buffers.items():
             b.copy_(weights[name].to(b.dtype))

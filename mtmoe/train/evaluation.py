@@ -18,6 +18,7 @@ from mtmoe.eval.task_metrics import score_tasks
 from mtmoe.eval.utilization import gather_utilization, layer_shares, routing_summary, save_utilization
 from mtmoe.model.moe_lm import MoELM
 from mtmoe.parallel.dist import DistInfo, all_reduce_sum
+from mtmoe.parallel.engine import param_bytes_per_rank
 from mtmoe.train.fading import fade_start, set_fade_shares
 
 
@@ -93,6 +94,8 @@ def final_report(
             "ep_size": stats["ep_size"],
             "dropped_assignments": stats["dropped_assignments"],
             "skipped_steps": stats["skipped_steps"],
+            "zero_stage": cfg.parallel.zero_stage,
+            "param_bytes_per_rank": param_bytes_per_rank(model),  # a collective too
         },
     }
     if is_main:

@@ -285,12 +285,14 @@ def _observe(job: Job, step: int, outcome: StepOutcome) -> None:
 
 def _log_step(job: Job, step: int, o: StepOutcome) -> None:
     """Logs the step's record: losses, weights, tokens, epochs, validation, fading and QR."""
-    tokens_per_s = o.step_tokens / (time.perf_counter() - o.t0)
+    step_s = time.perf_counter() - o.t0
+    tokens_per_s = o.step_tokens / step_s
     record = train_record(
         job.engine, job.model, o.task_loss_X, o.counts_X, o.aux, tokens_per_s, job.manifest, job.task_names
     )
     counters = job.counters
     counters.dropped_assignments += record["moe/dropped"]
+    record["step_s"] = step_s  # this rank's wall time of the step (data, forward, backward, optimizer)
     record["tokens_seen"] = counters.tokens
     record["pad_frac"] = 1.0 - o.step_tokens / o.step_positions  # computed positions that are padding
     record["moe/dropped_total"] = counters.dropped_assignments

@@ -1,14 +1,21 @@
-"""Runs a test function in N real gloo processes (torch.multiprocessing spawn) and collects results."""
+"""Runs a function in N local processes that form one gloo world (torch.multiprocessing spawn).
+
+For the tests and benchmarks that need real ranks on one machine: each process gets RANK, LOCAL_RANK,
+WORLD_SIZE and MASTER_* as a launcher would set them, calls `fn(rank, world, *args)`, and sends back
+what it returns (pickled, so tensors do not point into a dead process's memory).
+"""
+
+from __future__ import annotations
 
 import os
 import pickle
-
-import torch.multiprocessing as mp
+from collections.abc import Callable
+from typing import Any
 
 from mtmoe.parallel.dist import free_port
 
 
-def _entry(rank, world, port, fn, args, queue):
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -20,7 +27,6 @@ def _entry(rank, world, port, fn, args, queue):
 
     torch.set_num_threads(1)
     result = fn(rank, world, *args)
-    # Plain pickle: tensors sent through a multiprocessing queue would point at the dead worker's memory.
     queue.put((rank, pickle.dumps(result)))
     import torch.distributed as dist
 
@@ -31,8 +37,13 @@ def _entry(rank, world, port, fn, args, queue):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args):
-    """Calls fn(rank, world, *args) in `world` processes; returns their results ordered by rank."""
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """Calls `fn(rank, world, *args)` in `world` processes; returns their results ordered by rank.
+
+    `fn` must be importable by name (a module-level function). A failing rank raises here.
+    """
+    import torch.multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     context = mp.start_processes(

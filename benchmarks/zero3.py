@@ -1,0 +1,395 @@
+"""ZeRO-3 against ZeRO-2 on 2 gloo ranks: step time, memory per rank, and loading a checkpoint.
+
+    OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python -m benchmarks.zero3 step [--quick]
+    OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python -m benchmarks.zero3 loading [--quick]
+
+`step`: the demo recipe (SmolLM2-135M, 4 upcycled experts on every layer, packing, fp32) trains
+`--steps` steps with `train()` on 2 ranks under ZeRO-2 and under ZeRO-3, the two runs alternating for
+`--rounds` rounds. A run's step time is the median of its logged `step_s` after `--warmup` steps; the
+ratio ZeRO-3/ZeRO-2 is taken per round. Memory per rank: the parameter bytes each rank holds
+(`eval.json`), against what `launch/plan.py` plans for the run, and the peak RSS of each rank's process.
+
+`loading`: each of 2 ranks loads a checkpoint folder saved in several safetensors shards, in a fresh
+process per variant; measured are the bytes read, the peak RSS growth during the load, and the parameter
+bytes the rank keeps:
+- dense (SmolLM2-135M): the whole model on every rank, against ZeRO-3's load that partitions each tensor
+  as it is read;
+- native (a random Mixtral, 8 experts): the whole model, this rank's experts only (`ep_size` 2), and
+  its experts with ZeRO-3 partitioning the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from benchmarks import cli
+from benchmarks.harness import machine_info, rotated
+
+WORLD = 2
+STAGES = (2, 3)
+RECIPE = "launch/recipes/demo.yaml"
+STEP_OVERRIDES = (  # the steps are measured: no fading pass, no checkpoint, a short final evaluation
+    "moe.fade_fraction=0",
+    "train.save_every=0",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "train.eval_metrics=false",
+    "data.eval_max_samples=4",
+)
+MIB = 1024 * 1024
+MIXTRAL = {  # a random Mixtral big enough that the expert weights dominate (about 0.6 GB in fp32)
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
+}
+LOADS = {
+    "dense": ("whole", "zero3"),
+    "native": ("whole", "ep2", "ep2_zero3"),
+}
+
+
+def vm_hwm_bytes() -> int:
+    """The peak RSS of this process (`VmHWM`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def current_rss_bytes() -> int:
+    """The resident set size of this process now."""
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---- step ----
+
+
+def _train_worker(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
+    from mtmoe.config import load_config
+    from mtmoe.train.loop import train
+
+    result = train(load_config(RECIPE, overrides))
+    return {"held": result["train"]["param_bytes_per_rank"][rank], "peak_rss": vm_hwm_bytes()}
+
+
+def _step_run(stage: int, steps: int, out: Path, tiny: bool, data: Path | None) -> dict[str, Any]:
+    from mtmoe.parallel.spawn import run_ranks
+
+    overrides = [
+        *STEP_OVERRIDES,
+        *([f"data.tokenized={data}"] if data else []),
+        f"parallel.zero_stage={stage}",
+        f"train.steps={steps}",
+        f"train.output_dir={out}",
+        *(cli.TINY_OVERRIDES if tiny else ()),
+    ]
+    ranks = run_ranks(_train_worker, WORLD, overrides)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"step_s": [r["step_s"] for r in records if "step_s" in r], "ranks": ranks}
+
+
+def _planned(stage: int, tiny: bool, data: Path | None) -> dict[str, float]:
+    from mtmoe.config import load_config
+    from mtmoe.plan.planner import manifest_facts, plan
+    from mtmoe.plan.workload import Workload
+
+    data_key = [f"data.tokenized={data}"] if data else []
+    cfg = load_config(
+        RECIPE, [f"parallel.zero_stage={stage}", *data_key, *(cli.TINY_OVERRIDES if tiny else ())]
+    )
+    facts = manifest_facts(cfg)
+    p = plan(
+        cfg, Workload(world=WORLD, seq_len=facts["max_len"] or 512), facts["vocab_size"], facts["task_names"]
+    )
+    return {"frozen": p["memory"]["frozen_held"], "trainable": p["optimizer"]["trainable"]}
+
+
+def run_step(args) -> dict[str, Any]:
+    steps = 4 if args.quick else args.steps
+    per_round: list[dict[str, float]] = []
+    runs: dict[int, list[dict[str, Any]]] = {s: [] for s in STAGES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            medians = {}
+            for stage in rotated(STAGES, r):
+                run = _step_run(stage, steps, Path(tmp) / f"z{stage}_r{r}", args.tiny, args.data)
+                medians[stage] = statistics.median(run["step_s"][args.warmup :])
+                runs[stage].append(run)
+            per_round.append({f"zero{s}_s": medians[s] for s in STAGES} | {"ratio": medians[3] / medians[2]})
+    memory = {}
+    for stage in STAGES:
+        last = runs[stage][-1]["ranks"]
+        memory[f"zero{stage}"] = {
+            "planned": _planned(stage, args.tiny, args.data),
+            "held": [rank["held"] for rank in last],
+            "peak_rss": [
+                statistics.median(run["ranks"][i]["peak_rss"] for run in runs[stage]) for i in range(WORLD)
+            ],
+        }
+    return {
+        "benchmark": "zero3 step",
+        "recipe": RECIPE,
+        "overrides": list(STEP_OVERRIDES),
+        "world": WORLD,
+        "steps": steps,
+        "warmup": args.warmup,
+        "machine": machine_info(),
+        "per_round": per_round,
+        "ratio_median": statistics.median(r["ratio"] for r in per_round),
+        "memory": memory,
+    }
+
+
+def render_step(result: Mapping[str, Any]) -> str:
+    rounds = result["per_round"]
+    z2 = statistics.median(r["zero2_s"] for r in rounds)
+    z3 = statistics.median(r["zero3_s"] for r in rounds)
+    ratios = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
+    lines = [
+        f"Step time, {result['world']} gloo ranks, `{result['recipe']}` ({result['steps']} steps per run, "
+        f"median after {result['warmup']}; {len(rounds)} rounds, alternating):",
+        "",
+        "| | ZeRO-2 | ZeRO-3 | ZeRO-3 / ZeRO-2 |",
+        "|---|---:|---:|---:|",
+        f"| s per step (median of rounds) | {z2:.3f} | {z3:.3f} | **{result['ratio_median']:.3f}** "
+        f"(rounds: {ratios}) |",
+        "",
+        "Memory per rank (MiB): parameters held between steps, planned by `launch/plan.py` and measured "
+        "(`eval.json`), and the peak RSS of each rank's process:",
+        "",
+        "| | frozen, planned | frozen, held | trainable, planned | trainable, held | peak RSS, rank 0 / 1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for stage in STAGES:
+        m = result["memory"][f"zero{stage}"]
+        held = m["held"][0]
+        rss = " / ".join(f"{x / MIB:.0f}" for x in m["peak_rss"])
+        lines.append(
+            f"| ZeRO-{stage} | {m['planned']['frozen'] / MIB:.1f} | {held['frozen'] / MIB:.1f} | "
+            f"{m['planned']['trainable'] / MIB:.2f} | {held['trainable'] / MIB:.2f} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+# ---- loading ----
+
+
+def _folders(root: Path, tiny: bool) -> dict[str, Path]:
+    """The two checkpoint folders, saved in shards: SmolLM2-135M (or a tiny Llama) and a random Mixtral."""
+    import torch
+    from transformers import MixtralConfig
+
+    from mtmoe.model.base import ensure_smollm2, load_base_model, tiny_llama, tiny_moe
+
+    dense = tiny_llama(49152) if tiny else load_base_model(ensure_smollm2())
+    dense.save_pretrained(root / "dense", max_shard_size="40MB" if not tiny else "200KB")
+    del dense
+    fields = {"vocab_size": 512} if tiny else MIXTRAL
+    torch.manual_seed(0)
+    if tiny:
+        native = tiny_moe("tiny-mixtral", 512)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        native = AutoModelForCausalLM.from_config(MixtralConfig(**fields))
+    native.save_pretrained(root / "native", max_shard_size="100MB" if not tiny else "100KB")
+    return {"dense": root / "dense", "native": root / "native"}
+
+
+def _load_worker(rank: int, world: int, variant: str, folder: Path) -> dict[str, Any]:
+    import torch
+
+    from mtmoe.config import load_config
+    from mtmoe.model.base import load_base_model, load_streamed, safetensors_files
+    from mtmoe.model.sharded_load import ReadStats, load_local_experts
+    from mtmoe.model.zero3 import partitioner
+    from mtmoe.parallel.dist import init_distributed
+    from mtmoe.parallel.ds_config import build_ds_config
+
+    init_distributed("gloo")
+    partition = partitioner(build_ds_config(load_config(None, ["parallel.zero_stage=3"]), world))
+    experts = json.loads((folder / "config.json").read_text()).get("num_local_experts", 0)
+    local = slice(rank * experts // 2, (rank + 1) * experts // 2)
+    stats = ReadStats()
+    whole_bytes = sum(f.stat().st_size for f in safetensors_files(folder))
+    before = current_rss_bytes()
+    if variant == "whole":
+        model = load_base_model(folder)
+    elif variant == "zero3":
+        model = load_streamed(folder, torch.float32, torch.float32, partition)
+    else:
+        model = load_local_experts(
+            folder, torch.float32, local, stats, partition if "zero3" in variant else None
+        )
+    peak = vm_hwm_bytes() - before
+    held = sum(
+        (p.ds_tensor if hasattr(p, "ds_id") else p).numel() * p.element_size() for p in model.parameters()
+    )
+    read = stats.bytes_read if variant.startswith("ep2") else whole_bytes
+    return {"read": read, "peak_growth": peak, "held": held, "files": whole_bytes}
+
+
+def run_loading(args) -> dict[str, Any]:
+    from mtmoe.parallel.spawn import run_ranks
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = _folders(Path(tmp), args.tiny)
+        for model, variants in LOADS.items():
+            files = sorted(p.name for p in folders[model].glob("*.safetensors"))
+            name = {"dense": "SmolLM2-135M", "native": "random Mixtral, 8 experts"}[model]
+            out[model] = {
+                "name": f"tiny random ({model})" if args.tiny else name,
+                "shards": len(files),
+                "variants": {},
+            }
+            for variant in variants:
+                ranks = run_ranks(_load_worker, WORLD, variant, folders[model])
+                out[model]["variants"][variant] = ranks
+    return {
+        "benchmark": "zero3 loading",
+        "world": WORLD,
+        "mixtral": MIXTRAL,
+        "machine": machine_info(),
+        "models": out,
+    }
+
+
+LOAD_LABELS = {
+    "whole": "whole model on every rank",
+    "zero3": "ZeRO-3: each tensor partitioned as it is read",
+    "ep2": "ep_size 2: this rank's experts only",
+    "ep2_zero3": "ep_size 2 + ZeRO-3 for the rest",
+}
+
+
+def render_loading(result: Mapping[str, Any]) -> str:
+    lines = [
+        f"Loading a checkpoint on {result['world']} gloo ranks (MiB per rank, rank 0; fp32):",
+        "",
+        "| model | load | bytes read | peak RSS growth | parameters kept |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for m in result["models"].values():
+        for variant, ranks in m["variants"].items():
+            r = ranks[0]
+            lines.append(
+                f"| {m['name']} ({m['shards']} shards) | {LOAD_LABELS[variant]} | {r['read'] / MIB:.0f} | "
+                f"{r['peak_growth'] / MIB:.0f} | {r['held'] / MIB:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+# ---- plans ----
+
+PLANS = (  # recipe, world, GPU memory (GiB)
+    ("llama3_70b_upcycled_zero3.yaml", 8, 80),
+    ("llama3_70b_upcycled_zero3.yaml", 16, 80),
+    ("qwen3_30b_a3b_native.yaml", 8, 80),
+    ("qwen3_235b_a22b_native.yaml", 32, 80),
+    ("mixtral_8x7b.yaml", 16, 80),
+)
+PLAN_SEQ_LEN = 4096
+
+
+def run_plans(args) -> dict[str, Any]:
+    from mtmoe.config import load_config
+    from mtmoe.plan.planner import plan
+    from mtmoe.plan.workload import Workload
+
+    rows = []
+    for recipe, world, gib in PLANS:
+        for stage in (2, 3):
+            cfg = load_config(f"launch/recipes/{recipe}", [f"parallel.zero_stage={stage}"])
+            p = plan(cfg, Workload(world=world, seq_len=PLAN_SEQ_LEN, gpu_mem_gib=gib))
+            rows.append(
+                {
+                    "recipe": recipe,
+                    "world": world,
+                    "gpu_gib": gib,
+                    "zero_stage": stage,
+                    "ep_size": cfg.parallel.ep_size,
+                    "family": cfg.moe.family,
+                    "architecture": p["model"]["architecture"],
+                    # the plan's model holds rank 0's experts: 1/ep_size of them
+                    "frozen_params": p["parameters"]["frozen_dense"]["numel"]
+                    + p["parameters"]["frozen_expert"]["numel"] * cfg.parallel.ep_size,
+                    "frozen_held": p["memory"]["frozen_held"],
+                    "peak": p["memory"]["peak"],
+                    "usable": p["memory"]["usable"],
+                    "fits": p["memory"]["fits"],
+                }
+            )
+    return {"benchmark": "zero3 plans", "seq_len": PLAN_SEQ_LEN, "micro_batch": "recipe's", "rows": rows}
+
+
+def render_plans(result: Mapping[str, Any]) -> str:
+    gib = 1024**3
+    lines = [
+        f"Planned per GPU by `launch/plan.py` (80 GB GPUs, 1 × {result['seq_len']} tokens per micro-batch, "
+        "bf16, gradient checkpointing as the recipe says):",
+        "",
+        "| recipe | model | GPUs | ep_size | ZeRO-2: peak GiB | ZeRO-3: frozen kept GiB | ZeRO-3: peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = result["rows"]
+    for z2, z3 in zip(rows[::2], rows[1::2], strict=True):
+
+        def peak(r: Mapping[str, Any]) -> str:
+            return f"{r['peak'] / gib:.1f}" + ("" if r["fits"] else " (does not fit)")
+
+        lines.append(
+            f"| `{z2['recipe']}` | {z2['architecture']}, {z2['frozen_params'] / 1e9:.1f} B frozen | "
+            f"{z2['world']} | {z2['ep_size']} | {peak(z2)} | {z3['frozen_held'] / gib:.1f} | {peak(z3)} |"
+        )
+    return "\n".join(lines)
+
+
+def _step_arguments(p) -> None:
+    p.add_argument("--steps", type=int, default=12, help="training steps per run")
+    p.add_argument("--data", type=Path, default=None, help="tokenized folder (default: the recipe's)")
+
+
+MODES = {
+    "step": cli.Mode(
+        cli.CliDefaults(
+            cli.RESULTS / "zero3_step.json", rounds=3, iters=None, warmup=2, quick=(1, 1, 1), tiny=True
+        ),
+        run_step,
+        render_step,
+        arguments=_step_arguments,
+        help="step time and memory per rank, ZeRO-3 against ZeRO-2",
+    ),
+    "plans": cli.Mode(
+        cli.CliDefaults(cli.RESULTS / "zero3_plans.json", iters=None),
+        run_plans,
+        render_plans,
+        help="what fits where: the big recipes planned under ZeRO-2 and ZeRO-3 (no weights needed)",
+    ),
+    "loading": cli.Mode(
+        cli.CliDefaults(cli.RESULTS / "zero3_loading.json", iters=None, tiny=True),
+        run_loading,
+        render_loading,
+        help="bytes read and peak host memory of loading, whole against sharded",
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli.main(__doc__.splitlines()[0], MODES, argv)
+
+
+if __name__ == "__main__":
+    main()

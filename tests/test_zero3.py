@@ -1,0 +1,145 @@
+"""ZeRO-3 (`parallel.zero_stage: 3`) in real gloo processes running the DeepSpeed engine.
+
+- On 2 ranks it gives ZeRO-2's per-step losses, weights, AdamW moments and Quality Retaining state:
+  upcycled (replicated experts, no attention LoRA, with gradient checkpointing and Quality Retaining
+  taking teachers) and
+  a native Mixtral at `ep_size` 2 (expert tensors sharded by expert parallelism, with packing and CoBa).
+- Each rank keeps half of the frozen base.
+- A ZeRO-3 checkpoint resumes under ZeRO-2 and the other way round, continuing the uninterrupted run.
+- The dense export of a ZeRO-3 run equals that of the ZeRO-2 run.
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import run_cmd
+from safetensors.torch import load_file
+from training_runs import final, link_checkpoint, losses, train_run
+
+pytestmark = pytest.mark.timeout(400)  # a hung collective fails the test instead of blocking CI
+
+CASES = {
+    "upcycled": (
+        1,
+        # no attention LoRA (the demo's setting): the first MoE block's input needs no gradient
+        (
+            "moe.attn_lora_rank=0",
+            "model.gradient_checkpointing=true",
+            "balance.quality_retain=true",
+            "balance.qr_warmup=0",
+        ),  # fmt: skip
+    ),
+    "native_ep2": (
+        2,
+        ("model.base=tiny-mixtral", "moe.family=native", "data.packing=true", "balance.weighter=coba"),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(demo_data, tmp_path_factory):
+    """Trains each (case, ZeRO stage) once for the whole module, on 2 ranks."""
+    root = tmp_path_factory.mktemp("zero3_runs")
+    cache = {}
+
+    def get(case, stage):
+        if (case, stage) not in cache:
+            ep_size, extra = CASES[case]
+            out = root / f"{case}_z{stage}"
+            cache[case, stage] = train_run(demo_data, out, 2, ep_size, f"parallel.zero_stage={stage}", *extra)
+        return cache[case, stage]
+
+    get.root, get.data = root, demo_data
+    return get
+
+
+def assert_same_run(a, b, steps=range(1, 7)):
+    la, lb = losses(a), losses(b)
+    for s in steps:
+        assert la[s] == pytest.approx(lb[s], rel=1e-6), f"step {s}: {la[s]} vs {lb[s]}"
+    names = ["trainable", "optimizer"]
+    if (a / "checkpoints" / "step_000006" / "quality.safetensors").exists():
+        names.append("quality")
+    for name in names:
+        ta, tb = final(a, name), final(b, name)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            # AdamW divides by sqrt(v) + 1e-8: where a gradient is near that scale (a LoRA A factor starts
+            # with none, its B being 0), the reduction order's roundoff moves the update by up to ~2% of
+            # lr (1e-3). The losses above are the issue's test; the weights are held to 5% of lr.
+            torch.testing.assert_close(ta[k], tb[k], atol=5e-5, rtol=1e-4, msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_zero3_gives_the_zero2_run(runs, case):
+    assert_same_run(runs(case, 3), runs(case, 2))
+
+
+def test_quality_retaining_took_teachers_under_zero3(runs):
+    """The upcycled comparison covers Quality Retaining's teacher forwards, not just its bookkeeping."""
+    records = [json.loads(line) for line in (runs("upcycled", 3) / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("qr/loss", 0) > 0 for r in records)
+
+
+def _held(run):
+    return json.loads((run / "eval.json").read_text())["train"]["param_bytes_per_rank"]
+
+
+def test_each_rank_keeps_its_share_of_the_frozen_base(runs):
+    z2, z3 = _held(runs("upcycled", 2)), _held(runs("upcycled", 3))
+    assert len(z3) == 2
+    for a, b in zip(z2, z3, strict=True):
+        assert a["frozen"] == a["frozen_full"] == b["frozen_full"]  # ZeRO-2 holds the whole base
+        assert b["frozen"] == pytest.approx(a["frozen"] / 2, rel=1e-3)  # ZeRO-3 half (plus padding)
+        assert b["trainable"] == pytest.approx(a["trainable"] / 2, rel=1e-3)
+    # ep 2: each rank already holds half the experts; ZeRO-3 halves the rest of the base
+    n2, n3 = _held(runs("native_ep2", 2)), _held(runs("native_ep2", 3))
+    for a, b in zip(n2, n3, strict=True):
+        assert a["frozen"] / 2 < b["frozen"] < a["frozen"]
+
+
+@pytest.mark.parametrize("src,dst", [(3, 2), (2, 3)], ids=["zero3-to-zero2", "zero2-to-zero3"])
+def test_resume_across_zero_stages_continues_the_run(runs, src, dst):
+    ep_size, extra = CASES["upcycled"]
+    full = runs("upcycled", src)
+    resumed = link_checkpoint(full, runs.root / f"resumed_z{src}_to_z{dst}", 3)
+    train_run(runs.data, resumed, 2, ep_size, f"parallel.zero_stage={dst}", *extra, resume=True)
+    assert_same_run(resumed, full, steps=range(4, 7))
+
+
+def test_export_of_a_zero3_run_equals_the_zero2_export(runs):
+    files = []
+    for stage in (2, 3):
+        run = runs("upcycled", stage)
+        run_cmd([sys.executable, "launch/export.py", "--run", run, "--out", run / "dense", "--no-metrics"])
+        files.append(load_file(run / "dense" / "model.safetensors"))
+    a, b = files
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def _save_tiny_llama(folder):
+    """The tiny recipe's random Llama (seed 0), saved as an HF folder in several safetensors shards."""
+    from mtmoe.config import load_config
+    from mtmoe.model.base import tiny_llama
+
+    tiny = load_config("launch/recipes/tiny.yaml", []).model.tiny
+    tiny_llama(49152, seed=0, **tiny).save_pretrained(folder, max_shard_size="50KB")
+    return folder
+
+
+def test_a_checkpoint_folder_is_partitioned_tensor_by_tensor_and_trains_the_same(runs, tmp_path):
+    """Loaded from a sharded HF folder under ZeRO-3, each tensor is cut as it is read: each rank holds
+    half of the base, and the run equals the ZeRO-2 run of the same weights built in memory."""
+    folder = _save_tiny_llama(tmp_path / "tiny_llama")
+    assert len(list(folder.glob("model-*.safetensors"))) >= 3
+    ep_size, extra = CASES["upcycled"]
+    run = train_run(
+        runs.data, tmp_path / "run", 2, ep_size, "parallel.zero_stage=3", *extra, f"model.base={folder}"
+    )
+    assert_same_run(run, runs("upcycled", 2))
+    for held in _held(run):
+        assert held["frozen"] == pytest.approx(held["frozen_full"] / 2, rel=1e-3)
