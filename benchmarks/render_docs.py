@@ -49,11 +49,13 @@ class Source:
             modes, its `renderer` and `RESULT`.
         renderer: For a module without modes: the function that renders its `RESULT` (one JSON can
             feed several tables, e.g. a study's full tables and its README headline).
+        result: Another JSON of the same mode (a variant's run), relative to the repository root.
     """
 
     module: str
     mode: str | None = None
     renderer: str = "render_markdown"
+    result: str | None = None
 
 
 SOURCES = {
@@ -70,6 +72,9 @@ SOURCES = {
     "tokenization": Source("benchmarks.tokenization"),
     "zero3_plans": Source("benchmarks.zero3", "plans"),
     "zero3_step": Source("benchmarks.zero3", "step"),
+    "zero3_step_prefetch": Source(
+        "benchmarks.zero3", "step", result="benchmarks/results/zero3_step_prefetch.json"
+    ),
     "zero3_loading": Source("benchmarks.zero3", "loading"),
     "quality_study": Source("experiments.quality_study"),
     "quality_summary": Source("experiments.quality_study", renderer="render_summary"),
@@ -156,7 +161,7 @@ def load_source(marker: str, source: Source) -> tuple[Renderer, Path]:
     module = importlib.import_module(source.module)
     mode = getattr(module, "MODES", {}).get(source.mode) if source.mode else getattr(module, "MODE", None)
     if mode is not None:
-        return mode.render, mode.cli.out
+        return mode.render, ROOT / source.result if source.result else mode.cli.out
     renderer, result = getattr(module, source.renderer, None), getattr(module, "RESULT", None)
     if source.mode is not None or not callable(renderer) or result is None:
         what = f"no mode {source.mode}" if source.mode else f"no MODE, nor {source.renderer} and RESULT"

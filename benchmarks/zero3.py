@@ -10,8 +10,9 @@ ratio ZeRO-3/ZeRO-2 is taken per round. Memory per rank: the parameter bytes eac
 (`eval.json`), against what `launch/plan.py` plans for the run, and the peak RSS of each rank's process.
 
 `loading`: each of 2 ranks loads a checkpoint folder saved in several safetensors shards, in a fresh
-process per variant; measured are the bytes read, the peak RSS growth during the load, and the parameter
-bytes the rank keeps:
+process per variant; measured are the bytes read, the peak RSS growth during the load (with every kept
+tensor touched afterwards, so that a memory-mapped load counts what its first forward would page in),
+and the parameter bytes the rank keeps:
 - dense (SmolLM2-135M): the whole model on every rank, against ZeRO-3's load that partitions each tensor
   as it is read;
 - native (a random Mixtral, 8 experts): the whole model, this rank's experts only (`ep_size` 2), and
@@ -84,12 +85,14 @@ def _train_worker(rank: int, world: int, overrides: list[str]) -> dict[str, Any]
     return {"held": result["train"]["param_bytes_per_rank"][rank], "peak_rss": vm_hwm_bytes()}
 
 
-def _step_run(stage: int, steps: int, out: Path, tiny: bool, data: Path | None) -> dict[str, Any]:
+def _step_run(stage: int, steps: int, out: Path, args) -> dict[str, Any]:
     from mtmoe.parallel.spawn import run_ranks
 
+    tiny, data = args.tiny, args.data
     overrides = [
         *STEP_OVERRIDES,
         *([f"data.tokenized={data}"] if data else []),
+        *([f"parallel.ds_config={args.zero3_json}"] if stage == 3 and args.zero3_json else []),
         f"parallel.zero_stage={stage}",
         f"train.steps={steps}",
         f"train.output_dir={out}",
@@ -124,7 +127,7 @@ def run_step(args) -> dict[str, Any]:
         for r in range(args.rounds):
             medians = {}
             for stage in rotated(STAGES, r):
-                run = _step_run(stage, steps, Path(tmp) / f"z{stage}_r{r}", args.tiny, args.data)
+                run = _step_run(stage, steps, Path(tmp) / f"z{stage}_r{r}", args)
                 medians[stage] = statistics.median(run["step_s"][args.warmup :])
                 runs[stage].append(run)
             per_round.append({f"zero{s}_s": medians[s] for s in STAGES} | {"ratio": medians[3] / medians[2]})
@@ -142,6 +145,7 @@ def run_step(args) -> dict[str, Any]:
         "benchmark": "zero3 step",
         "recipe": RECIPE,
         "overrides": list(STEP_OVERRIDES),
+        "zero3_json": str(args.zero3_json or "ds_configs/zero3.json"),
         "world": WORLD,
         "steps": steps,
         "warmup": args.warmup,
@@ -159,7 +163,8 @@ def render_step(result: Mapping[str, Any]) -> str:
     ratios = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
     lines = [
         f"Step time, {result['world']} gloo ranks, `{result['recipe']}` ({result['steps']} steps per run, "
-        f"median after {result['warmup']}; {len(rounds)} rounds, alternating):",
+        f"median after {result['warmup']}; {len(rounds)} rounds, alternating); ZeRO-3 with "
+        f"{result.get('zero3_json', 'ds_configs/zero3.json')}:",
         "",
         "| | ZeRO-2 | ZeRO-3 | ZeRO-3 / ZeRO-2 |",
         "|---|---:|---:|---:|",
@@ -217,6 +222,7 @@ def _load_worker(rank: int, world: int, variant: str, folder: Path) -> dict[str,
     from mtmoe.model.zero3 import partitioner
     from mtmoe.parallel.dist import init_distributed
     from mtmoe.parallel.ds_config import build_ds_config
+    from mtmoe.parallel.engine import resident_param_bytes
 
     init_distributed("gloo")
     partition = partitioner(build_ds_config(load_config(None, ["parallel.zero_stage=3"]), world))
@@ -233,10 +239,11 @@ def _load_worker(rank: int, world: int, variant: str, folder: Path) -> dict[str,
         model = load_local_experts(
             folder, torch.float32, local, stats, partition if "zero3" in variant else None
         )
+    for p in model.parameters():  # page in what a loader only mapped, as the first forward would
+        (p.ds_tensor if hasattr(p, "ds_id") else p).sum()
     peak = vm_hwm_bytes() - before
-    held = sum(
-        (p.ds_tensor if hasattr(p, "ds_id") else p).numel() * p.element_size() for p in model.parameters()
-    )
+    kept = resident_param_bytes(model)
+    held = kept["frozen"] + kept["trainable"]
     read = stats.bytes_read if variant.startswith("ep2") else whole_bytes
     return {"read": read, "peak_growth": peak, "held": held, "files": whole_bytes}
 
@@ -360,6 +367,9 @@ def render_plans(result: Mapping[str, Any]) -> str:
 def _step_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=12, help="training steps per run")
     p.add_argument("--data", type=Path, default=None, help="tokenized folder (default: the recipe's)")
+    p.add_argument(
+        "--zero3-json", type=Path, default=None, help="ZeRO-3's base DeepSpeed JSON (default: shipped)"
+    )
 
 
 MODES = {

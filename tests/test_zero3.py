@@ -3,7 +3,8 @@
 - On 2 ranks it gives ZeRO-2's per-step losses, weights, AdamW moments and Quality Retaining state:
   upcycled (replicated experts, no attention LoRA, with gradient checkpointing and Quality Retaining
   taking teachers) and
-  a native Mixtral at `ep_size` 2 (expert tensors sharded by expert parallelism, with packing and CoBa).
+  MoEfied with the soft router and fading (its injection gathers each FFN it slices), and a native
+  Mixtral at `ep_size` 2 (expert tensors sharded by expert parallelism, with packing and CoBa).
 - Each rank keeps half of the frozen base.
 - A ZeRO-3 checkpoint resumes under ZeRO-2 and the other way round, continuing the uninterrupted run.
 - The dense export of a ZeRO-3 run equals that of the ZeRO-2 run.
@@ -31,6 +32,7 @@ CASES = {
             "balance.qr_warmup=0",
         ),  # fmt: skip
     ),
+    "moefied_faded": (1, ("moe.family=moefied", "moe.router=soft", "moe.fade_fraction=0.5")),
     "native_ep2": (
         2,
         ("model.base=tiny-mixtral", "moe.family=native", "data.packing=true", "balance.weighter=coba"),

@@ -56,10 +56,13 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         zero.setdefault("reduce_scatter", True)
     if cfg.parallel.zero_stage == 3:
         # Every tensor partitioned, however small (DeepSpeed keeps tensors under 1e5 elements whole by
-        # default, which is most of a LoRA model), and `F.linear` left alone: its memory-efficient
-        # replacement is patched in process-wide and changes the numerics of other models.
+        # default, which is most of a LoRA model); a tensor released as soon as its module is done
+        # (DeepSpeed keeps tensors that return within 1e9 elements gathered by default: all of a small
+        # model, 2 GB of a large one); and `F.linear` left alone: its memory-efficient replacement is
+        # patched in process-wide and changes the numerics of other models.
         zero.setdefault("stage3_param_persistence_threshold", 0)
         zero.setdefault("stage3_model_persistence_threshold", 0)
+        zero.setdefault("stage3_max_reuse_distance", 0)
         zero.setdefault("memory_efficient_linear", False)
     ds["zero_optimization"] = zero
     ds["zero_allow_untested_optimizer"] = True

@@ -55,8 +55,9 @@ def param_groups(model: nn.Module, weight_decay: float, router_lr: float | None 
 def resident_param_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the parameters this rank keeps between steps, and of the whole model's, frozen and trainable.
 
-    Under ZeRO-3 a rank keeps only its partition of each tensor (`ds_tensor`); otherwise the tensor.
-    Expert tensors under expert parallelism count as this rank's share of the model too.
+    Under ZeRO-3 a rank keeps its partition of each tensor (`ds_tensor`), plus the whole tensor while it
+    is gathered (DeepSpeed may keep a tensor gathered between uses); otherwise the tensor. Expert tensors
+    under expert parallelism count as this rank's share of the model too.
 
     Returns:
         {"frozen", "trainable"}: bytes held here; {"frozen_full", "trainable_full"}: the same tensors
@@ -65,9 +66,10 @@ def resident_param_bytes(model: nn.Module) -> dict[str, int]:
     out = dict.fromkeys(("frozen", "trainable", "frozen_full", "trainable_full"), 0)
     for p in model.parameters():
         kind = "trainable" if p.requires_grad else "frozen"
-        held = p.ds_tensor if hasattr(p, "ds_id") else p
-        out[kind] += held.numel() * held.element_size()
-        out[f"{kind}_full"] += (p.ds_numel if hasattr(p, "ds_id") else p.numel()) * held.element_size()
+        size = p.element_size()
+        held = p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_id") else 0)  # data is empty when released
+        out[kind] += held * size
+        out[f"{kind}_full"] += (p.ds_numel if hasattr(p, "ds_id") else p.numel()) * size
     return out
 
 

@@ -12,6 +12,7 @@ from mtmoe.config import Config
 from mtmoe.data.shards import load_manifest
 from mtmoe.model.moe_lm import DTYPES
 from mtmoe.model.walk import moe_blocks
+from mtmoe.parallel.ds_config import build_ds_config
 from mtmoe.plan.activations import activation_plan
 from mtmoe.plan.meta import meta_model
 from mtmoe.plan.probe import layer_specs
@@ -55,7 +56,8 @@ def plan(
     gathered = 0
     if cfg.parallel.zero_stage == 3:
         frozen = zero3_frozen_bytes(params, cfg, workload.world)
-        gathered = zero3_gathered_bytes(model, dtype)
+        zero = build_ds_config(cfg, workload.world)["zero_optimization"]
+        gathered = zero3_gathered_bytes(model, dtype, int(zero.get("stage3_prefetch_bucket_size", 5e7)))
     n_trainable = params["trainable_dense"]["numel"] + params["trainable_expert"]["numel"]
     qr = (1 + len(task_names)) * n_trainable * 4 if cfg.balance.quality_retain else 0
     gc = cfg.model.gradient_checkpointing

@@ -103,12 +103,13 @@ def zero3_frozen_bytes(params: dict[str, dict[str, int]], cfg: Config, world: in
     )
 
 
-def zero3_gathered_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+def zero3_gathered_bytes(model: nn.Module, dtype: torch.dtype, prefetch_numel: int = 0) -> int:
     """The largest set of parameters a rank holds whole at once during a ZeRO-3 forward or backward.
 
     The LM head (an external parameter of the wrapper, whole for the whole forward) plus the larger of:
     an MoE block (a ZeRO-3 leaf, gathered with all it holds: the frozen FFN or this rank's experts, the
-    LoRA experts and the router) and any other module's own parameters (one projection).
+    LoRA experts and the router) and any other module's own parameters (one projection); plus what
+    DeepSpeed prefetches for the next modules (`stage3_prefetch_bucket_size` elements).
     """
     from mtmoe.model.moe_base import MoEBlock
 
@@ -127,4 +128,5 @@ def zero3_gathered_bytes(model: nn.Module, dtype: torch.dtype) -> int:
         if id(m) not in inside:
             own = [p for p in m.parameters(recurse=False) if p is not head]
             largest = max(largest, nbytes(own))
-    return nbytes([head]) + largest
+    total = sum(p.numel() for p in model.parameters())
+    return nbytes([head]) + largest + min(prefetch_numel, total) * size
