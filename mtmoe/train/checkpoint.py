@@ -40,6 +40,7 @@ from torch import nn
 from mtmoe.parallel.engine import lr_lambda
 from mtmoe.parallel.expert_parallel import ExpertPlacement, is_expert_param
 from mtmoe.train import faults
+from mtmoe.train.zero3_state import full_shape, is_zero3, load_partitioned, partition_of, unpartition
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -68,52 +69,7 @@ def inner_optimizer(engine) -> torch.optim.Optimizer:
 
 def _zero_managed(p: torch.Tensor) -> bool:
     """True when DeepSpeed keeps this parameter's fp32 master and optimizer state in flat partitions."""
-    return hasattr(p, "_hp_mapping") or _zero3(p)
-
-
-def _zero3(p: torch.Tensor) -> bool:
-    """True for a parameter that ZeRO-3 partitioned (its `data` is empty between uses)."""
-    return hasattr(p, "ds_id")
-
-
-def _shape(p: torch.Tensor) -> tuple[int, ...]:
-    """A parameter's full shape, partitioned by ZeRO-3 or not."""
-    return tuple(p.ds_shape) if _zero3(p) else tuple(p.shape)
-
-
-def _partition(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """This rank's ZeRO-3 partition of `full` (flat; the last rank's is zero-padded as ZeRO pads it)."""
-    n = p.ds_tensor.numel()
-    rank = dist.get_rank(group=p.ds_process_group)
-    flat = full.flatten()[rank * n : (rank + 1) * n]
-    out = full.new_zeros(n)
-    out[: flat.numel()] = flat
-    return out
-
-
-def _unpartition(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The full tensor from every rank's ZeRO-3 partition `t` of `p` (a collective); others unchanged."""
-    if not _zero3(p):
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group=p.ds_process_group))]
-    dist.all_gather(parts, t.contiguous(), group=p.ds_process_group)
-    return torch.cat(parts)[: p.ds_numel].view(tuple(p.ds_shape))
-
-
-def _load_zero3(p: nn.Parameter, w: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
-    """Writes a full fp32 weight and its moments into a ZeRO-3 parameter's partitions on this rank.
-
-    Both copies of the weight: the model-dtype partition that forwards gather, and the optimizer's fp32
-    master. (DeepSpeed's full-tensor setter assumes a partition that divides the tensor evenly.)
-    """
-    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
-    part = _partition(w.float().to(p.ds_tensor.device), p)
-    with torch.no_grad():
-        p.ds_tensor.copy_(part.to(p.ds_tensor.dtype))
-    safe_set_local_fp32_param(p, part)
-    for k, m in moments.items():
-        safe_set_local_optimizer_state(p, _partition(m.float(), p), k)
+    return hasattr(p, "_hp_mapping") or is_zero3(p)
 
 
 def _link_optimizer_state(engine) -> None:
@@ -241,7 +197,7 @@ def save(
         quality = {}
         for k, t in retainer.tensors().items():
             p = retainer.params[_param_name(k)]
-            quality[k] = _to_global(_unpartition(t, p), p, placement).cpu()
+            quality[k] = _to_global(unpartition(t, p), p, placement).cpu()
     rngs: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, _rng_state())  # in memory between ranks; the files hold no pickle
     root = checkpoint_dir(run_dir)
@@ -301,7 +257,7 @@ def load_quality(run_dir: Path, retainer, placement: ExpertPlacement, state: dic
     for k, t in load_file(folder / "quality.safetensors").items():
         p = retainer.params[_param_name(k)]
         local = _to_local(t, p, placement)
-        tensors[k] = _partition(local, p) if _zero3(p) else local
+        tensors[k] = partition_of(local, p) if is_zero3(p) else local
     retainer.load_state(state["quality"], tensors)
 
 
@@ -375,11 +331,11 @@ def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cf
     _link_optimizer_state(engine)
     for name, p in own:
         w = _to_local(weights[name], p, placement)
-        if tuple(w.shape) != _shape(p):
-            raise ValueError(f"checkpoint tensor {name}: shape {tuple(w.shape)}, model has {_shape(p)}")
+        if tuple(w.shape) != full_shape(p):
+            raise ValueError(f"checkpoint tensor {name}: shape {tuple(w.shape)}, model has {full_shape(p)}")
         m = {k: _to_local(moments[f"{k}/{name}"], p, placement) for k in MOMENTS}
-        if _zero3(p):
-            _load_zero3(p, w, m)
+        if is_zero3(p):
+            load_partitioned(p, w, m)
             continue
         with torch.no_grad():
             p.copy_(w.to(p.dtype))
