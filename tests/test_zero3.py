@@ -102,6 +102,19 @@ def test_each_rank_keeps_its_share_of_the_frozen_base(runs):
         assert a["frozen"] / 2 < b["frozen"] < a["frozen"]
 
 
+def test_the_plan_says_what_each_rank_holds(runs):
+    from mtmoe.config import load_config
+    from mtmoe.plan.planner import plan
+    from mtmoe.plan.workload import Workload
+
+    ep_size, extra = CASES["upcycled"]
+    cfg = load_config("launch/recipes/tiny.yaml", ["parallel.zero_stage=3", *extra])
+    planned = plan(cfg, Workload(world=2, seq_len=128), 49152, ["codegen", "docstring", "translate"])
+    for held in _held(runs("upcycled", 3)):
+        assert planned["memory"]["frozen_held"] == pytest.approx(held["frozen"], rel=1e-3)
+        assert planned["optimizer"]["trainable"] == pytest.approx(held["trainable"], rel=0.01)
+
+
 @pytest.mark.parametrize("src,dst", [(3, 2), (2, 3)], ids=["zero3-to-zero2", "zero2-to-zero3"])
 def test_resume_across_zero_stages_continues_the_run(runs, src, dst):
     ep_size, extra = CASES["upcycled"]
