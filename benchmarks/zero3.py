@@ -30,6 +30,7 @@ from typing import Any
 
 from benchmarks import cli
 from benchmarks.harness import machine_info, rotated
+from benchmarks.memory import current_rss_bytes, vm_hwm_bytes
 
 WORLD = 2
 STAGES = (2, 3)
@@ -58,21 +59,6 @@ LOADS = {
     "native": ("whole", "ep2", "ep2_zero3"),
 }
 TINY_LOADS = {"dense": ("zero3",), "native": ("ep2_zero3",)}  # `--tiny` smoke: the ZeRO-3 paths only
-
-
-def vm_hwm_bytes() -> int:
-    """The peak RSS of this process (`VmHWM`)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
-
-
-def current_rss_bytes() -> int:
-    """The resident set size of this process now."""
-    import os
-
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # ---- step ----

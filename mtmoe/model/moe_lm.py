@@ -247,7 +247,7 @@ def build_model(
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = MoELM(lm, context)
-    if placement is not None and cfg.parallel.zero_stage == 3:
+    if zero3:
         prepare_for_zero3(model)
     return model
 

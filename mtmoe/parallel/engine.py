@@ -6,6 +6,7 @@ import functools
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mtmoe.config import Config
@@ -75,8 +76,6 @@ def resident_param_bytes(model: nn.Module) -> dict[str, int]:
 
 def param_bytes_per_rank(model: nn.Module) -> list[dict[str, int]]:
     """`resident_param_bytes` of every rank, in rank order (a collective)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return [resident_param_bytes(model)]
     out: list = [None] * dist.get_world_size()

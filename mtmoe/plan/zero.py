@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mtmoe.config import Config
+from mtmoe.model.moe_base import MoEBlock
 from mtmoe.parallel.ds_config import build_ds_config
 from mtmoe.parallel.engine import param_groups
 from mtmoe.parallel.expert_parallel import is_expert_param
@@ -68,10 +69,9 @@ def optimizer_memory(groups: list[dict[str, Any]], cfg: Config, world: int) -> d
 
     Returns:
         trainable (model-dtype params, flat and padded under ZeRO-1/2, this rank's partition under
-        ZeRO-3), master (fp32), adam (two fp32
-        moments), grads (model dtype, held through backward), bucket (ZeRO's contiguous reduce bucket in
-        backward), step_grads_fp32 (the fp32 gradient the step reads) and step_workspace (AdamW's
-        foreach temporaries).
+        ZeRO-3), master (fp32), adam (two fp32 moments), grads (model dtype, held through backward),
+        bucket (ZeRO's contiguous reduce bucket in backward), step_grads_fp32 (the fp32 gradient the
+        step reads) and step_workspace (AdamW's foreach temporaries).
     """
     stage, b = cfg.parallel.zero_stage, 2 if cfg.model.dtype == "bfloat16" else 4
     n = sum(g["numel"] for g in groups)
@@ -111,8 +111,6 @@ def zero3_gathered_bytes(model: nn.Module, dtype: torch.dtype, prefetch_numel: i
     LoRA experts and the router) and any other module's own parameters (one projection); plus what
     DeepSpeed prefetches for the next modules (`stage3_prefetch_bucket_size` elements).
     """
-    from mtmoe.model.moe_base import MoEBlock
-
     size = torch.empty((), dtype=dtype, device="meta").element_size()
 
     def nbytes(params) -> int:
