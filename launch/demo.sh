@@ -10,10 +10,18 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 nproc=${DEMO_NPROC:-2}
 run=runs/demo
 
+phase() { echo "[demo] $1 took $((SECONDS - start)) s"; start=$SECONDS; }
+start=$SECONDS
 bash launch/prepare_demo_data.sh
+phase "data"
 rm -rf $run  # the demo always starts fresh; use `launch/train.py --resume` to continue a run
 deepspeed --num_gpus "$nproc" launch/train.py --config launch/recipes/demo.yaml train.output_dir=$run "$@"
+phase "training (evaluation included)"
 # one process from here on: it may use every core to generate and score the three models' answers
-OMP_NUM_THREADS=$(nproc) python launch/export.py --run $run --out $run/dense
-OMP_NUM_THREADS=$(nproc) python launch/report.py --run $run --export $run/dense
-echo "[demo] report: $run/report.md"
+# (`nproc` itself obeys OMP_NUM_THREADS, hence `env -u`)
+cores=$(env -u OMP_NUM_THREADS nproc)
+OMP_NUM_THREADS=$cores python launch/export.py --run $run --out $run/dense
+phase "export and scoring"
+OMP_NUM_THREADS=$cores python launch/report.py --run $run --export $run/dense
+phase "report"
+echo "[demo] report: $run/report.md (all in $SECONDS s)"

@@ -3,7 +3,7 @@
     mtmoe-export --run runs/demo --out runs/demo/dense \
         [--task all|NAME] [--weights utilization|uniform|fade|task_gate] [--prune N [--prune-by random]] \
         [--merge average|task_arithmetic|ties|dare|breadcrumbs|adamerging [--lam L --density D ...]] \
-        [--peft-rank R] [--no-metrics] [--rescore]
+        [--peft-rank R] [--no-metrics] [--rescore] [--stream]
 
 (`python launch/export.py ...` is the same command.) What each option does, and what the export writes:
 `mtmoe.export.pipeline`.
@@ -77,6 +77,14 @@ def parse_args(argv: list[str] | None):
         action="store_true",
         help="generate the MoE's answers here even when the run's eval.json already scored its final step",
     )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help=(
+            "big models: write the export from the base's weight files one tensor at a time, never "
+            "holding the base in memory; nothing is scored"
+        ),
+    )
     return parser.parse_args(argv)
 
 
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
             peft_rank=args.peft_rank,
             metrics=not args.no_metrics,
             rescore=args.rescore,
+            stream=args.stream,
         )
     )
 

@@ -46,6 +46,8 @@ from mtmoe.export.methods import MergeSpec
 from mtmoe.export.peft_adapters import write_adapter
 from mtmoe.export.prune import keep_experts, renormalise
 from mtmoe.export.run import fade_shares, load_trained_model
+from mtmoe.export.stream import file_edits, stream_dense, write_record
+from mtmoe.model.base import resolve_base
 from mtmoe.model.moe_lm import MoELM, build_base
 from mtmoe.model.native import export_native
 from mtmoe.model.routers import router_class
@@ -78,6 +80,8 @@ class ExportConfig:
         peft_rank: Also write per-task PEFT adapters of this rank (0 = none).
         metrics: Score the tasks that declared a metric on greedy answers.
         rescore: Generate the MoE's answers even when the run's eval.json scored its final step.
+        stream: Write the export from the base's weight files one tensor at a time, never holding the
+            base (`mtmoe.export.stream`); nothing is scored.
     """
 
     run: Path
@@ -96,30 +100,75 @@ class ExportConfig:
     peft_rank: int = 0
     metrics: bool = True
     rescore: bool = False
+    stream: bool = False
+
+
+class Weighting:
+    """The merge weights of the experts, as `ExportConfig` resolves them for a run."""
+
+    def __init__(self, cfg: Config, ec: ExportConfig, model: MoELM):
+        self.name, self.faded, self.util = expert_weighting(cfg, ec)
+        self.model, self.ec = model, ec
+        manifest = load_manifest(Path(cfg.data.tokenized))
+        self.task_ids = {t.name: k for k, t in enumerate(manifest.tasks)}
+        self.task = None if ec.task == "all" else ec.task
+
+    def shares(self, task: str | None) -> dict[int, torch.Tensor] | None:
+        """Per layer, each expert's merge weight for `task` (None: every task)."""
+        if self.name == "fade" and task is None:
+            return self.faded
+        if self.name == "task_gate":  # a task's own gate: exactly its model; `all` averages the gates
+            return task_gate_shares(self.model, None if task is None else self.task_ids[task])
+        return expert_shares(self.util, task) if self.name in ("utilization", "fade") else None
+
+    def kept(self) -> dict[int, list[int]] | None:
+        """The experts `--prune` keeps, per layer (None: every expert)."""
+        ec = self.ec
+        if not ec.prune:
+            return None
+        shares = self.shares(self.task) or expert_shares(self.util, self.task)
+        return keep_experts(shares, ec.prune, ec.prune_by, ec.seed)
+
+
+def stream_export(ec: ExportConfig) -> Path:
+    """The streamed export (`--stream`): the base's files tensor by tensor, plus the trained deltas.
+
+    Raises:
+        ValueError: Naming the flag, for an option a streamed export cannot take.
+    """
+    refused = {"--merge adamerging": ec.adamerging, "--peft-rank": ec.peft_rank, "--rescore": ec.rescore}
+    if flags := [flag for flag, on in refused.items() if on]:
+        raise ValueError(f"--stream: {flags[0]} needs the model in memory; export without --stream")
+    cfg, model, tokenizer = load_trained_model(ec.run, empty_base=True)
+    family = cfg.moe.family
+    if family == "moefied" or (family == "native" and ec.prune):
+        what = "a moefied run (its blocks hold the FFN re-sliced)" if family == "moefied" else "--prune"
+        raise ValueError(f"--stream cannot write {what}; export without --stream")
+    weighting = Weighting(cfg, ec, model)
+    shares, kept = weighting.shares(weighting.task), weighting.kept()
+    edits, required = file_edits(model, family, shares, kept, ec.merge_spec)
+    stats = stream_dense(resolve_base(cfg.model.base), ec.out, edits, required)
+    tokenizer.save_pretrained(ec.out)
+    options = {"run": str(ec.run), "base": cfg.model.base, "task": ec.task, "weights": weighting.name,
+               "prune": ec.prune, "kept_experts": {str(k): v for k, v in kept.items()} if kept else None,
+               "merge": ec.merge_spec.record()}  # fmt: skip
+    write_record(ec.out, options, stats)
+    gib, largest = stats.bytes / 2**30, stats.largest_tensor_bytes / 2**20
+    print(f"[mtmoe] streamed {stats.tensors} tensors ({gib:.2f} GiB, {stats.edited} with a delta) in "
+          f"{stats.files} file(s) to {ec.out}; largest held at once {largest:.1f} MiB")  # fmt: skip
+    return ec.out
 
 
 def export_run(ec: ExportConfig) -> Path:
     """Exports a run as `ec` says, writes its report, and returns the output folder."""
+    if ec.stream:
+        return stream_export(ec)
     cfg, model, tokenizer = load_trained_model(ec.run)
-    weights, faded, util = expert_weighting(cfg, ec)
-    manifest = load_manifest(Path(cfg.data.tokenized))
-    task_ids = {t.name: k for k, t in enumerate(manifest.tasks)}
-
-    def shares_for(task: str | None):
-        if weights == "fade" and task is None:
-            return faded
-        if weights == "task_gate":  # a task's own gate: exactly its model; `all` averages the gates
-            return task_gate_shares(model, None if task is None else task_ids[task])
-        return expert_shares(util, task) if weights in ("utilization", "fade") else None
-
-    task = None if ec.task == "all" else ec.task
-    shares = shares_for(task)
-    kept = (
-        keep_experts(shares or expert_shares(util, task), ec.prune, ec.prune_by, ec.seed)
-        if ec.prune
-        else None
-    )
+    weighting = Weighting(cfg, ec, model)
+    weights, task, shares_for = weighting.name, weighting.task, weighting.shares
+    shares, kept = shares_for(task), weighting.kept()
     spec = MergeSpec() if ec.adamerging else ec.merge_spec
+    manifest = load_manifest(Path(cfg.data.tokenized))
     shards = [open_shard(manifest, t.name, "eval") for t in manifest.tasks]
     scorer = Scorer(ec, cfg, manifest, shards, tokenizer)
     scorer.score("moe", lambda *b: model(*b)[0], model.eval().next_token_logits)  # before the fold

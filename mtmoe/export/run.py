@@ -38,12 +38,15 @@ def model_experts(model: MoELM) -> int:
     return next(iter(moe_blocks(model.lm).values())).num_experts
 
 
-def load_trained_model(run_dir: Path, tag: str | None = None) -> tuple[Config, MoELM, object]:
+def load_trained_model(
+    run_dir: Path, tag: str | None = None, empty_base: bool = False
+) -> tuple[Config, MoELM, object]:
     """Rebuilds the MoE model of a run (every expert, one process) and loads a checkpoint's weights.
 
     Args:
         run_dir: The run directory.
         tag: A checkpoint tag (`step_000040`); default the newest.
+        empty_base: Leave the frozen base empty, on the meta device (the streamed export).
 
     Returns:
         (config, model in eval mode, tokenizer).
@@ -53,12 +56,12 @@ def load_trained_model(run_dir: Path, tag: str | None = None) -> tuple[Config, M
     tokenizer = load_tokenizer(resolve_base(manifest.tokenizer))
     # The base in full precision, as the export folds into it, even if training stored it narrower.
     full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, frozen_dtype=""))
-    model = build_model(full, len(tokenizer), len(manifest.tasks), None, [t.name for t in manifest.tasks])
+    names = [t.name for t in manifest.tasks]
+    model = build_model(full, len(tokenizer), len(manifest.tasks), None, names, empty_base=empty_base)
     if latest_tag(run_dir) is None:
         raise ValueError(f"--run {run_dir}: no checkpoint")
     weights, _, state = checkpoint.read(run_dir, tag)
     if cfg.train.trainable != "all":  # only some tensors trained: the rest come from `train.init_from`
-        names = [t.name for t in manifest.tasks]
         checkpoint.init_from_run(
             model, Path(cfg.train.init_from), names, ExpertPlacement(model_experts(model))
         )

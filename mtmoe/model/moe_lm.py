@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mtmoe.config import Config
 from mtmoe.model.base import load_base_model, load_streamed, resolve_base, tiny_llama, tiny_moe
@@ -185,6 +185,7 @@ def build_base(
     cache_dir: Path | None = None,
     local_experts: slice | None = None,
     partition: Partition | None = None,
+    empty: bool = False,
 ) -> PreTrainedModel:
     """Loads (or, for `tiny-llama`, builds deterministically) the frozen base model.
 
@@ -196,8 +197,20 @@ def build_base(
             Only their tensors are read (`mtmoe.model.sharded_load`); None reads the whole checkpoint.
         partition: Under ZeRO-3: partitions tensors across the ranks. A checkpoint's tensors are
             partitioned one by one as they are read; a tiny random model is built whole, then partitioned.
+        empty: Build the model from its folder's config on the meta device, without weights (for the
+            streamed export, which reads the weights from the files itself).
     """
     dtype = DTYPES[cfg.model.dtype]
+    if empty:
+        if cfg.model.base == "tiny-llama" or cfg.model.base in TINY_MOE:
+            raise ValueError(
+                f"model.base {cfg.model.base!r} has no weight files; a streamed export needs them"
+            )
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            config = AutoConfig.from_pretrained(resolve_base(cfg.model.base, cache_dir))
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     tiny = None
     if cfg.model.base == "tiny-llama":
         tiny = tiny_llama(vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
@@ -224,6 +237,7 @@ def build_model(
     num_tasks: int,
     placement: ExpertPlacement | None = None,
     task_names: list[str] | None = None,
+    empty_base: bool = False,
 ) -> MoELM:
     """The base model with MoE-LoRA injected; the LoRA/router initialisation is seeded by `train.seed`.
 
@@ -233,14 +247,19 @@ def build_model(
         num_tasks: Tasks in the manifest.
         placement: The experts this rank holds, for training (see `inject_moe_lora`); None = all.
         task_names: The manifest's task names in id order (needed by `moe.task_experts`).
+        empty_base: The base without weights, on the meta device (`build_base(empty=True)`): only the
+            trainable tensors hold numbers, freshly initialised.
     """
     check_router(cfg)
     sharded = cfg.moe.family == "native" and placement is not None and placement.ep_size > 1
     zero3 = placement is not None and cfg.parallel.zero_stage == 3
     partition = partitioner(build_ds_config(cfg, dist.get_world_size())) if zero3 else None
-    lm = build_base(cfg, vocab_size, local_experts=placement.local if sharded else None, partition=partition)
+    local = placement.local if sharded else None
+    lm = build_base(cfg, vocab_size, local_experts=local, partition=partition, empty=empty_base)
     torch.manual_seed(cfg.train.seed + 1)
     context = inject_moe_lora(lm, cfg.moe, num_tasks, placement, task_names)
+    if empty_base:
+        materialize_trainable(lm)
     # Fresh LoRA parameters are fp32 masters; compute casts them to the model dtype.
     if cfg.model.frozen_dtype:
         store_frozen_(lm, DTYPES[cfg.model.frozen_dtype], DTYPES[cfg.model.dtype])
@@ -250,6 +269,20 @@ def build_model(
     if zero3:
         prepare_for_zero3(model)
     return model
+
+
+def materialize_trainable(model: nn.Module) -> None:
+    """Gives every trainable parameter still on the meta device real (uninitialised) CPU storage.
+
+    For a model built on an empty base: layers that put their LoRA on the base's device (PEFT does)
+    leave it on meta; a checkpoint is then loaded into it.
+    """
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta and p.requires_grad:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype), requires_grad=True
+                )
 
 
 def _num_experts(folder: Path) -> int:

@@ -93,8 +93,12 @@ class NativeMoELoRA(MoEBlock):
         normalize = bool(getattr(gate, "norm_topk_prob", True))
         options = dataclasses.replace(router_options or TopKOptions(), normalize=normalize)
         self.router = TopKRouter.from_options(options, RouterShape(D, E, gate.top_k))
-        with torch.no_grad():
-            self.router.weight_ED.copy_(gate.weight)
+        if gate.weight.is_meta:  # an empty base (the streamed export): a checkpoint fills it, or nothing
+            trains = self.router.weight_ED.requires_grad
+            self.router.weight_ED = nn.Parameter(torch.empty_like(gate.weight), requires_grad=trains)
+        else:
+            with torch.no_grad():
+                self.router.weight_ED.copy_(gate.weight)
         self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0))
 
         local = placement.local
