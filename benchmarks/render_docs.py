@@ -75,6 +75,7 @@ SOURCES = {
     "zero3_step_prefetch": Source(
         "benchmarks.zero3", "step", result="benchmarks/results/zero3_step_prefetch.json"
     ),
+    "zero3_step_mb16": Source("benchmarks.zero3", "step", result="benchmarks/results/zero3_step_mb16.json"),
     "zero3_loading": Source("benchmarks.zero3", "loading"),
     "quality_study": Source("experiments.quality_study"),
     "quality_summary": Source("experiments.quality_study", renderer="render_summary"),

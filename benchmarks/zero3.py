@@ -13,8 +13,8 @@ ratio ZeRO-3/ZeRO-2 is taken per round. Memory per rank: the parameter bytes eac
 process per variant; measured are the bytes read, the peak RSS growth during the load (with every kept
 tensor touched afterwards, so that a memory-mapped load counts what its first forward would page in),
 and the parameter bytes the rank keeps:
-- dense (SmolLM2-135M): the whole model on every rank, against ZeRO-3's load that partitions each tensor
-  as it is read;
+- dense (SmolLM2-135M): the whole model on every rank, against ZeRO-3's load, where each rank reads
+  only its partition of each tensor;
 - native (a random Mixtral, 8 experts): the whole model, this rank's experts only (`ep_size` 2), and
   its experts with ZeRO-3 partitioning the rest.
 """
@@ -80,6 +80,7 @@ def _step_run(stage: int, steps: int, out: Path, args) -> dict[str, Any]:
         *STEP_OVERRIDES,
         *([f"data.tokenized={data}"] if data else []),
         *([f"parallel.ds_config={args.zero3_json}"] if stage == 3 and args.zero3_json else []),
+        *([f"train.micro_batch_size={args.micro_batch}"] if args.micro_batch else []),
         f"parallel.zero_stage={stage}",
         f"train.steps={steps}",
         f"train.output_dir={out}",
@@ -87,7 +88,9 @@ def _step_run(stage: int, steps: int, out: Path, args) -> dict[str, Any]:
     ]
     ranks = run_ranks(_train_worker, WORLD, overrides)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": [r["step_s"] for r in records if "step_s" in r], "ranks": ranks}
+    timed = [r for r in records if "step_s" in r]
+    tokens_per_s = [r["tokens_per_s"] * r["step_s"] / WORLD for r in timed if "tokens_per_s" in r]
+    return {"step_s": [r["step_s"] for r in timed], "tokens_per_rank": tokens_per_s, "ranks": ranks}
 
 
 def _planned(stage: int, tiny: bool, data: Path | None) -> dict[str, float]:
@@ -118,6 +121,7 @@ def run_step(args) -> dict[str, Any]:
                 medians[stage] = statistics.median(run["step_s"][args.warmup :])
                 runs[stage].append(run)
             per_round.append({f"zero{s}_s": medians[s] for s in STAGES} | {"ratio": medians[3] / medians[2]})
+    tokens = [t for stage in STAGES for run in runs[stage] for t in run["tokens_per_rank"][args.warmup :]]
     memory = {}
     for stage in STAGES:
         last = runs[stage][-1]["ranks"]
@@ -133,6 +137,8 @@ def run_step(args) -> dict[str, Any]:
         "recipe": RECIPE,
         "overrides": list(STEP_OVERRIDES),
         "zero3_json": str(args.zero3_json or "ds_configs/zero3.json"),
+        "micro_batch": args.micro_batch or "recipe's",
+        "tokens_per_rank_step": statistics.median(tokens) if tokens else None,
         "world": WORLD,
         "steps": steps,
         "warmup": args.warmup,
@@ -148,9 +154,13 @@ def render_step(result: Mapping[str, Any]) -> str:
     z2 = statistics.median(r["zero2_s"] for r in rounds)
     z3 = statistics.median(r["zero3_s"] for r in rounds)
     ratios = ", ".join(f"{r['ratio']:.3f}" for r in rounds)
+    batch = ""
+    if result.get("tokens_per_rank_step"):
+        mb, tokens = result.get("micro_batch", "recipe's"), result["tokens_per_rank_step"]
+        batch = f", micro-batch {mb} samples, about {tokens:.0f} tokens per rank and step"
     lines = [
         f"Step time, {result['world']} gloo ranks, `{result['recipe']}` ({result['steps']} steps per run, "
-        f"median after {result['warmup']}; {len(rounds)} rounds, alternating); ZeRO-3 with "
+        f"median after {result['warmup']}; {len(rounds)} rounds, alternating{batch}); ZeRO-3 with "
         f"{result.get('zero3_json', 'ds_configs/zero3.json')}:",
         "",
         "| | ZeRO-2 | ZeRO-3 | ZeRO-3 / ZeRO-2 |",
@@ -204,8 +214,8 @@ def _load_worker(rank: int, world: int, variant: str, folder: Path) -> dict[str,
     import torch
 
     from mtmoe.config import load_config
-    from mtmoe.model.base import load_base_model, load_streamed, safetensors_files
-    from mtmoe.model.sharded_load import ReadStats, load_local_experts
+    from mtmoe.model.base import load_base_model, safetensors_files
+    from mtmoe.model.sharded_load import ReadStats, load_local_experts, load_partitioned
     from mtmoe.model.zero3 import partitioner
     from mtmoe.parallel.dist import init_distributed
     from mtmoe.parallel.ds_config import build_ds_config
@@ -221,7 +231,7 @@ def _load_worker(rank: int, world: int, variant: str, folder: Path) -> dict[str,
     if variant == "whole":
         model = load_base_model(folder)
     elif variant == "zero3":
-        model = load_streamed(folder, torch.float32, torch.float32, partition)
+        model = load_partitioned(folder, torch.float32, torch.float32, partition, stats)
     else:
         model = load_local_experts(
             folder, torch.float32, local, stats, partition if "zero3" in variant else None
@@ -231,7 +241,7 @@ def _load_worker(rank: int, world: int, variant: str, folder: Path) -> dict[str,
     peak = vm_hwm_bytes() - before
     kept = resident_param_bytes(model)
     held = kept["frozen"] + kept["trainable"]
-    read = stats.bytes_read if variant.startswith("ep2") else whole_bytes
+    read = stats.bytes_read if variant != "whole" else whole_bytes
     return {"read": read, "peak_growth": peak, "held": held, "files": whole_bytes}
 
 
@@ -263,7 +273,7 @@ def run_loading(args) -> dict[str, Any]:
 
 LOAD_LABELS = {
     "whole": "whole model on every rank",
-    "zero3": "ZeRO-3: each tensor partitioned as it is read",
+    "zero3": "ZeRO-3: each rank reads its part of each tensor",
     "ep2": "ep_size 2: this rank's experts only",
     "ep2_zero3": "ep_size 2 + ZeRO-3 for the rest",
 }
@@ -356,6 +366,9 @@ def _step_arguments(p) -> None:
     p.add_argument("--data", type=Path, default=None, help="tokenized folder (default: the recipe's)")
     p.add_argument(
         "--zero3-json", type=Path, default=None, help="ZeRO-3's base DeepSpeed JSON (default: shipped)"
+    )
+    p.add_argument(
+        "--micro-batch", type=int, default=0, help="samples per micro-batch (default: the recipe's)"
     )
 
 

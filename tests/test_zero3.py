@@ -158,3 +158,38 @@ def test_a_checkpoint_folder_is_partitioned_tensor_by_tensor_and_trains_the_same
     assert_same_run(run, runs("upcycled", 2))
     for held in _held(run):
         assert held["frozen"] == pytest.approx(held["frozen_full"] / 2, rel=1e-3)
+
+
+def _load_partitioned_worker(rank, world, folder):
+    import deepspeed
+
+    from mtmoe.model.sharded_load import ReadStats, load_partitioned
+    from mtmoe.model.zero3 import partitioner
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    stats = ReadStats()
+    model = load_partitioned(folder, torch.float32, torch.float32, partitioner(config), stats)
+    held = sum(p.ds_tensor.numel() for p in model.parameters())
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        whole = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return stats.bytes_read, held, whole
+
+
+def test_under_zero3_each_rank_reads_only_its_part_of_each_tensor(tmp_path):
+    """Loaded under ZeRO-3 from a sharded folder, each rank reads about half of the files' tensor bytes
+    (its partition of each tensor), and the gathered model is the folder's."""
+    from mtmoe.model.base import safetensors_files
+    from mtmoe.parallel.spawn import run_ranks
+
+    folder = _save_tiny_llama(tmp_path / "tiny_llama")
+    files = {k: v for f in safetensors_files(folder) for k, v in load_file(f).items()}
+    total = sum(t.numel() * t.element_size() for t in files.values())
+    results = run_ranks(_load_partitioned_worker, 2, folder)
+    read = [r[0] for r in results]
+    assert sum(read) == total  # the two halves, each byte once
+    assert all(b == pytest.approx(total / 2, rel=0.01) for b in read)
+    assert all(r[1] * 4 == pytest.approx(total / 2, rel=0.01) for r in results)  # fp32 parts held
+    for name, tensor in files.items():
+        for _, _, whole in results:
+            torch.testing.assert_close(whole[name], tensor, rtol=0, atol=0)

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -155,14 +155,13 @@ def load_streamed(
     folder: Path,
     dtype: torch.dtype,
     frozen_dtype: torch.dtype,
-    partition: Callable[[list[nn.Parameter]], None] | None = None,
 ) -> PreTrainedModel:
     """Builds the model with empty weights and fills them from the files, casting one tensor at a time.
 
     Linear and Embedding weights get `frozen_dtype`; every other parameter (norms, biases) gets `dtype`.
     The files' keys must be the model's parameter names, as in folders that transformers saves for
-    Llama, Mistral or Qwen2. With `partition` (ZeRO-3, `mtmoe.model.zero3.partitioner`), each tensor is
-    partitioned as soon as it is read, so a rank holds its share of the model plus one tensor.
+    Llama, Mistral or Qwen2. (Under ZeRO-3, `mtmoe.model.sharded_load.load_partitioned` reads each rank's
+    part of each tensor instead.)
 
     Raises:
         ValueError: Naming the file and key of a tensor the model does not have or whose shape differs,
@@ -190,8 +189,6 @@ def load_streamed(
             target = frozen_dtype if key in narrow else dtype
             grad = tensor.is_floating_point()
             module._parameters[attr] = nn.Parameter(tensor.to(target), requires_grad=grad)
-            if partition is not None:
-                partition([module._parameters[attr]])
     model.tie_weights()
     if missing := [n for n, p in model.named_parameters() if p.is_meta]:
         raise ValueError(f"{folder}: the weight files do not provide {missing[:3]}")

@@ -15,12 +15,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mtmoe.config import Config
-from mtmoe.model.base import load_base_model, load_streamed, resolve_base, tiny_llama, tiny_moe
+from mtmoe.model.base import load_base_model, resolve_base, tiny_llama, tiny_moe
 from mtmoe.model.frozen_store import store_frozen_
 from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.moe_base import RoutingContext
 from mtmoe.model.routers import check_router
-from mtmoe.model.sharded_load import load_local_experts
+from mtmoe.model.sharded_load import load_local_experts, load_partitioned
 from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 from mtmoe.model.walk import moe_blocks
 from mtmoe.model.zero3 import Partition, partitioner, prepare_for_zero3
@@ -228,7 +228,7 @@ def build_base(
         return load_base_model(folder, dtype=dtype, frozen_dtype=frozen_dtype)
     if cfg.moe.family == "native":  # both expert layouts; every expert is this rank's
         return load_local_experts(folder, dtype, slice(0, _num_experts(folder)), partition=partition)
-    return load_streamed(folder, dtype, frozen_dtype or dtype, partition)
+    return load_partitioned(folder, dtype, frozen_dtype or dtype, partition)
 
 
 def build_model(

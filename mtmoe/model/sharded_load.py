@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mtmoe.model.base import safetensors_files
+from mtmoe.model.zero3 import partitioned_from
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 PER_EXPERT = re.compile(
@@ -87,6 +88,21 @@ class StoredTensor:
             if buf
             else torch.empty(shape, dtype=self.dtype)
         )
+
+    def read_elements(self, stats: ReadStats, start: int, stop: int) -> torch.Tensor:
+        """Reads elements [start, stop) of the flattened tensor (flat), from disk.
+
+        Raises:
+            ValueError: Naming the file, if it ends before the range does.
+        """
+        buf = bytearray((stop - start) * self.dtype.itemsize)
+        with self.path.open("rb") as f:
+            f.seek(self.offset + start * self.dtype.itemsize)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{self.path}: the file ends inside a tensor")
+        stats.bytes_read += len(buf)
+        stats.tensors_read += 1
+        return torch.frombuffer(buf, dtype=self.dtype) if buf else torch.empty(0, dtype=self.dtype)
 
 
 def stored_tensors(folder: Path) -> dict[str, StoredTensor]:
@@ -155,11 +171,13 @@ def load_local_experts(
         key = name.replace(".block_sparse_moe.", ".mlp.")
         if key not in params:
             raise ValueError(f"{where} is not a parameter of the model")
+        if partition is not None:
+            _check_shape(torch.empty(stored.shape, device="meta"), tuple(params[key].shape), where)
+            _put_param(model, key, _read_partition(stored, dtype, partition, stats))
+            continue
         tensor = stored.read(stats)
         _check_shape(tensor, tuple(params[key].shape), where)
-        param = _set_param(model, key, tensor.to(dtype))
-        if partition is not None:
-            partition([param])
+        _set_param(model, key, tensor.to(dtype))
     for target, rows_LRC in fused.items():
         _set_param(model, target, rows_LRC)
         model.get_submodule(target.rpartition(".")[0]).local_experts = local
@@ -167,6 +185,55 @@ def load_local_experts(
     if missing := [n for n, p in model.named_parameters() if p.is_meta]:
         raise ValueError(f"{folder}: the weight files do not provide {missing[:3]}")
     return model.eval()
+
+
+def load_partitioned(
+    folder: Path,
+    dtype: torch.dtype,
+    frozen_dtype: torch.dtype,
+    partition: Callable[[list[nn.Parameter]], None],
+    stats: ReadStats | None = None,
+) -> PreTrainedModel:
+    """A dense causal LM partitioned by ZeRO-3 as it is read: each rank reads only its part of each tensor.
+
+    Linear and Embedding weights get `frozen_dtype`, every other parameter `dtype`. A rank holds its
+    share of the model plus one tensor, and reads about 1/world of the files' bytes
+    (`mtmoe.model.zero3.partitioned_from`).
+
+    Raises:
+        ValueError: Naming the file and key of a tensor the model does not have or whose shape differs,
+            or the parameters no file provides.
+    """
+    from accelerate import init_empty_weights
+
+    stats = stats if stats is not None else ReadStats()
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    params = dict(model.named_parameters())
+    narrow = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    for name, stored in sorted(stored_tensors(folder).items(), key=lambda kv: (kv[1].path, kv[1].offset)):
+        where = f"{stored.path}: tensor {name!r}"
+        if name not in params:
+            raise ValueError(f"{where} is not a parameter of the model")
+        _check_shape(torch.empty(stored.shape, device="meta"), tuple(params[name].shape), where)
+        target = frozen_dtype if name in narrow else dtype
+        _put_param(model, name, _read_partition(stored, target, partition, stats))
+    model.tie_weights()
+    if missing := [n for n, p in model.named_parameters() if p.is_meta]:
+        raise ValueError(f"{folder}: the weight files do not provide {missing[:3]}")
+    return model.eval()
+
+
+def _read_partition(
+    stored: StoredTensor, dtype: torch.dtype, partition: Callable, stats: ReadStats
+) -> nn.Parameter:
+    """`stored` as a ZeRO-3 partitioned parameter of `dtype`, of which this rank reads only its part."""
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return stored.read_elements(stats, start, stop).to(dtype)
+
+    grad = dtype.is_floating_point
+    return partitioned_from(stored.shape, dtype, read, partition, requires_grad=grad)
 
 
 def _local_shape(params: dict, target: str, local: slice, where: str) -> tuple[int, ...]:
@@ -197,7 +264,10 @@ def _check_shape(tensor: torch.Tensor, want: tuple[int, ...], where: str) -> Non
 
 
 def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> nn.Parameter:
+    return _put_param(model, key, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def _put_param(model: nn.Module, key: str, param: nn.Parameter) -> nn.Parameter:
     module_name, _, attr = key.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
-    return module._parameters[attr]
+    model.get_submodule(module_name)._parameters[attr] = param
+    return param

@@ -46,6 +46,36 @@ def partitioner(ds_config: dict[str, Any]) -> Partition:
     return partition
 
 
+def partitioned_from(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    read: Callable[[int, int], torch.Tensor],
+    partition: Partition,
+    requires_grad: bool = False,
+) -> nn.Parameter:
+    """A parameter partitioned across the ranks, whose local part alone is read (`read(start, stop)`).
+
+    `read` gives elements [start, stop) of the flattened tensor. The rank's part is the range ZeRO-3
+    gives it (`ds_tensor`), zero-padded at the end as ZeRO pads it. The whole tensor is allocated for a
+    moment (zero.Init partitions a tensor it is given, broadcasting it from the group's first rank), but
+    never read: what comes from disk is the rank's part.
+    """
+    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=requires_grad)
+    partition([param])
+    if getattr(param, "ds_persist", False):  # kept whole on every rank as well (persistence threshold)
+        with torch.no_grad():
+            param.data.copy_(read(0, param.ds_numel).view(shape))
+    part = param.ds_tensor
+    size = part.ds_numel
+    start = size * torch.distributed.get_rank(group=param.ds_process_group)
+    stop = min(start + size, param.ds_numel)
+    with torch.no_grad():
+        part.data.zero_()
+        if stop > start:
+            part.data[: stop - start].copy_(read(start, stop).reshape(-1))
+    return param
+
+
 @contextlib.contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
     """`module`'s parameters whole for the block (read only), if ZeRO-3 partitioned them.
