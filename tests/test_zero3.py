@@ -124,6 +124,15 @@ def test_resume_across_zero_stages_continues_the_run(runs, src, dst):
     assert_same_run(resumed, full, steps=range(4, 7))
 
 
+def test_a_zero3_run_resumes_on_another_world_size_and_ep_size(runs):
+    """A native run saved by 2 ranks at ep_size 2 under ZeRO-3 continues on 1 rank (ep_size 1, ZeRO-3)."""
+    ep_size, extra = CASES["native_ep2"]
+    full = runs("native_ep2", 3)
+    resumed = link_checkpoint(full, runs.root / "resumed_native_z3_on_1", 3)
+    train_run(runs.data, resumed, 1, 1, "parallel.zero_stage=3", *extra, resume=True)
+    assert_same_run(resumed, full, steps=range(4, 7))
+
+
 def test_export_of_a_zero3_run_equals_the_zero2_export(runs):
     files = []
     for stage in (2, 3):
