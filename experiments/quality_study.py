@@ -383,6 +383,22 @@ def chosen_runs(result: dict) -> dict[str, list[dict]]:
     return out
 
 
+def with_known_rates(study: dict, result: dict) -> dict:
+    """`study` with each variant's rate fixed to the one a finished `result` chose: no rate search.
+
+    A rerun then trains each variant at one rate (its seeds, or its one seed); the best of
+    `seeded_best_of` is picked again from the rerun's own losses.
+
+    Raises:
+        ValueError: Naming the variants `result` chose no rate for.
+    """
+    chosen = chosen_runs(result)
+    if missing := [v for v in study["variants"] if v not in chosen]:
+        raise ValueError(f"--rates-from: no rate was chosen for {missing}; finish that study first")
+    variants = {v: {**spec, "lrs": [chosen[v][0]["lr"]]} for v, spec in study["variants"].items()}
+    return {**study, "variants": variants}
+
+
 def _short(study: dict, variant: str) -> str:
     """A variant's label up to its closing parenthesis: "(a)"."""
     return study["variants"][variant]["label"].split(")")[0] + ")"
@@ -580,6 +596,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--data", type=Path, default=None, help="tokenized tasks (default: the recipe's)")
     parser.add_argument("--render", type=Path, default=None, help="only print the tables of this JSON")
     parser.add_argument(
+        "--rates-from",
+        type=Path,
+        default=None,
+        help="a finished study's JSON: rerun every variant at the rate it chose (no rate search)",
+    )
+    parser.add_argument(
         "--backfill",
         action="store_true",
         help="only add what newer code records to the finished runs; train none",
@@ -588,6 +610,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.render is not None:
         return print_rendered(args.render, render_markdown)
     study = yaml.safe_load(STUDY.read_text())
+    if args.rates_from is not None:
+        study = with_known_rates(study, json.loads(args.rates_from.read_text()))
     if unknown := sorted(set(args.only or []) - set(study["variants"])):
         parser.error(f"--only: unknown variant(s) {unknown}; known: {list(study['variants'])}")
     if args.data is None:

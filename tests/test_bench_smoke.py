@@ -190,6 +190,37 @@ def test_quality_study_starts_a_run_once_what_it_depends_on_is_known():
     ]  # fmt: skip
 
 
+def test_a_quality_rerun_at_the_chosen_rates_searches_no_rate():
+    from experiments import quality_study as study
+
+    plan = {
+        "seeds": [0, 1], "lrs": [5e-4, 1e-3], "max_lr": 4e-3,
+        "variants": {"a": {}, "d": {}, "e": {}, "g": {"lrs": [5e-4]}},
+        "seeded": ["a"], "seeded_best_of": ["d", "e"],
+    }  # fmt: skip
+
+    def run(variant, lr, loss, seed=0):
+        return {"variant": variant, "lr": lr, "seed": seed, "tasks": {"t": {"loss": loss}}}
+
+    finished = {"study": plan, "runs": {study.run_key(*k): run(*k[:2], loss) for k, loss in {
+        ("a", 5e-4, 0): 1.4, ("a", 1e-3, 0): 1.3, ("d", 5e-4, 0): 1.2, ("d", 1e-3, 0): 1.5,
+        ("e", 1e-3, 0): 1.3, ("g", 5e-4, 0): 1.6,
+    }.items()}}  # fmt: skip
+    rerun = study.with_known_rates(plan, finished)
+    assert {v: spec["lrs"] for v, spec in rerun["variants"].items()} == {
+        "a": [1e-3],
+        "d": [5e-4],
+        "e": [1e-3],
+        "g": [5e-4],
+    }
+    # one rate per variant: every first seed is ready at once (a's other seed follows its first)
+    assert study.ready_jobs(rerun, {}, ["a", "d", "e", "g"]) == [
+        ("d", 5e-4, 0), ("a", 1e-3, 0), ("e", 1e-3, 0), ("g", 5e-4, 0),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"no rate was chosen for \['x'\]"):
+        study.with_known_rates({**plan, "variants": {**plan["variants"], "x": {}}}, finished)
+
+
 def test_the_quality_headline_compares_the_best_plain_lora_with_the_best_mixture_over_seeds():
     from experiments import quality_study as study
 
