@@ -93,3 +93,23 @@ def test_ds_config_stage_must_agree_with_the_recipe():
     cfg = load_config(None, ["parallel.zero_stage=1", "parallel.ds_config=ds_configs/zero2.json"])
     with pytest.raises(ValueError, match="parallel.zero_stage"):
         build_ds_config(cfg, 1)
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [{"zero_quantized_nontrainable_weights": True}, {"offload_param": {"device": "nvme"}}],
+    ids=["quantized", "nvme"],
+)
+def test_a_zero3_json_that_cannot_work_is_refused_naming_its_key(tmp_path, zero):
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, **zero}}))
+    cfg = load_config(None, ["parallel.zero_stage=3", f"parallel.ds_config={path}"])
+    with pytest.raises(ValueError, match=f"zero_optimization.{next(iter(zero))} cannot be used"):
+        build_ds_config(cfg, 2)
+
+
+def test_a_zero3_json_offloading_to_cpu_is_taken(tmp_path):
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    cfg = load_config(None, ["parallel.zero_stage=3", f"parallel.ds_config={path}"])
+    assert build_ds_config(cfg, 2)["zero_optimization"]["offload_param"] == {"device": "cpu"}

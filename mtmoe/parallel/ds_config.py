@@ -21,6 +21,14 @@ OWNED_KEYS = (
 )
 
 
+# DeepSpeed ZeRO-3 options that mtmoe's model cannot take, with the reason.
+ZERO3_REFUSED = {
+    "zero_quantized_weights": "the MoE blocks and the fused loss read the gathered weights as they are",
+    "zero_quantized_nontrainable_weights": "the frozen base is loaded into its partitions as stored",
+    "offload_param": "(device nvme) the base is loaded into partitions in memory, tensor by tensor",
+}
+
+
 def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """Fills the base JSON at `parallel.ds_config` with batch sizes, ZeRO stage, clipping and precision.
 
@@ -55,6 +63,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         zero.setdefault("contiguous_gradients", True)
         zero.setdefault("reduce_scatter", True)
     if cfg.parallel.zero_stage == 3:
+        for key, why in ZERO3_REFUSED.items():
+            value = zero.get(key)
+            if (value or {}).get("device") == "nvme" if key == "offload_param" else value:
+                raise ValueError(f"{path}: zero_optimization.{key} cannot be used with mtmoe's ZeRO-3: {why}")
         # Every tensor partitioned, however small (DeepSpeed keeps tensors under 1e5 elements whole by
         # default, which is most of a LoRA model); a tensor released as soon as its module is done
         # (DeepSpeed keeps tensors that return within 1e9 elements gathered by default: all of a small
