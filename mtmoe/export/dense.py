@@ -23,8 +23,8 @@ def merged_deltas(
 ) -> dict[str, torch.Tensor]:
     """The weight delta of every linear the export changes, by its module name in the HF model.
 
-    FFN projections get the merge of their block's kept experts; attention projections their exact
-    LoRA delta. Deltas are float64, in `nn.Linear` layout (out, in).
+    FFN projections get the merge of their block's kept experts (`ffn_delta`); attention projections
+    their exact LoRA delta. Deltas are float64, in `nn.Linear` layout (out, in).
 
     Args:
         model: The trained model.
@@ -33,26 +33,37 @@ def merged_deltas(
         kept: Per layer, the experts to keep (None = all); their shares are renormalised.
         spec: The merge method and its options (None = `average`).
     """
-    spec = spec or MergeSpec()
-    lm = model.lm
-    deltas = {}
-    for i, block in moe_blocks(lm).items():
-        E = block.num_experts
-        w_E = shares[i].double() if shares is not None else torch.full((E,), 1.0 / E, dtype=torch.float64)
-        keep = kept[i] if kept is not None else list(range(E))
-        total = w_E[keep].sum()
-        u_E = (
-            w_E[keep] / total if total > 0 else torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64)
-        )
-        for proj in PROJECTIONS:
-            name = f"model.layers.{i}.mlp.{proj}_proj"
-            delta_OI = spec.merge(block.experts.weight_delta(proj).double()[keep], u_E, name)
-            if block.shared is not None:  # always-on experts fold in exactly, whatever the merge
-                delta_OI = delta_OI + block.shared.weight_delta(proj).double().sum(0)
-            deltas[name] = delta_OI
-    for name, lora in lora_linears(lm).items():
+    deltas = {
+        f"model.layers.{i}.mlp.{proj}_proj": ffn_delta(block, i, proj, shares, kept, spec)
+        for i, block in moe_blocks(model.lm).items()
+        for proj in PROJECTIONS
+    }
+    for name, lora in lora_linears(model.lm).items():
         deltas[name] = lora.weight_delta().double()
     return deltas
+
+
+@torch.no_grad()
+def ffn_delta(
+    block: nn.Module,
+    i: int,
+    proj: str,
+    shares: dict[int, torch.Tensor] | None,
+    kept: dict[int, list[int]] | None = None,
+    spec: MergeSpec | None = None,
+) -> torch.Tensor:
+    """One FFN projection's delta (`merged_deltas`, float64, (out, in)): block `i`'s kept experts merged."""
+    spec = spec or MergeSpec()
+    E = block.num_experts
+    w_E = shares[i].double() if shares is not None else torch.full((E,), 1.0 / E, dtype=torch.float64)
+    keep = kept[i] if kept is not None else list(range(E))
+    total = w_E[keep].sum()
+    u_E = w_E[keep] / total if total > 0 else torch.full((len(keep),), 1.0 / len(keep), dtype=torch.float64)
+    name = f"model.layers.{i}.mlp.{proj}_proj"
+    delta_OI = spec.merge(block.experts.weight_delta(proj).double()[keep], u_E, name)
+    if block.shared is not None:  # always-on experts fold in exactly, whatever the merge
+        delta_OI = delta_OI + block.shared.weight_delta(proj).double().sum(0)
+    return delta_OI
 
 
 @torch.no_grad()

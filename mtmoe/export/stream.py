@@ -3,14 +3,17 @@
 `mtmoe-export --stream` never holds the base in memory. The trained model is rebuilt around an empty
 base (on the meta device): only the LoRA experts, the routers and the attention LoRA hold numbers, the
 checkpoint's trainable tensors. From them come the deltas of the weights the training changed, by the
-same merge as the in-memory export (`merged_deltas`). Then each weight file of the base folder is
+same merge as the in-memory export (`ffn_delta`, as `merged_deltas` uses it), each computed only when
+its tensor comes (a dense delta is as big as its weight). Then each weight file of the base folder is
 copied tensor by tensor: a changed weight is read, added its delta in fp32, and cast back to the
 file's dtype; every other tensor is copied as it is. The export keeps the base's shards, index and
 dtype (a bf16 checkpoint in 5 GB shards stays one).
 
-Host memory is the adapters plus one tensor, and no accelerator or training cluster is needed: mtmoe's
-checkpoints hold only the trainable tensors, whatever ZeRO stage or expert parallelism wrote them
-(`mtmoe.train.checkpoint`), so the export of a ZeRO-3 run never gathers the partitioned base.
+Host memory is the adapters plus one tensor and its delta (a merge of a layer's experts, or a native
+fused tensor, works on that layer's expert deltas at once). No accelerator or training cluster is
+needed: mtmoe's checkpoints hold only the trainable tensors, whatever ZeRO stage or expert
+parallelism wrote them (`mtmoe.train.checkpoint`), so the export of a ZeRO-3 run never gathers the
+partitioned base.
 
 Families: upcycled (every weighting, pruning and merge method but AdaMerging), native (each expert's
 LoRA folded into that expert, in the file's layout, per-expert or fused; no pruning) and lora (PEFT's
@@ -30,12 +33,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtmoe.export.dense import merged_deltas
+from mtmoe.export.dense import ffn_delta
 from mtmoe.export.methods import MergeSpec
 from mtmoe.model.base import safetensors_files
+from mtmoe.model.experts import PROJECTIONS
 from mtmoe.model.native import NativeMoELoRA
 from mtmoe.model.sharded_load import ReadStats, StoredTensor, stored_tensors
-from mtmoe.model.walk import decoder_layers, lora_linears
+from mtmoe.model.walk import decoder_layers, lora_linears, moe_blocks
 
 # A file tensor's edit: its stored value (in fp32) -> its exported value.
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -69,8 +73,9 @@ class StreamStats:
         return dict(self.__dict__)
 
 
-def _added(delta: torch.Tensor) -> Edit:
-    return lambda w: w + delta.to(torch.float32)
+def _added(delta: Callable[[], torch.Tensor]) -> Edit:
+    """The edit that adds `delta()`, computed only when its tensor is streamed (deltas are dense)."""
+    return lambda w: w + delta().to(torch.float32)
 
 
 def _native_edits(lm: nn.Module) -> tuple[dict[str, Edit], Required]:
@@ -86,7 +91,7 @@ def _native_edits(lm: nn.Module) -> tuple[dict[str, Edit], Required]:
         block = layer.mlp
         if not isinstance(block, NativeMoELoRA):
             continue
-        delta = {p: block.experts.weight_delta(p) for p in ("gate", "up", "down")}
+        ex = block.experts
         router_ED = block.router.weight_ED
         layouts = []
         for kind, names in (
@@ -97,28 +102,28 @@ def _native_edits(lm: nn.Module) -> tuple[dict[str, Edit], Required]:
             layout = {f"{prefix}.experts.{e}.{n}.weight" for e in range(block.num_experts) for n in names}
             for name in layout:
                 e, proj = name.split(".experts.")[1].split(".")[:2]
-                edits[name] = _added(delta[_PROJ[proj]][int(e)])
+                edits[name] = _added(lambda ex=ex, p=_PROJ[proj], e=int(e): ex.weight_delta(p, e))
             layouts.append(layout)
             if not router_ED.is_meta:  # the run's router (trained, or the base's own copied in)
                 edits[f"{prefix}.gate.weight"] = lambda w, r=router_ED: r.detach().float().reshape(w.shape)
         fused = {f"model.layers.{i}.mlp.experts.gate_up_proj", f"model.layers.{i}.mlp.experts.down_proj"}
         edits[f"model.layers.{i}.mlp.experts.gate_up_proj"] = _added(
-            torch.cat([delta["gate"], delta["up"]], 1)
+            lambda ex=ex: torch.cat([ex.weight_delta("gate"), ex.weight_delta("up")], 1)
         )
-        edits[f"model.layers.{i}.mlp.experts.down_proj"] = _added(delta["down"])
+        edits[f"model.layers.{i}.mlp.experts.down_proj"] = _added(lambda ex=ex: ex.weight_delta("down"))
         required.append([*layouts, fused])
     return edits, required
 
 
-def _peft_deltas(lm: nn.Module) -> dict[str, torch.Tensor]:
+def _peft_deltas(lm: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
     """PEFT's own delta of every LoRA-wrapped linear (`moe.family: lora`), by its module name."""
     from peft.tuners.lora import LoraLayer
 
-    out = {}
-    for name, layer in lm.named_modules():
-        if isinstance(layer, LoraLayer):
-            out[name] = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
-    return out
+    return {
+        name: lambda layer=layer: sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+        for name, layer in lm.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
 
 
 # Each requirement: alternatives (sets of tensor names), one of which the files must hold in full.
@@ -146,12 +151,17 @@ def file_edits(
         layouts), and what the files must hold, else the export would miss a trained delta.
     """
     lm = model.lm
+    deltas: dict[str, Callable[[], torch.Tensor]] = {
+        name: lora.weight_delta for name, lora in lora_linears(lm).items()
+    }
     if family == "upcycled":
-        deltas = merged_deltas(model, shares, kept, spec)
+        for i, block in moe_blocks(lm).items():
+            for proj in PROJECTIONS:
+                deltas[f"model.layers.{i}.mlp.{proj}_proj"] = lambda b=block, i=i, p=proj: ffn_delta(
+                    b, i, p, shares, kept, spec
+                )
     elif family == "lora":
-        deltas = _peft_deltas(lm)
-    else:  # native: the experts' deltas in the file's layout, plus any attention LoRA
-        deltas = {name: lora.weight_delta() for name, lora in lora_linears(lm).items()}
+        deltas.update(_peft_deltas(lm))
     edits = {f"{name}.weight": _added(d) for name, d in deltas.items()}
     required: Required = [[{name}] for name in edits]
     if family == "native":

@@ -97,7 +97,11 @@ class UpcycledLoRAExperts(nn.Module):
         xa_TER = (x_TI @ a_IX).view(-1, E, R) * shares.to(x_TI.dtype)[:, :, None]
         return xa_TER.reshape(-1, E * R) @ b_XO * self.scaling
 
-    def weight_delta(self, proj: str) -> torch.Tensor:
-        """Per-expert ΔW in `nn.Linear` layout (E, out, in): scaling * (A_e @ B_e)^T, in fp32."""
+    def weight_delta(self, proj: str, experts: slice | int = slice(None)) -> torch.Tensor:
+        """Per-expert ΔW in `nn.Linear` layout (E, out, in): scaling * (A_e @ B_e)^T, in fp32.
+
+        `experts` picks some (a slice keeps the E dimension, an index drops it), without computing the rest.
+        """
         a_EIR, b_ERO = self.factors(proj)
-        return (a_EIR.float() @ b_ERO.float()).transpose(1, 2) * self.scaling
+        a, b = a_EIR[experts].float(), b_ERO[experts].float()
+        return (a @ b).transpose(-1, -2) * self.scaling
