@@ -142,13 +142,29 @@ def test_every_balance_study_scheme_is_a_valid_config():
         assert cfg.balance.qr_warmup == 10
 
 
+def _study_run(variant, lr, loss, seed=0):
+    """A quality-study run record with one task's held-out loss."""
+    return {"variant": variant, "lr": lr, "seed": seed, "tasks": {"t": {"loss": loss}}}
+
+
+def _study_runs(study, losses):
+    """Run records by their key, from {(variant, lr, seed): loss}."""
+    return {study.run_key(v, lr, s): _study_run(v, lr, loss, s) for (v, lr, s), loss in losses.items()}
+
+
+# a seeded variant, two candidates for the best-of seeds, and a one-rate remedy
+STAGED_PLAN = {
+    "seeds": [0, 1], "lrs": [5e-4, 1e-3], "max_lr": 4e-3,
+    "variants": {"a": {}, "d": {}, "e": {}, "g": {"lrs": [5e-4]}},
+    "seeded": ["a"], "seeded_best_of": ["d", "e"],
+}  # fmt: skip
+
+
 def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid():
     from experiments import quality_study as study
 
     plan = {"seeds": [0, 1], "max_lr": 4e-3}
-
-    def run(variant, lr, loss, seed=0):
-        return {"variant": variant, "lr": lr, "seed": seed, "tasks": {"t": {"loss": loss}}}
+    run = _study_run
 
     runs = {
         "a1": run("a", 5e-4, 1.5), "a2": run("a", 1e-3, 1.4),  # best at the top: doubles
@@ -162,28 +178,18 @@ def test_quality_study_follows_a_best_rate_at_the_top_of_the_grid():
 def test_quality_study_starts_a_run_once_what_it_depends_on_is_known():
     from experiments import quality_study as study
 
-    plan = {
-        "seeds": [0, 1], "lrs": [5e-4, 1e-3], "max_lr": 4e-3,
-        "variants": {"a": {}, "d": {}, "e": {}, "g": {"lrs": [5e-4]}},
-        "seeded": ["a"], "seeded_best_of": ["d", "e"],
-    }  # fmt: skip
-
-    def run(variant, lr, loss, seed=0):
-        return {"variant": variant, "lr": lr, "seed": seed, "tasks": {"t": {"loss": loss}}}
-
-    runs = {study.run_key(*k): run(*k[:2], loss) for k, loss in {
+    plan = STAGED_PLAN
+    runs = _study_runs(study, {
         ("a", 5e-4, 0): 1.3, ("a", 1e-3, 0): 1.4,  # settled at 5e-4: its seed may start
         ("d", 5e-4, 0): 1.5, ("d", 1e-3, 0): 1.2,  # best at the edge: 2e-3 follows
-    }.items()}  # fmt: skip
+    })  # fmt: skip
     # e's grid first, then d's edge rate, then a's seed; the remedy g last; no seed of d or e yet
     assert study.ready_jobs(plan, runs, ["a", "d", "e", "g"]) == [
         ("e", 5e-4, 0), ("e", 1e-3, 0), ("d", 2e-3, 0), ("a", 5e-4, 1), ("g", 5e-4, 0),
     ]  # fmt: skip
     busy = frozenset({("e", 5e-4, 0), ("e", 1e-3, 0), ("d", 2e-3, 0)})
     assert study.ready_jobs(plan, runs, ["a", "d", "e", "g"], busy) == [("a", 5e-4, 1), ("g", 5e-4, 0)]
-    runs |= {study.run_key(*k): run(*k[:2], loss) for k, loss in {
-        ("e", 5e-4, 0): 1.25, ("e", 1e-3, 0): 1.3, ("d", 2e-3, 0): 1.4,
-    }.items()}  # fmt: skip
+    runs |= _study_runs(study, {("e", 5e-4, 0): 1.25, ("e", 1e-3, 0): 1.3, ("d", 2e-3, 0): 1.4})
     # d settles at 1e-3 (1.2) and beats e (1.25): d's seed is the best-of's
     assert study.ready_jobs(plan, runs, ["a", "d", "e", "g"], frozenset({("a", 5e-4, 1)})) == [
         ("d", 1e-3, 1), ("g", 5e-4, 0),
@@ -193,19 +199,11 @@ def test_quality_study_starts_a_run_once_what_it_depends_on_is_known():
 def test_a_quality_rerun_at_the_chosen_rates_searches_no_rate():
     from experiments import quality_study as study
 
-    plan = {
-        "seeds": [0, 1], "lrs": [5e-4, 1e-3], "max_lr": 4e-3,
-        "variants": {"a": {}, "d": {}, "e": {}, "g": {"lrs": [5e-4]}},
-        "seeded": ["a"], "seeded_best_of": ["d", "e"],
-    }  # fmt: skip
-
-    def run(variant, lr, loss, seed=0):
-        return {"variant": variant, "lr": lr, "seed": seed, "tasks": {"t": {"loss": loss}}}
-
-    finished = {"study": plan, "runs": {study.run_key(*k): run(*k[:2], loss) for k, loss in {
+    plan = STAGED_PLAN
+    finished = {"study": plan, "runs": _study_runs(study, {
         ("a", 5e-4, 0): 1.4, ("a", 1e-3, 0): 1.3, ("d", 5e-4, 0): 1.2, ("d", 1e-3, 0): 1.5,
         ("e", 1e-3, 0): 1.3, ("g", 5e-4, 0): 1.6,
-    }.items()}}  # fmt: skip
+    })}  # fmt: skip
     rerun = study.with_known_rates(plan, finished)
     assert {v: spec["lrs"] for v, spec in rerun["variants"].items()} == {
         "a": [1e-3],
