@@ -123,3 +123,11 @@ def test_a_native_export_streams_a_fused_checkpoint_in_its_own_layout(demo_data,
     for name, tensor in expected.items():
         torch.testing.assert_close(fused[name], tensor, rtol=0, atol=0)
         assert not torch.equal(fused[name], fused_base[name])  # the LoRA is in
+
+
+def test_streamed_export_refuses_a_moefied_run_before_building_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"moe": {"family": "moefied", "router": "soft"}}))
+    with pytest.raises(ValueError, match="--stream cannot write a moefied run"):
+        export_run(ExportConfig(run=run, out=tmp_path / "out", stream=True))

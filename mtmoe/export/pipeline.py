@@ -45,7 +45,7 @@ from mtmoe.export.dense import fold_to_dense, merged_deltas, save_dense, task_ga
 from mtmoe.export.methods import MergeSpec
 from mtmoe.export.peft_adapters import write_adapter
 from mtmoe.export.prune import keep_experts, renormalise
-from mtmoe.export.run import fade_shares, load_trained_model
+from mtmoe.export.run import fade_shares, load_trained_model, run_config
 from mtmoe.export.stream import file_edits, stream_dense, write_record
 from mtmoe.model.base import resolve_base
 from mtmoe.model.moe_lm import MoELM, build_base
@@ -139,11 +139,11 @@ def stream_export(ec: ExportConfig) -> Path:
     refused = {"--merge adamerging": ec.adamerging, "--peft-rank": ec.peft_rank, "--rescore": ec.rescore}
     if flags := [flag for flag, on in refused.items() if on]:
         raise ValueError(f"--stream: {flags[0]} needs the model in memory; export without --stream")
-    cfg, model, tokenizer = load_trained_model(ec.run, empty_base=True)
-    family = cfg.moe.family
+    family = run_config(ec.run).moe.family
     if family == "moefied" or (family == "native" and ec.prune):
         what = "a moefied run (its blocks hold the FFN re-sliced)" if family == "moefied" else "--prune"
         raise ValueError(f"--stream cannot write {what}; export without --stream")
+    cfg, model, tokenizer = load_trained_model(ec.run, empty_base=True)
     weighting = Weighting(cfg, ec, model)
     shares, kept = weighting.shares(weighting.task), weighting.kept()
     edits, required = file_edits(model, family, shares, kept, ec.merge_spec)
