@@ -77,6 +77,7 @@ SOURCES = {
     ),
     "zero3_step_mb16": Source("benchmarks.zero3", "step", result="benchmarks/results/zero3_step_mb16.json"),
     "zero3_loading": Source("benchmarks.zero3", "loading"),
+    "zero3_export": Source("benchmarks.zero3", "export"),
     "quality_study": Source("experiments.quality_study"),
     "quality_summary": Source("experiments.quality_study", renderer="render_summary"),
     "balance_study": Source("experiments.balance_study"),

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -361,6 +363,85 @@ def render_plans(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- export ----
+
+_EXPORT_CHILD = (  # runs the export command in this fresh process, then prints its peak RSS (KiB)
+    "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+    "runpy.run_path('launch/export.py', run_name='__main__'); "
+    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+)
+
+
+def _tiny_run(root: Path, data: Path | None) -> Path:
+    """A 2-step run of the demo recipe on a tiny random Llama saved as a sharded folder (the smoke test)."""
+    from mtmoe.model.base import tiny_llama
+
+    base = root / "base"
+    tiny_llama(49152).save_pretrained(base, max_shard_size="2MB")
+    run = root / "run"
+    overrides = [f"model.base={base}", "train.steps=2", "train.save_every=2", f"train.output_dir={run}",
+                 "train.eval_metrics=false", "data.eval_max_samples=2",
+                 *([f"data.tokenized={data}"] if data else [])]  # fmt: skip
+    subprocess.run([sys.executable, "launch/train.py", "--config", RECIPE, *overrides], check=True)
+    return run
+
+
+def run_export(args) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from mtmoe.export.run import run_config
+    from mtmoe.model.base import resolve_base, safetensors_files
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _tiny_run(Path(tmp), args.data) if args.tiny else args.run
+        base = resolve_base(run_config(run).model.base)
+        for variant, flag in (("in_memory", "--no-metrics"), ("streamed", "--stream")):
+            dest = Path(tmp) / variant
+            cmd = [sys.executable, "-c", _EXPORT_CHILD, "export", "--run", str(run), "--out", str(dest), flag]
+            said = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            peak = int(said.rsplit("PEAK_RSS_KIB", 1)[1].split()[0]) * 1024
+            files = safetensors_files(dest)
+            out[variant] = {
+                "peak_rss": peak,
+                "files": len(files),
+                "bytes": sum(f.stat().st_size for f in files),
+            }
+            out[variant]["tensors"] = {k: v for f in files for k, v in load_file(f).items()}
+        a, b = out["in_memory"].pop("tensors"), out["streamed"].pop("tensors")
+        identical = all(k in b and bool((a[k].to(b[k].dtype) == b[k]).all()) for k in a)
+        base_bytes = sum(f.stat().st_size for f in safetensors_files(base))
+    return {
+        "benchmark": "zero3 export",
+        "run": "tiny random Llama, 2 steps (smoke test)" if args.tiny else str(args.run),
+        "base_bytes": base_bytes,
+        "identical": identical,
+        "machine": machine_info(),
+        "variants": out,
+    }
+
+
+def render_export(result: Mapping[str, Any]) -> str:
+    labels = {"in_memory": "in memory (`--no-metrics`): the whole model folded", "streamed": "`--stream`"}
+    lines = [
+        f"Exporting `{result['run']}` (base weights {result['base_bytes'] / MIB:.0f} MiB), each in a fresh "
+        f"process; the two exports' tensors are {'identical' if result['identical'] else 'NOT identical'}:",
+        "",
+        "| export | peak RSS, MiB | weight files | MiB written |",
+        "|---|---:|---:|---:|",
+    ]
+    for variant, v in result["variants"].items():
+        lines.append(
+            f"| {labels[variant]} | {v['peak_rss'] / MIB:.0f} | {v['files']} | {v['bytes'] / MIB:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _export_arguments(p) -> None:
+    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished run (default: the demo's)")
+    p.add_argument("--data", type=Path, default=None, help="--tiny: tokenized folder (default: the recipe's)")
+
+
 def _step_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=12, help="training steps per run")
     p.add_argument("--data", type=Path, default=None, help="tokenized folder (default: the recipe's)")
@@ -387,6 +468,13 @@ MODES = {
         run_plans,
         render_plans,
         help="what fits where: the big recipes planned under ZeRO-2 and ZeRO-3 (no weights needed)",
+    ),
+    "export": cli.Mode(
+        cli.CliDefaults(cli.RESULTS / "zero3_export.json", iters=None, tiny=True),
+        run_export,
+        render_export,
+        arguments=_export_arguments,
+        help="peak host memory of the in-memory export against the streamed one",
     ),
     "loading": cli.Mode(
         cli.CliDefaults(cli.RESULTS / "zero3_loading.json", iters=None, tiny=True),

@@ -43,6 +43,7 @@ QUICK = {
     "benchmarks.memory": ["benchmarks.memory", "--quick", "--tiny"],
     "benchmarks.zero3:step": ["benchmarks.zero3", "step", "--quick", "--tiny", "--data", "{data}"],
     "benchmarks.zero3:loading": ["benchmarks.zero3", "loading", "--quick", "--tiny"],
+    "benchmarks.zero3:export": ["benchmarks.zero3", "export", "--quick", "--tiny", "--data", "{data}"],
     "benchmarks.zero3:plans": ["benchmarks.zero3", "plans", "--quick"],
     "experiments.balance_study": [
         "experiments.balance_study", "--quick", "--data", "{data}", "--only", "coba", "--out", "{tmp}/runs",
