@@ -43,6 +43,8 @@ from mtmoe.model.walk import decoder_layers, lora_linears, moe_blocks
 
 # A file tensor's edit: its stored value (in fp32) -> its exported value.
 Edit = Callable[[torch.Tensor], torch.Tensor]
+# Each requirement: alternatives (sets of tensor names), one of which the files must hold in full.
+Required = list[list[set[str]]]
 _PER_EXPERT_LAYOUTS = (
     ("block_sparse_moe", ("w1", "w3", "w2")),
     ("mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -94,16 +96,16 @@ def _native_edits(lm: nn.Module) -> tuple[dict[str, Edit], Required]:
         ex = block.experts
         router_ED = block.router.weight_ED
         layouts = []
-        for kind, names in (
-            ("block_sparse_moe", ("w1", "w3", "w2")),
-            ("mlp", ("gate_proj", "up_proj", "down_proj")),
-        ):
+        for kind, names in _PER_EXPERT_LAYOUTS:
             prefix = f"model.layers.{i}.{kind}"
-            layout = {f"{prefix}.experts.{e}.{n}.weight" for e in range(block.num_experts) for n in names}
-            for name in layout:
-                e, proj = name.split(".experts.")[1].split(".")[:2]
-                edits[name] = _added(lambda ex=ex, p=_PROJ[proj], e=int(e): ex.weight_delta(p, e))
-            layouts.append(layout)
+            layout = {}
+            for e in range(block.num_experts):
+                for n in names:
+                    layout[f"{prefix}.experts.{e}.{n}.weight"] = _added(
+                        lambda ex=ex, p=_PROJ[n], e=e: ex.weight_delta(p, e)
+                    )
+            edits.update(layout)
+            layouts.append(set(layout))
             if not router_ED.is_meta:  # the run's router (trained, or the base's own copied in)
                 edits[f"{prefix}.gate.weight"] = lambda w, r=router_ED: r.detach().float().reshape(w.shape)
         fused = {f"model.layers.{i}.mlp.experts.gate_up_proj", f"model.layers.{i}.mlp.experts.down_proj"}
@@ -124,10 +126,6 @@ def _peft_deltas(lm: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
         for name, layer in lm.named_modules()
         if isinstance(layer, LoraLayer)
     }
-
-
-# Each requirement: alternatives (sets of tensor names), one of which the files must hold in full.
-Required = list[list[set[str]]]
 
 
 def file_edits(
