@@ -36,16 +36,30 @@ def _tensors(folder):
     return {k: v for path in safetensors_files(folder) for k, v in load_file(path).items()}
 
 
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    """Per family, once for the module: (its base saved in several shards, a 2-step run on it)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            root = tmp_path_factory.mktemp(f"stream_{family}")
+            vocab = load_manifest(demo_data).vocab_size
+            base_kind, extra = FAMILIES[family]
+            base = root / "base"
+            model = tiny_llama(vocab) if base_kind == "llama" else tiny_moe(base_kind, vocab)
+            model.save_pretrained(base, max_shard_size="200KB")
+            overrides = (f"model.base={base}", *extra)
+            cache[family] = base, train_run(demo_data, root / "run", 1, 1, *overrides, steps=2, save_every=2)
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def exported(request, demo_data, tmp_path_factory):
-    family = request.param
-    root = tmp_path_factory.mktemp(f"stream_{family}")
-    vocab = load_manifest(demo_data).vocab_size
-    base_kind, extra = FAMILIES[family]
-    base = root / "base"
-    model = tiny_llama(vocab) if base_kind == "llama" else tiny_moe(base_kind, vocab)
-    model.save_pretrained(base, max_shard_size="200KB")
-    run = train_run(demo_data, root / "run", 1, 1, f"model.base={base}", *extra, steps=2, save_every=2)
+def exported(request, trained):
+    base, run = trained(request.param)
+    root = run.parent
     whole = export_run(ExportConfig(run=run, out=root / "whole", metrics=False))
     streamed = export_run(ExportConfig(run=run, out=root / "streamed", stream=True))
     return base, whole, streamed
@@ -105,13 +119,11 @@ def _fused_copy(base, folder):
     return fused
 
 
-def test_a_native_export_streams_a_fused_checkpoint_in_its_own_layout(demo_data, tmp_path):
+def test_a_native_export_streams_a_fused_checkpoint_in_its_own_layout(trained, tmp_path):
     root = tmp_path
-    vocab = load_manifest(demo_data).vocab_size
-    base = root / "base"
-    tiny_moe("tiny-mixtral", vocab).save_pretrained(base)
-    run = train_run(demo_data, root / "run", 1, 1, f"model.base={base}", *FAMILIES["native"][1], steps=2,
-                    save_every=2)  # fmt: skip
+    base, trained_run = trained("native")
+    run = root / "run"  # a copy: its config is pointed at the fused base below
+    shutil.copytree(trained_run, run, symlinks=True)
     export_run(ExportConfig(run=run, out=root / "per_expert", stream=True))
     fused_base = _fused_copy(base, root / "fused_base")
     config = yaml.safe_load((run / "config.yaml").read_text())
