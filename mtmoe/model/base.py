@@ -151,6 +151,17 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, (flat.view(shape) if flat is not None else torch.empty(shape))
 
 
+def empty_model(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The causal LM of an HF folder's config, its parameters on the meta device (nothing read).
+
+    Buffers (rotary tables) are computed.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+
+
 def load_streamed(
     folder: Path,
     dtype: torch.dtype,
@@ -167,10 +178,7 @@ def load_streamed(
         ValueError: Naming the file and key of a tensor the model does not have or whose shape differs,
             or the parameters no file provides.
     """
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    model = empty_model(folder, dtype)
     narrow = {
         f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
     }

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from mtmoe.config import Config
-from mtmoe.model.base import load_base_model, resolve_base, tiny_llama, tiny_moe
+from mtmoe.model.base import empty_model, load_base_model, resolve_base, tiny_llama, tiny_moe
 from mtmoe.model.frozen_store import store_frozen_
 from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.moe_base import RoutingContext
@@ -206,11 +206,7 @@ def build_base(
             raise ValueError(
                 f"model.base {cfg.model.base!r} has no weight files; a streamed export needs them"
             )
-        from accelerate import init_empty_weights
-
-        with init_empty_weights(include_buffers=False):
-            config = AutoConfig.from_pretrained(resolve_base(cfg.model.base, cache_dir))
-            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        return empty_model(resolve_base(cfg.model.base, cache_dir), dtype).eval()
     tiny = None
     if cfg.model.base == "tiny-llama":
         tiny = tiny_llama(vocab_size, seed=cfg.train.seed, **cfg.model.tiny).to(dtype)
@@ -280,9 +276,7 @@ def materialize_trainable(model: nn.Module) -> None:
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.is_meta and p.requires_grad:
-                module._parameters[name] = nn.Parameter(
-                    torch.empty(p.shape, dtype=p.dtype), requires_grad=True
-                )
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype))
 
 
 def _num_experts(folder: Path) -> int:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from mtmoe.model.base import safetensors_files
+from mtmoe.model.base import empty_model, safetensors_files
 from mtmoe.model.zero3 import partitioned_from
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -148,11 +148,8 @@ def load_local_experts(
         ValueError: Naming the file and tensor the model has no place for, a shape that differs, or the
             parameters no file provides.
     """
-    from accelerate import init_empty_weights
-
     stats = stats if stats is not None else ReadStats()
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    model = empty_model(folder, dtype)
     params = dict(model.named_parameters())
     fused: dict[str, torch.Tensor] = {}  # the local rows of every experts module's fused tensors
     for name, stored in sorted(stored_tensors(folder).items(), key=lambda kv: (kv[1].path, kv[1].offset)):
@@ -166,17 +163,17 @@ def load_local_experts(
         if m := FUSED.match(name):
             target = name
             fused[target] = stored.read(stats, local).to(dtype)
-            _check_shape(fused[target], _local_shape(params, target, local, where), where)
+            _check_shape(fused[target].shape, _local_shape(params, target, local, where), where)
             continue
         key = name.replace(".block_sparse_moe.", ".mlp.")
         if key not in params:
             raise ValueError(f"{where} is not a parameter of the model")
         if partition is not None:
-            _check_shape(torch.empty(stored.shape, device="meta"), tuple(params[key].shape), where)
+            _check_shape(stored.shape, tuple(params[key].shape), where)
             _put_param(model, key, _read_partition(stored, dtype, partition, stats))
             continue
         tensor = stored.read(stats)
-        _check_shape(tensor, tuple(params[key].shape), where)
+        _check_shape(tensor.shape, tuple(params[key].shape), where)
         _set_param(model, key, tensor.to(dtype))
     for target, rows_LRC in fused.items():
         _set_param(model, target, rows_LRC)
@@ -204,18 +201,15 @@ def load_partitioned(
         ValueError: Naming the file and key of a tensor the model does not have or whose shape differs,
             or the parameters no file provides.
     """
-    from accelerate import init_empty_weights
-
     stats = stats if stats is not None else ReadStats()
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    model = empty_model(folder, dtype)
     params = dict(model.named_parameters())
     narrow = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     for name, stored in sorted(stored_tensors(folder).items(), key=lambda kv: (kv[1].path, kv[1].offset)):
         where = f"{stored.path}: tensor {name!r}"
         if name not in params:
             raise ValueError(f"{where} is not a parameter of the model")
-        _check_shape(torch.empty(stored.shape, device="meta"), tuple(params[name].shape), where)
+        _check_shape(stored.shape, tuple(params[name].shape), where)
         target = frozen_dtype if name in narrow else dtype
         _put_param(model, name, _read_partition(stored, target, partition, stats))
     model.tie_weights()
@@ -254,13 +248,13 @@ def _place_expert(
     if not down:  # gate rows first, then up
         half = rows_RC.shape[0] // 2
         rows_RC = rows_RC[GATE_HALF[m["proj"]] * half :][:half]
-    _check_shape(w_RC, tuple(rows_RC.shape), where)
+    _check_shape(w_RC.shape, tuple(rows_RC.shape), where)
     rows_RC.copy_(w_RC)
 
 
-def _check_shape(tensor: torch.Tensor, want: tuple[int, ...], where: str) -> None:
-    if tuple(tensor.shape) != tuple(want):
-        raise ValueError(f"{where} has shape {tuple(tensor.shape)}, the model {tuple(want)}")
+def _check_shape(shape: tuple[int, ...], want: tuple[int, ...], where: str) -> None:
+    if tuple(shape) != tuple(want):
+        raise ValueError(f"{where} has shape {tuple(shape)}, the model {tuple(want)}")
 
 
 def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> nn.Parameter:

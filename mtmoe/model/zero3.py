@@ -46,6 +46,16 @@ def partitioner(ds_config: dict[str, Any]) -> Partition:
     return partition
 
 
+def partition_range(p: nn.Parameter) -> tuple[int, int, int]:
+    """This rank's ZeRO-3 partition of `p`: (start, stop) in the flattened tensor, and its size.
+
+    ZeRO pads the last rank's partition with zeros past `stop`.
+    """
+    size = p.ds_tensor.numel()
+    start = min(size * torch.distributed.get_rank(group=p.ds_process_group), p.ds_numel)
+    return start, min(start + size, p.ds_numel), size
+
+
 def partitioned_from(
     shape: tuple[int, ...],
     dtype: torch.dtype,
@@ -65,14 +75,11 @@ def partitioned_from(
     if getattr(param, "ds_persist", False):  # kept whole on every rank as well (persistence threshold)
         with torch.no_grad():
             param.data.copy_(read(0, param.ds_numel).view(shape))
-    part = param.ds_tensor
-    size = part.ds_numel
-    start = size * torch.distributed.get_rank(group=param.ds_process_group)
-    stop = min(start + size, param.ds_numel)
+    start, stop, _ = partition_range(param)
     with torch.no_grad():
-        part.data.zero_()
+        param.ds_tensor.data.zero_()
         if stop > start:
-            part.data[: stop - start].copy_(read(start, stop).reshape(-1))
+            param.ds_tensor.data[: stop - start].copy_(read(start, stop).reshape(-1))
     return param
 
 

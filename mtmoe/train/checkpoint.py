@@ -40,7 +40,7 @@ from torch import nn
 from mtmoe.parallel.engine import lr_lambda
 from mtmoe.parallel.expert_parallel import ExpertPlacement, is_expert_param
 from mtmoe.train import faults
-from mtmoe.train.zero3_state import full_shape, is_zero3, load_partitioned, partition_of, unpartition
+from mtmoe.train.zero3_state import full_shape, is_zero3, partition_of, unpartition, write_partitions
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -335,7 +335,7 @@ def load(engine, model: nn.Module, placement: ExpertPlacement, run_dir: Path, cf
             raise ValueError(f"checkpoint tensor {name}: shape {tuple(w.shape)}, model has {full_shape(p)}")
         m = {k: _to_local(moments[f"{k}/{name}"], p, placement) for k in MOMENTS}
         if is_zero3(p):
-            load_partitioned(p, w, m)
+            write_partitions(p, w, m)
             continue
         with torch.no_grad():
             p.copy_(w.to(p.dtype))

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtmoe.model.zero3 import partition_range
+
 
 def is_zero3(p: torch.Tensor) -> bool:
     """True for a parameter that ZeRO-3 partitioned (its `data` is empty between uses)."""
@@ -25,11 +27,9 @@ def full_shape(p: torch.Tensor) -> tuple[int, ...]:
 
 def partition_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """This rank's ZeRO-3 partition of `full` (flat; the last rank's is zero-padded as ZeRO pads it)."""
-    n = p.ds_tensor.numel()
-    rank = dist.get_rank(group=p.ds_process_group)
-    flat = full.flatten()[rank * n : (rank + 1) * n]
-    out = full.new_zeros(n)
-    out[: flat.numel()] = flat
+    start, stop, size = partition_range(p)
+    out = full.new_zeros(size)
+    out[: stop - start] = full.flatten()[start:stop]
     return out
 
 
@@ -42,7 +42,7 @@ def unpartition(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)[: p.ds_numel].view(tuple(p.ds_shape))
 
 
-def load_partitioned(p: nn.Parameter, w: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
+def write_partitions(p: nn.Parameter, w: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
     """Writes a full fp32 weight and its moments into a ZeRO-3 parameter's partitions on this rank.
 
     Both copies of the weight: the model-dtype partition that forwards gather, and the optimizer's fp32
