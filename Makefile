@@ -26,8 +26,7 @@ test: $(STAMP)
 # Every benchmark, one after another (about 2 h on 2 cores, memory alone about 55 min); each writes
 # benchmarks/results/*.json, then the docs' tables are regenerated from the JSON. export_comparison needs a finished demo run
 # (make demo) in runs/demo; the balancing study (40 min) runs on its own: see the README.
-BENCHES := "family block" "family families" "step compare" loss "step packing" memory inference "step mfu" \
-	"step profile" ep tokenization
+BENCHES := family "step compare" loss "step packing" memory inference "step mfu" ep tokenization
 bench: $(STAMP)
 	set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) -m benchmarks.$$b; done
 	$(PY) -m experiments.export_comparison --run runs/demo

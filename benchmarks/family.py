@@ -1,14 +1,11 @@
 """One MoE-LoRA FFN block of each expert family against the dense FFN and a plain LoRA, forward + backward.
 
-fp32, one CPU thread, SmolLM2-135M's FFN shape. Two modes (benchmarks/README.md has the variants):
-    families: every family, the router/dispatch and index-op parts, HF's Mixtral block; issue #4's
-        targets timed paired (variant and baseline alternating) → results/family.json.
-    block: the upcycled block against the dense FFN, a plain LoRA and a naive per-expert FFN with
-        W + ΔW_e → results/family_block.json.
-Every mtmoe variant is asserted equal to its reference (output and every grad) before timing.
+fp32, one CPU thread, SmolLM2-135M's FFN shape (benchmarks/README.md has the variants): every family,
+the router/dispatch and index-op parts, HF's Mixtral block; issue #4's targets timed paired (variant and
+baseline alternating) → results/family.json. Every mtmoe variant is asserted equal to its reference
+(output and every grad) before timing.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family families [--quick]
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family block [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family [--quick]
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from benchmarks import cli
 from benchmarks.harness import machine_info, ratios, summarize, time_rounds, timing_settings
 from benchmarks.models import n_trainable, perturb_lora_b
 from benchmarks.reference import NaiveMoELoRAFFN, NativeLoRALoop, PlainLoRAFFN, SwiGLU
-from benchmarks.tables import bold_if, paragraph, table
+from benchmarks.tables import paragraph, table
 from mtmoe.model.block import MoELoRAFFN
 from mtmoe.model.dispatch import dispatch
 from mtmoe.model.experts import UpcycledLoRAExperts
@@ -65,9 +62,6 @@ VARIANTS = (
     "native_hf_frozen",
     "native_hf_lora_loop",
 )
-# The block mode's variants, by the families' module each one times.
-BLOCK_VARIANTS = {"dense": "dense_ffn", "peft_style_lora": "dense_lora_kr", "mtmoe_block": "upcycled"}
-BLOCK_VARIANTS["naive_moe"] = "naive_moe"
 # (name, variant, baseline, bound): met when the median paired ratio variant / baseline <= bound.
 TARGETS = (
     ("upcycled_vs_dense_lora_kr", "upcycled", "dense_lora_kr", 1.15),
@@ -93,13 +87,6 @@ README_TARGETS = {
     "upcycled_router_dispatch_share": "router + dispatch, share of the upcycled block",
     "moefied_top1_router_dispatch_share": "router + dispatch, share of the MoEfied top-1 block",
 }
-BLOCK_LABELS = {
-    "dense": "dense frozen SwiGLU FFN (baseline)",
-    "peft_style_lora": "plain LoRA r{lora_rank} on gate/up/down",
-    "mtmoe_block": "**mtmoe MoE-LoRA block** (shared base, cache-blocked SwiGLU kernel)",
-    "naive_moe": "naive MoE-LoRA (a full FFN with W+ΔW per expert)",
-}
-
 Step = Callable[[], None]
 
 
@@ -389,30 +376,6 @@ def run_families(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def run_block(args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
-    """Builds, checks and times the block mode's variants; returns the result record."""
-    torch.set_num_threads(1)
-    variants = build_variants(seed)
-    x, grad_out = inputs(seed)
-    equivalence = check_upcycled(variants, x, grad_out)
-    modules = {name: variants[module] for name, module in BLOCK_VARIANTS.items()}
-    steps = {name: block_step(m, x, grad_out) for name, m in modules.items()}
-    per_round_ms = time_rounds(
-        steps, args.rounds, args.iters, args.warmup, scale=1e3, warm_step_per_round=True
-    )
-    return {
-        "benchmark": "MoE-LoRA FFN block, forward + backward, fp32, CPU",
-        "machine": machine_info(),
-        "shapes": {**SHAPES, "tokens": SHAPES["batch"] * SHAPES["seq"], "dtype": "float32"},
-        "timing": timing_settings(args.rounds, args.iters, args.warmup),
-        "trainable_params": {n: n_trainable(m) for n, m in modules.items()},
-        "equivalence_mtmoe_vs_naive": equivalence,
-        # median_ms, ratio_to_dense, median_per_round_ratio_to_dense
-        **summarize(per_round_ms, "dense", "ms"),
-        "per_round_ms": per_round_ms,
-    }
-
-
 def render_markdown(result: Mapping[str, Any]) -> str:
     """The docs' "Expert families" caption, its two tables and the native line, from a result record."""
     return "\n\n".join(
@@ -424,7 +387,7 @@ def _families_caption(result: Mapping[str, Any]) -> str:
     s, load = result["shapes"], result["machine"]
     pairs = sorted({t["paired_pairs"] for t in result["targets"].values()})
     return paragraph(
-        "**Expert families** (`python -m benchmarks.family families` → `benchmarks/results/family.json`). "
+        "**Expert families** (`python -m benchmarks.family` → `benchmarks/results/family.json`). "
         f"One block of each family at SmolLM2's FFN shape (D={s['hidden']}, F={s['ffn']}, {s['batch']} × "
         f"{s['seq']} tokens), {s['experts']} experts, rank {s['rank']} per expert, "
         f"{result['timing']['rounds']} interleaved rounds; each target is then timed on its own, its variant "
@@ -464,37 +427,14 @@ def _native_line(result: Mapping[str, Any]) -> str:
     )
 
 
-def render_block(result: Mapping[str, Any]) -> str:
-    """The docs' "One FFN block" caption and table: per variant, the median ms and the ratio to `dense`."""
-    s, ms, ratio = result["shapes"], result["median_ms"], result["ratio_to_dense"]
-    rank = s["rank"] if "rank" in s else s["moe_rank"]  # results written before the fold say `moe_rank`
-    caption = paragraph(
-        "**One FFN block** (`python -m benchmarks.family block` → `benchmarks/results/family_block.json`). "
-        f"The shape is SmolLM2's FFN (D={s['hidden']}, F={s['ffn']}, {s['batch']} × {s['seq']} tokens), "
-        f"with {s['experts']} experts, top-{s['top_k']} and rank {rank}; medians of "
-        f"{result['timing']['rounds']} interleaved rounds:"
-    )
-    rows = [
-        [label.format(**s), f"{ms[name]:.1f}", bold_if(f"{ratio[name]:.2f}", name == "mtmoe_block")]
-        for name, label in BLOCK_LABELS.items()
-    ]
-    return caption + "\n\n" + table(["variant", "ms", "× dense FFN"], rows, "lrr")
-
-
-MODES = {
-    "families": cli.Mode(
-        cli.CliDefaults(cli.RESULTS / "family.json", rounds=12, iters=3, warmup=2, quick=(2, 1, 1)),
-        run_families, render_markdown, help="every expert family, paired targets",
-    ),
-    "block": cli.Mode(
-        cli.CliDefaults(cli.RESULTS / "family_block.json", rounds=7, iters=5, warmup=3, quick=(2, 1, 1)),
-        run_block, render_block, help="the upcycled block against dense, LoRA and a naive MoE",
-    ),
-}  # fmt: skip
+MODE = cli.Mode(
+    cli.CliDefaults(cli.RESULTS / "family.json", rounds=12, iters=3, warmup=2, quick=(2, 1, 1)),
+    run_families, render_markdown, help="every expert family, paired targets",
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.main(__doc__.splitlines()[0], MODES, argv)
+    return cli.main(__doc__.splitlines()[0], MODE, argv)
 
 
 if __name__ == "__main__":

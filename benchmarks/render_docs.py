@@ -59,11 +59,9 @@ class Source:
 
 
 SOURCES = {
-    "family": Source("benchmarks.family", "families"),
-    "family_block": Source("benchmarks.family", "block"),
+    "family": Source("benchmarks.family"),
     "step": Source("benchmarks.step.compare"),
     "step_mfu": Source("benchmarks.step.mfu"),
-    "step_profile": Source("benchmarks.step.profile"),
     "step_packing": Source("benchmarks.step.packing"),
     "loss": Source("benchmarks.loss"),
     "ep": Source("benchmarks.ep"),

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(300)
 # Modules the benchmarks share; every other module of benchmarks/ and experiments/ is run below.
 HELPERS = {
     "cli", "harness", "models", "reference", "tables", "render_docs",
-    "step.common", "step.attribution", "step.__main__",
+    "step.common", "step.__main__",
 }  # fmt: skip
 # Modes whose quick path has a test file of its own.
 TESTED_ELSEWHERE = {
@@ -30,13 +30,11 @@ TESTED_ELSEWHERE = {
 # The quick command line of every other benchmark mode, after `python -m`; {data} is the tests' tokenized
 # demo slices ({metrics_data} with metrics declared).
 QUICK = {
-    "benchmarks.family:block": ["benchmarks.family", "block", "--quick"],
-    "benchmarks.family:families": ["benchmarks.family", "families", "--quick"],
+    "benchmarks.family": ["benchmarks.family", "--quick"],
     "benchmarks.loss": ["benchmarks.loss", "--quick"],
     "benchmarks.ep": ["benchmarks.ep", "--quick"],
     "benchmarks.step.compare": ["benchmarks.step", "compare", "--quick", "--tiny"],
     "benchmarks.step.mfu": ["benchmarks.step", "mfu", "--quick", "--tiny"],
-    "benchmarks.step.profile": ["benchmarks.step", "profile", "--quick", "--tiny"],
     "benchmarks.step.packing": ["benchmarks.step", "packing", "--quick", "--tiny", "--data", "{data}"],
     "benchmarks.inference": ["benchmarks.inference", "--quick"],
     "benchmarks.tokenization": ["benchmarks.tokenization", "--quick", "--data", "{data}"],

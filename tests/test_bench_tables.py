@@ -10,7 +10,7 @@ from conftest import ROOT
 # The generated regions of the pages; others may be added, none may silently disappear.
 EXPECTED = {
     "config_reference", "weighter_options", "router_options", "quality_summary",
-    "family_block", "family", "ep", "balance_study", "export_comparison", "step", "step_mfu", "step_profile",
+    "family", "ep", "balance_study", "export_comparison", "step", "step_mfu",
     "loss", "step_packing", "memory", "inference", "quality_study", "tokenization",
     "zero3_plans", "zero3_step", "zero3_step_prefetch", "zero3_step_mb16", "zero3_loading", "zero3_export",
 }  # fmt: skip

@@ -5,19 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks import cli
-from benchmarks.step import compare, gpu, mfu, packing, profile
+from benchmarks.step import compare, gpu, mfu, packing
 
 MODES = {
     "compare": compare.MODE,
     "mfu": mfu.MODE,
-    "profile": profile.MODE,
     "packing": packing.MODE,
     "gpu": gpu.MODE,
 }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.main("One training step of the demo model, in five modes.", MODES, argv)
+    return cli.main("One training step of the demo model, in four modes.", MODES, argv)
 
 
 if __name__ == "__main__":
