@@ -44,8 +44,8 @@ from datasets.utils.logging import disable_progress_bar
 
 from benchmarks.cli import result_path, warn_unless_one_thread, write_result
 from benchmarks.tables import paragraph, table
+from mtmoe.data.build import tokenize_tasks
 from mtmoe.data.encode import encode_messages
-from mtmoe.data.shards import tokenize_tasks
 from mtmoe.data.split import split_task
 from mtmoe.model.base import load_tokenizer, resolve_base
 

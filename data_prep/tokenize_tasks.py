@@ -28,9 +28,10 @@ from pathlib import Path
 
 import datasets
 
+from mtmoe.data.build import tokenize_tasks
 from mtmoe.data.references import MetricSpec
-from mtmoe.data.shards import OVERFLOW_POLICIES, tokenize_tasks
 from mtmoe.data.sources import TaskSource
+from mtmoe.data.truncate import OVERFLOW_POLICIES
 from mtmoe.eval.metrics import METRICS, check_reference
 from mtmoe.model.base import load_tokenizer, resolve_base
 

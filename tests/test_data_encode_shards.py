@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
+from mtmoe.data.build import tokenize_tasks
 from mtmoe.data.encode import encode_messages
 from mtmoe.data.formats import Message, parse_record, read_task
-from mtmoe.data.shards import MANIFEST, load_manifest, open_shard, tokenize_tasks
+from mtmoe.data.shards import MANIFEST, load_manifest, open_shard
 from mtmoe.data.split import assign_eval, record_key
 from mtmoe.model.base import ensure_smollm2, load_tokenizer
 

@@ -9,7 +9,8 @@ import datasets
 import numpy as np
 import pytest
 
-from mtmoe.data.shards import load_manifest, open_shard, tokenize_tasks
+from mtmoe.data.build import tokenize_tasks
+from mtmoe.data.shards import load_manifest, open_shard
 from mtmoe.data.sources import TaskSource
 from mtmoe.model.base import ensure_smollm2, load_tokenizer
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from mtmoe.data.shards import open_shard, tokenize_tasks
+from mtmoe.data.build import tokenize_tasks
+from mtmoe.data.shards import open_shard
 from mtmoe.data.truncate import PROMPT_FLOOR, Piece, fit_pieces
 from mtmoe.model.base import ensure_smollm2, load_tokenizer
 

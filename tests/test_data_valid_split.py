@@ -8,7 +8,8 @@ import pytest
 from conftest import run_cmd
 from training_runs import records, train_run
 
-from mtmoe.data.shards import MANIFEST, load_manifest, open_shard, tokenize_tasks, validation_split
+from mtmoe.data.build import tokenize_tasks
+from mtmoe.data.shards import MANIFEST, load_manifest, open_shard, validation_split
 from mtmoe.data.split import SPLITS, assign_eval, assign_splits, record_key
 from mtmoe.model.base import ensure_smollm2, load_tokenizer
 

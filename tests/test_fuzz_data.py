@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mtmoe.data.build import tokenize_tasks
 from mtmoe.data.formats import read_task
-from mtmoe.data.shards import tokenize_tasks
 from mtmoe.model.base import load_tokenizer, resolve_base
 
 FUZZ = settings(

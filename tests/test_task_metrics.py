@@ -8,8 +8,9 @@ import sacrebleu
 import torch
 from conftest import ROOT
 
+from mtmoe.data.build import tokenize_tasks
 from mtmoe.data.references import MetricSpec, Reference
-from mtmoe.data.shards import load_manifest, open_references, open_shard, tokenize_tasks
+from mtmoe.data.shards import load_manifest, open_references, open_shard
 from mtmoe.data.split import record_key
 from mtmoe.eval.generation import greedy_generate, hf_step, prompt_of
 from mtmoe.eval.metrics import METRICS, check_reference, get_metric, normalize

@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtmoe.data.references import REFS, Reference
+from mtmoe.data.shards import COUNTS
 from mtmoe.data.truncate import CUTS, DROPS
 
 # Per task and split: records read, samples kept, their tokens and loss tokens, kept samples that were
 # cut (`truncated`) and by which cut (a sample may have several), and the drops by reason.
-COUNTS = ("records", "samples", "tokens", "loss_tokens", "truncated", *CUTS, *DROPS)
 ROWS_PER_READ = 4096
 _ARRAYS = (("ids", np.int32), ("mask", np.uint8))
 
