@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml launch/setup_env.sh
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} bash launch/demo.sh
 
+# The test files run on TEST_WORKERS processes (one file stays on one worker, so its module fixtures are
+# built once); the slowest files start first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -q --durations=15 tests
+	WANDB_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--durations=15 tests
 
 # Every benchmark, one after another (about 2 h on 2 cores, memory alone about 55 min); each writes
 # benchmarks/results/*.json, then the docs' tables are regenerated from the JSON. export_comparison needs a finished demo run

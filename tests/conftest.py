@@ -23,6 +23,21 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Under `make test` (pytest-xdist, `--dist loadfile`) a file runs whole on one worker. Starting with the
+# slowest files keeps both workers busy to the end instead of leaving one long file running alone.
+SLOW_FIRST = (
+    "test_bench_smoke", "test_ep_training", "test_zero3", "test_reliability", "test_e2e", "test_routers",
+    "test_families", "test_fading", "test_expert_parallel", "test_launchers", "test_export_stream",
+    "test_quality_retain", "test_task_metrics", "test_export_options",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    """Orders the files as `SLOW_FIRST`, then the rest as collected (stable: tests keep their order)."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(SLOW_FIRST)))
+
+
 def run_cmd(args, env_extra=None, timeout=600):
     """Runs a command from the repo root with the test environment; fails with its output on error."""
     env = {**os.environ, **(env_extra or {})}
