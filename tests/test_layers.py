@@ -103,3 +103,13 @@ def test_a_module_cycle_is_caught(graph):
     graph.add_import(importer="mtmoe.model.walk", imported="mtmoe.model.inject")
     cycles = module_cycles(graph)
     assert any({"mtmoe.model.walk", "mtmoe.model.inject"} <= c for c in cycles)
+
+
+def test_a_training_process_does_not_import_the_tokenization_stack():
+    """Reading shards needs numpy alone; `datasets` and `pyarrow` load only to tokenize."""
+    code = "import sys, mtmoe.train.loop; print(sorted({'datasets', 'pyarrow'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[-2] == "[]", proc.stdout
+    code = "import sys, mtmoe.data; mtmoe.data.tokenize_tasks; print('datasets' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[-2] == "True", proc.stdout  # the lazy name still resolves
