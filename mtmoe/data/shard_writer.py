@@ -22,8 +22,6 @@ from mtmoe.data.references import REFS, Reference
 from mtmoe.data.shards import COUNTS
 from mtmoe.data.truncate import CUTS, DROPS
 
-# Per task and split: records read, samples kept, their tokens and loss tokens, kept samples that were
-# cut (`truncated`) and by which cut (a sample may have several), and the drops by reason.
 ROWS_PER_READ = 4096
 _ARRAYS = (("ids", np.int32), ("mask", np.uint8))
 

@@ -34,7 +34,8 @@ from mtmoe.data.truncate import CUTS, DROPS
 MANIFEST = "manifest.json"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
-# A split's counts in the manifest (see `TaskInfo`).
+# Per task and split: records read, samples kept, their tokens and loss tokens, kept samples that were
+# cut (`truncated`) and by which cut (a sample may have several), and the drops by reason.
 COUNTS = ("records", "samples", "tokens", "loss_tokens", "truncated", *CUTS, *DROPS)
 
 
