@@ -217,7 +217,7 @@ def _load_worker(rank: int, world: int, variant: str, folder: Path) -> dict[str,
 
     from mtmoe.config import load_config
     from mtmoe.model.base import load_base_model, safetensors_files
-    from mtmoe.model.sharded_load import ReadStats, load_local_experts, load_partitioned
+    from mtmoe.model.sharded_load import ReadStats, load_local_experts, load_streamed
     from mtmoe.model.zero3 import partitioner
     from mtmoe.parallel.dist import init_distributed
     from mtmoe.parallel.ds_config import build_ds_config
@@ -233,7 +233,7 @@ def _load_worker(rank: int, world: int, variant: str, folder: Path) -> dict[str,
     if variant == "whole":
         model = load_base_model(folder)
     elif variant == "zero3":
-        model = load_partitioned(folder, torch.float32, torch.float32, partition, stats)
+        model = load_streamed(folder, torch.float32, torch.float32, partition, stats)
     else:
         model = load_local_experts(
             folder, torch.float32, local, stats, partition if "zero3" in variant else None

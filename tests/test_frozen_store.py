@@ -18,6 +18,7 @@ from mtmoe.export.run import load_trained_model
 from mtmoe.model.base import load_base_model, tiny_llama
 from mtmoe.model.frozen_store import StoredEmbedding, StoredLinear, store_frozen_
 from mtmoe.model.moe_lm import build_model
+from mtmoe.model.sharded_load import load_streamed
 
 TINY = ROOT / "launch" / "recipes" / "tiny.yaml"
 TASKS = ["codegen", "docstring", "translate"]
@@ -109,7 +110,7 @@ def _save_tiny(folder):
 def test_streamed_load_gives_from_pretrained_weights_rounded_once(tmp_path):
     folder = _save_tiny(tmp_path / "tiny")
     full = load_base_model(folder)
-    streamed = load_base_model(folder, torch.float32, torch.bfloat16)
+    streamed = load_streamed(folder, torch.float32, torch.bfloat16)
     assert streamed.get_input_embeddings().weight is streamed.get_output_embeddings().weight
     narrow = {f"{n}.weight" for n, m in full.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     params = dict(streamed.named_parameters())
@@ -137,18 +138,18 @@ def test_streamed_load_names_the_file_and_key_of_a_stray_missing_misshapen_or_cu
     good = dict(state)
     save_file({**state, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, weights)
     with pytest.raises(ValueError, match=r"model\.safetensors.*model\.layers\.0\.mlp\.extra\.weight"):
-        load_base_model(folder, torch.float32, torch.bfloat16)
+        load_streamed(folder, torch.float32, torch.bfloat16)
     del state["model.norm.weight"]
     save_file(state, weights)
     with pytest.raises(ValueError, match=r"do not provide.*model\.norm\.weight"):
-        load_base_model(folder, torch.float32, torch.bfloat16)
+        load_streamed(folder, torch.float32, torch.bfloat16)
     save_file({**state, "model.norm.weight": torch.zeros(3)}, weights)
     with pytest.raises(ValueError, match=r"model\.safetensors.*model\.norm\.weight.*shape \(3,\)"):
-        load_base_model(folder, torch.float32, torch.bfloat16)
+        load_streamed(folder, torch.float32, torch.bfloat16)
     save_file(good, weights)
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"model\.safetensors: the file ends inside tensor"):
-        load_base_model(folder, torch.float32, torch.bfloat16)
+        load_streamed(folder, torch.float32, torch.bfloat16)
 
 
 @pytest.mark.parametrize(

@@ -172,14 +172,14 @@ def test_a_checkpoint_folder_is_partitioned_tensor_by_tensor_and_trains_the_same
 def _load_partitioned_worker(rank, world, folder):
     import deepspeed
 
-    from mtmoe.model.sharded_load import ReadStats, load_partitioned
+    from mtmoe.model.sharded_load import ReadStats, load_streamed
     from mtmoe.model.zero3 import partitioner
     from mtmoe.parallel.dist import init_distributed
 
     init_distributed("gloo")
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     stats = ReadStats()
-    model = load_partitioned(folder, torch.float32, torch.float32, partitioner(config), stats)
+    model = load_streamed(folder, torch.float32, torch.float32, partitioner(config), stats)
     held = sum(p.ds_tensor.numel() for p in model.parameters())
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         whole = {n: p.detach().clone() for n, p in model.named_parameters()}

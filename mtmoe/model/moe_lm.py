@@ -20,7 +20,7 @@ from mtmoe.model.frozen_store import store_frozen_
 from mtmoe.model.inject import inject_moe_lora
 from mtmoe.model.moe_base import RoutingContext
 from mtmoe.model.routers import check_router
-from mtmoe.model.sharded_load import load_local_experts, load_partitioned
+from mtmoe.model.sharded_load import load_local_experts, load_streamed
 from mtmoe.model.token_loss import target_losses_and_logits, target_token_losses
 from mtmoe.model.walk import moe_blocks
 from mtmoe.model.zero3 import Partition, partitioner, prepare_for_zero3
@@ -220,11 +220,11 @@ def build_base(
     frozen_dtype = DTYPES.get(cfg.model.frozen_dtype)
     if local_experts is not None:
         return load_local_experts(folder, dtype, local_experts, partition=partition)
-    if partition is None:
-        return load_base_model(folder, dtype=dtype, frozen_dtype=frozen_dtype)
-    if cfg.moe.family == "native":  # both expert layouts; every expert is this rank's
+    if partition is not None and cfg.moe.family == "native":  # both expert layouts; every expert is ours
         return load_local_experts(folder, dtype, slice(0, _num_experts(folder)), partition=partition)
-    return load_partitioned(folder, dtype, frozen_dtype or dtype, partition)
+    if partition is None and frozen_dtype in (None, dtype):
+        return load_base_model(folder, dtype=dtype)
+    return load_streamed(folder, dtype, frozen_dtype or dtype, partition)
 
 
 def build_model(

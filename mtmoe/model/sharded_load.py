@@ -1,4 +1,10 @@
-"""Loading a native MoE checkpoint with only this rank's experts: each rank reads the tensors it keeps.
+"""Loading a checkpoint tensor by tensor from its safetensors files, each rank reading what it keeps.
+
+`load_streamed` fills a dense model one tensor at a time (the frozen Linear and Embedding weights in
+their own dtype, never the whole model in two dtypes at once), and under ZeRO-3 reads only each rank's
+part of each tensor.
+
+Native MoE checkpoints with only this rank's experts:
 
 Under expert parallelism a rank keeps 1/ep of every MoE block's experts. `load_local_experts` builds the
 model with empty weights and fills it from the checkpoint's safetensors files (one file or the shards of
@@ -61,6 +67,7 @@ class StoredTensor:
     """Where one tensor lies in a safetensors file."""
 
     path: Path
+    name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int  # of its first byte in the file
@@ -69,37 +76,26 @@ class StoredTensor:
         """Reads the tensor, or only `rows` of its first dimension, from disk (not memory-mapped).
 
         Raises:
-            ValueError: Naming the file, if it ends before the tensor does.
+            ValueError: Naming the file and tensor, if the file ends before the tensor does.
         """
-        shape, offset = list(self.shape), self.offset
-        row_bytes = self.dtype.itemsize * (int(torch.Size(shape[1:]).numel()) if shape else 1)
-        if rows is not None:
-            offset += rows.start * row_bytes
+        shape = list(self.shape)
+        row = int(torch.Size(shape[1:]).numel()) if shape else 1
+        rows = rows if rows is not None else slice(0, shape[0] if shape else 1)
+        if shape:
             shape[0] = rows.stop - rows.start
-        buf = bytearray(int(torch.Size(shape).numel()) * self.dtype.itemsize)
-        with self.path.open("rb") as f:
-            f.seek(offset)
-            if f.readinto(buf) != len(buf):
-                raise ValueError(f"{self.path}: the file ends inside a tensor")
-        stats.bytes_read += len(buf)
-        stats.tensors_read += 1
-        return (
-            torch.frombuffer(buf, dtype=self.dtype).view(shape)
-            if buf
-            else torch.empty(shape, dtype=self.dtype)
-        )
+        return self.read_elements(stats, rows.start * row, rows.stop * row).view(shape)
 
     def read_elements(self, stats: ReadStats, start: int, stop: int) -> torch.Tensor:
         """Reads elements [start, stop) of the flattened tensor (flat), from disk.
 
         Raises:
-            ValueError: Naming the file, if it ends before the range does.
+            ValueError: Naming the file and tensor, if the file ends before the range does.
         """
         buf = bytearray((stop - start) * self.dtype.itemsize)
         with self.path.open("rb") as f:
             f.seek(self.offset + start * self.dtype.itemsize)
             if f.readinto(buf) != len(buf):
-                raise ValueError(f"{self.path}: the file ends inside a tensor")
+                raise ValueError(f"{self.path}: the file ends inside tensor {self.name!r}")
         stats.bytes_read += len(buf)
         stats.tensors_read += 1
         return torch.frombuffer(buf, dtype=self.dtype) if buf else torch.empty(0, dtype=self.dtype)
@@ -122,7 +118,7 @@ def stored_tensors(folder: Path) -> dict[str, StoredTensor]:
             if meta["dtype"] not in _DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, expected F32/BF16/F16")
             begin = 8 + header_len + meta["data_offsets"][0]
-            out[name] = StoredTensor(path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), begin)
+            out[name] = StoredTensor(path, name, _DTYPES[meta["dtype"]], tuple(meta["shape"]), begin)
     return out
 
 
@@ -184,18 +180,20 @@ def load_local_experts(
     return model.eval()
 
 
-def load_partitioned(
+def load_streamed(
     folder: Path,
     dtype: torch.dtype,
     frozen_dtype: torch.dtype,
-    partition: Callable[[list[nn.Parameter]], None],
+    partition: Callable[[list[nn.Parameter]], None] | None = None,
     stats: ReadStats | None = None,
 ) -> PreTrainedModel:
-    """A dense causal LM partitioned by ZeRO-3 as it is read: each rank reads only its part of each tensor.
+    """A dense causal LM built with empty weights and filled from its files, one tensor at a time.
 
-    Linear and Embedding weights get `frozen_dtype`, every other parameter `dtype`. A rank holds its
-    share of the model plus one tensor, and reads about 1/world of the files' bytes
-    (`mtmoe.model.zero3.partitioned_from`).
+    Linear and Embedding weights get `frozen_dtype`, every other parameter (norms, biases) `dtype`. The
+    files' keys must be the model's parameter names, as in folders that transformers saves for Llama,
+    Mistral or Qwen2. Under ZeRO-3 (`partition`) each tensor is partitioned as it is read and a rank reads
+    only its part of it (`mtmoe.model.zero3.partitioned_from`): it holds its share of the model plus one
+    tensor and reads about 1/world of the files' bytes.
 
     Raises:
         ValueError: Naming the file and key of a tensor the model does not have or whose shape differs,
@@ -211,7 +209,10 @@ def load_partitioned(
             raise ValueError(f"{where} is not a parameter of the model")
         _check_shape(stored.shape, tuple(params[name].shape), where)
         target = frozen_dtype if name in narrow else dtype
-        _put_param(model, name, _read_partition(stored, target, partition, stats))
+        if partition is None:
+            _set_param(model, name, stored.read(stats).to(target))
+        else:
+            _put_param(model, name, _read_partition(stored, target, partition, stats))
     model.tie_weights()
     if missing := [n for n, p in model.named_parameters() if p.is_meta]:
         raise ValueError(f"{folder}: the weight files do not provide {missing[:3]}")

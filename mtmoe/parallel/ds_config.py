@@ -65,7 +65,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if cfg.parallel.zero_stage == 3:
         for key, why in ZERO3_REFUSED.items():
             value = zero.get(key)
-            if (value or {}).get("device") == "nvme" if key == "offload_param" else value:
+            refused = (value or {}).get("device") == "nvme" if key == "offload_param" else bool(value)
+            if refused:
                 raise ValueError(f"{path}: zero_optimization.{key} cannot be used with mtmoe's ZeRO-3: {why}")
         # Every tensor partitioned, however small (DeepSpeed keeps tensors under 1e5 elements whole by
         # default, which is most of a LoRA model); a tensor released as soon as its module is done

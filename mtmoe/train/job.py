@@ -172,25 +172,17 @@ def select_tasks(cfg: Config, manifest) -> tuple[list[str], list[str]]:
     return known, task_names
 
 
-def loop_state(
-    cfg: Config,
-    counters: RunCounters,
-    weighter,
-    sampler: MixingSampler,
-    validation: ValidationStream | None,
-    retainer: QualityRetainer | None,
-    fade_shares: dict[int, list[float]] | None,
-) -> dict:
+def loop_state(job: Job) -> dict:
     """Everything besides the tensors that a resumed run needs (JSON; the same on every rank)."""
     return {
-        "counters": counters.to_state(),
-        "fade_shares": fade_shares,
-        "quality": None if retainer is None else retainer.state_dict(),
-        "weighter": weighter.state_dict(),
+        "counters": job.counters.to_state(),
+        "fade_shares": job.fade_shares,
+        "quality": None if job.retainer is None else job.retainer.state_dict(),
+        "weighter": job.weighter.state_dict(),
         "data": {
-            "train": sampler.state_dict(),
-            "valid": None if validation is None else validation.state_dict(),
+            "train": job.sampler.state_dict(),
+            "valid": None if job.validation is None else job.validation.state_dict(),
         },
-        "config": to_dict(cfg),
-        "task_names": [t.name for t in load_manifest(Path(cfg.data.tokenized)).tasks],
+        "config": to_dict(job.cfg),
+        "task_names": job.known,  # every task of the manifest, in id order
     }

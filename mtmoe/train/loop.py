@@ -203,13 +203,11 @@ def _evaluate_now(job: Job, step: int) -> None:
 
 def _save(job: Job, step: int) -> Path:
     """A checkpoint of everything a resumed run needs; returns its folder."""
-    state = loop_state(
-        job.cfg, job.counters, job.weighter, job.sampler, job.validation, job.retainer, job.fade_shares
-    )
     keep = job.cfg.train.keep_checkpoints
     return checkpoint.save(
-        job.engine, job.model, job.placement, job.run_dir, step, state, job.info.is_main, keep, job.retainer
-    )
+        job.engine, job.model, job.placement, job.run_dir, step, loop_state(job), job.info.is_main, keep,
+        job.retainer,
+    )  # fmt: skip
 
 
 def _stop_preempted(job: Job, step: int, preemption: Preemption, folder: Path) -> dict:
